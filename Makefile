@@ -1,0 +1,29 @@
+# Two entry points: `make demo` trains the embedded tiny Mixtral, `make test` runs the suite.
+# Both create (or reuse) .venv themselves.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moedpo-installed
+
+.PHONY: demo test lint assets clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: pip then never looks for a (CUDA) build of its own.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moedpo train +experiment=demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check moedpo tests scripts benchmarks run_dpo_no_trainer.py
+	$(PY) -m pytest
+
+assets: $(STAMP)
+	$(PY) scripts/build_assets.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,261 @@
+"""Typed configuration schema and up-front validation.
+
+The schema is registered with Hydra's ConfigStore as the base of `conf/config.yaml`, so Hydra
+type-checks every override (``lr=abc`` fails) and rejects unknown keys. `validate` then checks
+what types cannot: names, ranges and combinations, each failure a one-line `ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+MODEL_JSON_DIR = CONF_DIR / "models"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+DATASET_NAMES = ("hh", "shp", "os", "demo")
+LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
+SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRUNCATION_MODES = ("keep_end", "keep_start")
+# The original's XLA-only optimizer; off XLA it is plain torch AdamW.
+OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one line naming the key."""
+
+
+@dataclass
+class FSDPConfig:
+    # null: the model's own `_no_split_modules` (MixtralDecoderLayer for Mixtral).
+    transformer_layer_cls_to_wrap: list[str] | None = None
+    xla_fsdp_v2: bool = True
+    xla_fsdp_grad_ckpt: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "mistralai/Mixtral-8x7B-v0.1"
+    config_path: str | None = None
+    tokenizer_name_or_path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    policy_dtype: str = "bfloat16"
+    reference_dtype: str = "bfloat16"
+    flash_attention: bool = True
+    capacity_factor: float = 0.0
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "WarmupHoldPolicy"
+    warmup_steps: int = 150
+    min_lr: float = 9e-7
+
+
+@dataclass
+class LossConfig:
+    name: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+
+
+@dataclass
+class DataConfig:
+    # null: true on XLA (pad to max_length, one compiled graph), false elsewhere.
+    static_shapes: bool | None = None
+    strict: bool = False
+
+
+@dataclass
+class DPOConfig:
+    exp_name: str = "moe_trial"
+    seed: int = 0
+    output_dir: str = "/tmp"
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 0.0
+    max_steps: int | None = 10
+    n_epochs: int | None = None
+    use_synthetic_data: bool = True
+    label_pad_token_id: int = -100
+    pad_token_id: int | None = None
+    datasets: Any = "hh"
+    dataset_dir: dict[str, str | None] = field(
+        default_factory=lambda: {"hh": None, "shp": None, "os": None}
+    )
+    beta: float = 0.1
+    lr: float = 5e-7
+    optimizer: str = "ADAMW_TORCH_XLA"
+    weight_decay: float = 0.0
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_mode: str = "keep_end"
+    do_first_eval: bool = False
+    eval_frequency: int = 3
+    num_proc: int = 1
+    aux_nll_loss_coef: float = 0.0
+    checkpoint_manager_path: str | None = None
+    dry_run: bool = False
+    shuffle: bool = True
+    full_precision: bool = False
+    local_compile_cache_dir: str | None = None
+    tensor_parallelism: int = 1
+    report_metrics_freq: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.exp_name
+
+    @property
+    def dataset_list(self) -> list[str]:
+        return [self.datasets] if isinstance(self.datasets, str) else list(self.datasets)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size or self.per_device_train_batch_size
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="moedpo_schema", node=DPOConfig)
+
+
+def schema_keys(node: type = DPOConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``model.fsdp_config.xla_fsdp_v2``."""
+    keys = []
+    for f in fields(node):
+        key = prefix + f.name
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys += schema_keys(type(default), key + ".")
+        elif isinstance(default, dict):
+            keys += [f"{key}.{k}" for k in default]
+    return keys
+
+
+def suggest_key(key: str) -> str:
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def resolve_model_json(path: str) -> Path:
+    """`model.config_path` as given, else a bare file name shipped in moedpo/conf/models/."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    shipped = MODEL_JSON_DIR / given.name
+    if given.name == path and shipped.is_file():
+        return shipped
+    available = ", ".join(sorted(p.name for p in MODEL_JSON_DIR.glob("*.json")))
+    raise ConfigError(
+        f"model.config_path={path}: no such file, and no shipped model JSON of that name "
+        f"(shipped: {available})"
+    )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    cls = getattr(torch.optim, OPTIMIZER_ALIASES.get(name, name), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = sorted(
+            n
+            for n in dir(torch.optim)
+            if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+            and n != "Optimizer"
+        )
+        raise ConfigError(
+            f"optimizer={name}: not a torch.optim optimizer; use one of "
+            f"{', '.join(known + list(OPTIMIZER_ALIASES))}"
+        )
+    return cls
+
+
+def validate(cfg: DPOConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for the first mistake found."""
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
+    for key in positive:
+        _check(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
+    _check(cfg.eval_batch_size >= 1,
+           f"per_device_eval_batch_size={cfg.per_device_eval_batch_size}: must be >= 1")
+    _check(cfg.max_steps is not None or cfg.n_epochs is not None,
+           "max_steps=null: set max_steps or n_epochs so the run has an end")
+    _check(cfg.max_steps is None or cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0")
+    _check(cfg.n_epochs is None or cfg.n_epochs >= 1, f"n_epochs={cfg.n_epochs}: must be >= 1")
+    _check(0 <= cfg.max_prompt_length < cfg.max_length,
+           f"max_prompt_length={cfg.max_prompt_length}: must be >= 0 and below "
+           f"max_length={cfg.max_length}, or responses would be cut to nothing")
+    _check(cfg.truncation_mode in TRUNCATION_MODES,
+           f"truncation_mode={cfg.truncation_mode}: use one of {', '.join(TRUNCATION_MODES)}")
+    _check(cfg.lr > 0, f"lr={cfg.lr}: must be > 0")
+    _check(cfg.beta > 0, f"beta={cfg.beta}: must be > 0")
+    _check(cfg.max_grad_norm >= 0, f"max_grad_norm={cfg.max_grad_norm}: must be >= 0 (0 = off)")
+    _check(cfg.aux_nll_loss_coef >= 0,
+           f"aux_nll_loss_coef={cfg.aux_nll_loss_coef}: must be >= 0")
+    _check(cfg.label_pad_token_id < 0,
+           f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
+           "positions that are not scored; -100 is what torch's losses ignore)")
+    resolve_optimizer(cfg.optimizer)
+
+    _check(cfg.loss.name in LOSS_NAMES,
+           f"loss.name={cfg.loss.name}: use one of {', '.join(LOSS_NAMES)}")
+    _check(0 <= cfg.loss.label_smoothing < 0.5,
+           f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
+    _check(cfg.sched.name in SCHEDULES,
+           f"sched.name={cfg.sched.name}: use one of {', '.join(SCHEDULES)} (or sched=NAME)")
+    _check(cfg.sched.warmup_steps >= 0,
+           f"sched.warmup_steps={cfg.sched.warmup_steps}: must be >= 0")
+    _check(0 <= cfg.sched.min_lr, f"sched.min_lr={cfg.sched.min_lr}: must be >= 0")
+
+    m = cfg.model
+    for key in ("policy_dtype", "reference_dtype"):
+        value = getattr(m, key)
+        _check(value in DTYPES, f"model.{key}={value}: use one of {', '.join(DTYPES)}")
+    if cfg.full_precision:
+        _check(m.policy_dtype == "float32" and m.reference_dtype == "float32",
+               f"full_precision=true needs float32 models, got model.policy_dtype="
+               f"{m.policy_dtype} model.reference_dtype={m.reference_dtype}")
+    _check(m.capacity_factor >= 0,
+           f"model.capacity_factor={m.capacity_factor}: must be >= 0 (0 = dropless)")
+    if m.config_path is not None:
+        config_json = resolve_model_json(m.config_path)
+        try:
+            json.loads(config_json.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"model.config_path={config_json}: invalid JSON ({err})") from None
+
+    datasets = cfg.datasets
+    _check(isinstance(datasets, str) or (
+        isinstance(datasets, list | tuple) and datasets and all(isinstance(d, str) for d in datasets)
+    ), f"datasets={datasets}: give a name ({', '.join(DATASET_NAMES)}), a folder, or a list")
+    for name in cfg.dataset_list:
+        _check(name in DATASET_NAMES or Path(name).expanduser().is_dir(),
+               f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}) "
+               "nor a folder holding train.jsonl[.gz] and test.jsonl[.gz]")
+    for name, folder in cfg.dataset_dir.items():
+        _check(name in ("hh", "shp", "os"),
+               f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")
+        _check(folder is None or Path(folder).expanduser().is_dir(),
+               f"dataset_dir.{name}={folder}: no such folder")

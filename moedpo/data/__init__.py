@@ -1,0 +1,56 @@
+"""Data: sources -> tokenised pairs -> step batches -> collated tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import DPOConfig
+from .collate import collate
+from .loader import eval_indices, train_indices
+from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, load_pairs
+from .synthetic import synthetic_pairs
+from .tokenize import TokenizedPair, TruncationStats, tokenize_pairs
+
+__all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
+           "eval_indices", "train_indices"]
+
+DRY_RUN_BATCHES = 10
+
+
+@dataclass
+class DataBundle:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    skipped: SkipLog = field(default_factory=SkipLog)
+    truncated: TruncationStats = field(default_factory=TruncationStats)
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
+
+
+def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) -> DataBundle:
+    train_step = cfg.per_device_train_batch_size * world_size * cfg.gradient_accumulation_steps
+    eval_step = cfg.eval_batch_size * world_size
+    if cfg.use_synthetic_data:
+        n_train = train_step * (DRY_RUN_BATCHES if cfg.dry_run else max(cfg.max_steps or 1, 1))
+        return DataBundle(
+            train=synthetic_pairs(n_train, cfg.max_length, vocab_size, cfg.seed),
+            eval=synthetic_pairs(eval_step * 2, cfg.max_length, vocab_size, cfg.seed + 1),
+            sources={"synthetic": (n_train, eval_step * 2)},
+        )
+    bundle = DataBundle(train=[], eval=[], skipped=SkipLog(strict=cfg.data.strict))
+    for name in cfg.dataset_list:
+        train = load_pairs(name, "train", cfg.dataset_dir, bundle.skipped)
+        test = load_pairs(name, "test", cfg.dataset_dir, bundle.skipped)[:EVAL_ROWS_PER_DATASET]
+        if cfg.dry_run:
+            train, test = train[:DRY_RUN_BATCHES * train_step], test[:DRY_RUN_BATCHES * eval_step]
+        tokenized = [tokenize_pairs(split, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                    cfg.truncation_mode, bundle.skipped, bundle.truncated)
+                     for split in (train, test)]
+        bundle.train += tokenized[0]
+        bundle.eval += tokenized[1]
+        bundle.sources[name] = (len(tokenized[0]), len(tokenized[1]))
+    if len(bundle.train) < train_step:
+        raise DataError(f"datasets={cfg.datasets}: {len(bundle.train)} usable training pairs, "
+                        f"fewer than one step needs ({train_step}); lower the batch size")
+    if not bundle.eval:
+        raise DataError(f"datasets={cfg.datasets}: no usable evaluation pairs")
+    return bundle

@@ -1,0 +1,46 @@
+"""Which pairs each step sees.
+
+The train stream cycles through epochs, reshuffling each from `seed + epoch`, and always hands
+out full step batches (the ragged end of an epoch is left for the next shuffle). A step's
+batch depends only on its step number, so resuming at step s sees exactly what an unbroken
+run would have seen there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def steps_per_epoch(n_pairs: int, step_size: int) -> int:
+    return n_pairs // step_size
+
+
+def epoch_order(n_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n_pairs))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n_pairs, generator=generator).tolist()
+
+
+def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
+                  start_step: int = 0) -> Iterator[list[int]]:
+    """Indices of each step's pairs, forever, from `start_step` on."""
+    per_epoch = steps_per_epoch(n_pairs, step_size)
+    if per_epoch < 1:
+        raise ValueError(f"the training set has {n_pairs} pairs, fewer than one step's "
+                         f"{step_size} (batch x devices x gradient_accumulation_steps)")
+    step, cached_epoch, order = start_step, -1, []
+    while True:
+        epoch, position = divmod(step, per_epoch)
+        if epoch != cached_epoch:
+            order, cached_epoch = epoch_order(n_pairs, epoch, seed, shuffle), epoch
+        yield order[position * step_size:(position + 1) * step_size]
+        step += 1
+
+
+def eval_indices(n_pairs: int, batch_size: int) -> Iterator[list[int]]:
+    """File order, every pair once; the last batch may be short."""
+    for start in range(0, n_pairs, batch_size):
+        yield list(range(start, min(start + batch_size, n_pairs)))

@@ -1,0 +1,77 @@
+"""Tokenisation and truncation of preference pairs, by the original trainer's rules.
+
+Prompt, chosen and rejected are tokenised separately without special tokens; EOS is appended
+to each response unless already last. If prompt + longer response exceeds `max_length`, the
+prompt keeps `max_prompt_length` tokens (its end with `keep_end`, its start with
+`keep_start`); if still too long, both responses are cut to `max_length - max_prompt_length`.
+Labels (built in the collator) are the ids with prompt positions masked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .sources import Pair, SkipLog
+
+TOKENIZE_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]  # response tokens only
+    rejected: list[int]
+
+    @property
+    def length(self) -> int:
+        """Length of the longer of the two full sequences."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class TruncationStats:
+    counts: Counter = field(default_factory=Counter)
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+             max_prompt_length: int, mode: str = "keep_end",
+             stats: TruncationStats | None = None) -> tuple[list[int], list[int], list[int]]:
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:] if mode == "keep_end" else prompt[:max_prompt_length]
+            if stats is not None:
+                stats.counts["prompt"] += 1
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            budget = max_length - max_prompt_length
+            chosen, rejected = chosen[:budget], rejected[:budget]
+            if stats is not None:
+                stats.counts["responses"] += 1
+    return prompt, chosen, rejected
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    return ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
+                   truncation_mode: str, log: SkipLog,
+                   stats: TruncationStats | None = None) -> list[TokenizedPair]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
+    out = []
+    for start in range(0, len(pairs), TOKENIZE_BATCH):
+        chunk = pairs[start:start + TOKENIZE_BATCH]
+        # Batched calls: the fast tokenizer parallelises a list in Rust.
+        prompts = tokenizer([p.prompt for p in chunk], add_special_tokens=False)["input_ids"]
+        chosen = tokenizer([p.chosen for p in chunk], add_special_tokens=False)["input_ids"]
+        rejected = tokenizer([p.rejected for p in chunk], add_special_tokens=False)["input_ids"]
+        for pair, p, c, r in zip(chunk, prompts, chosen, rejected, strict=True):
+            p, c, r = truncate(p, _with_eos(c, eos), _with_eos(r, eos), max_length,
+                               max_prompt_length, truncation_mode, stats)
+            if not c or not r:
+                log.skip(pair.origin, "no response tokens left after truncation")
+                continue
+            out.append(TokenizedPair(p, c, r))
+    return out

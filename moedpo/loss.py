@@ -1,0 +1,110 @@
+"""Log-probabilities of responses and the DPO family of preference losses.
+
+Inputs are the concatenated batch of the collator: the first half of the rows are chosen
+responses, the second half rejected ones, with labels masked outside the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence sums over response tokens (rows: chosen..., rejected...)."""
+
+    logps: torch.Tensor  # summed log-probabilities, [2B]
+    n_tokens: torch.Tensor  # response tokens, [2B]
+    mean_logits: torch.Tensor  # mean raw logit over response positions and vocab, [2B] (metric)
+
+    def halves(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = values.shape[0] // 2
+        return values[:half], values[half:]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   label_pad: int = -100) -> SequenceLogps:
+    """Sum of log p(label_t | tokens < t) over positions whose label is not `label_pad`."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != label_pad
+    token_logps = -F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~mask, -100),
+                                   ignore_index=-100, reduction="none")
+    n_tokens = mask.sum(-1)
+    with torch.no_grad():
+        mean_logits = (logits.mean(-1) * mask).sum(-1) / n_tokens.clamp(min=1)
+    return SequenceLogps(token_logps.sum(-1), n_tokens, mean_logits)
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+                    name: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss of the DPO family from (policy, reference) log-probs of each response.
+
+    sigmoid: DPO (Rafailov et al.); with label_smoothing > 0 conservative DPO (cDPO).
+    robust: rDPO (Chowdhury et al.), unbiased under preference-label noise `label_smoothing`.
+    hinge: SLiC-style hinge on the reward margin. ipo: IPO's squared loss (Azar et al.).
+    """
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if name == "sigmoid":
+        return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                - F.logsigmoid(-beta * logits) * label_smoothing)
+    if name == "robust":
+        return ((-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                 + F.logsigmoid(-beta * logits) * label_smoothing) / (1 - 2 * label_smoothing))
+    if name == "hinge":
+        return torch.relu(1 - beta * logits)
+    if name == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    raise ValueError(f"loss.name={name}: unknown preference loss")
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # mean over pairs of the batch (differentiable)
+    metrics: dict[str, torch.Tensor]  # per-pair values, detached; averaged by the caller
+
+
+def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float,
+             name: str = "sigmoid", label_smoothing: float = 0.0,
+             aux_nll_loss_coef: float = 0.0) -> DPOOutput:
+    """`reference=None` is reference-free DPO (the reference log-ratio taken as 0).
+
+    IPO scores length-normalised log-probs (mean per response token), as TRL does; the
+    others use sums, as the DPO paper does. Rewards use the same quantities as the loss.
+    """
+    def scored(logps: SequenceLogps) -> torch.Tensor:
+        return logps.logps / logps.n_tokens.clamp(min=1) if name == "ipo" else logps.logps
+
+    pi_c, pi_r = policy.halves(scored(policy))
+    if reference is None:
+        ref_c, ref_r = torch.zeros_like(pi_c), torch.zeros_like(pi_r)
+    else:
+        ref_c, ref_r = reference.halves(scored(reference).to(pi_c.dtype))
+    losses = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, name, label_smoothing)
+    loss = losses.mean()
+
+    chosen_logps, rejected_logps = policy.halves(policy.logps)
+    chosen_tokens, _ = policy.halves(policy.n_tokens)
+    nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+    if aux_nll_loss_coef > 0:
+        loss = loss + aux_nll_loss_coef * nll
+
+    chosen_rewards = beta * (pi_c - ref_c).detach()
+    rejected_rewards = beta * (pi_r - ref_r).detach()
+    logits_c, logits_r = policy.halves(policy.mean_logits)
+    metrics = {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+        "logits/chosen": logits_c,
+        "logits/rejected": logits_r,
+        "nll_loss": nll.detach().expand_as(losses),
+    }
+    return DPOOutput(loss, metrics)

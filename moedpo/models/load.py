@@ -1,0 +1,121 @@
+"""Build the policy and reference models and the tokenizer.
+
+`model.name_or_path` loads a pretrained model (hub id or local folder) through
+`from_pretrained`; `model.config_path` builds one from a JSON config with fresh weights
+(transformers' `_init_weights` covers every weight, RMSNorm included). Both models start
+from the same weights, each cast to its own dtype; the reference is frozen in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
+
+log = logging.getLogger(__name__)
+EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message says which and how to fix it."""
+
+
+def _hub_error(what: str, name: str, err: Exception) -> ModelLoadError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(
+        f"cannot load {what} '{name}': {first}. Give a local folder, or for a hub id make sure it "
+        "is in the hub cache (HF_HOME) and, for gated models, that HF_TOKEN is set in the "
+        "environment")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """From `model.tokenizer_name_or_path`; else the pretrained model's; else (random-init
+    models) the embedded one. A missing pad token becomes EOS (padding is masked anyway)."""
+    if cfg.tokenizer_name_or_path:
+        source = cfg.tokenizer_name_or_path
+    elif cfg.config_path:
+        source = str(EMBEDDED_TOKENIZER)
+    else:
+        source = cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error("tokenizer", source, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _without_dropout(config: PretrainedConfig) -> PretrainedConfig:
+    # DPO compares log-probs of two models; dropout would add noise to both for no gain.
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(config, key, 0.0)
+    return config
+
+
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    if cfg.config_path:
+        path = resolve_model_json(cfg.config_path)
+        fields = json.loads(path.read_text())
+        model_type = fields.pop("model_type", None)
+        if model_type is None:
+            raise ModelLoadError(f"model.config_path={path}: the JSON has no 'model_type'")
+        fields.pop("architectures", None)
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(
+                cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _hub_error("model config", cfg.name_or_path, err) from None
+    return _without_dropout(config)
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    # sdpa dispatches to flash / memory-efficient kernels where the device has them.
+    return "sdpa" if cfg.flash_attention else "eager"
+
+
+def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, reference) with identical starting weights, on the CPU."""
+    config = model_config(cfg)
+    policy_dtype, reference_dtype = DTYPES[cfg.policy_dtype], DTYPES[cfg.reference_dtype]
+    # Load or initialise once in the wider dtype, then cast a copy for each role, so the
+    # lower-precision model is the rounding of the other and never a second, different init.
+    load_dtype = torch.float32 if torch.float32 in (policy_dtype, reference_dtype) else policy_dtype
+    attn = attention_implementation(cfg)
+    if cfg.config_path:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=load_dtype, attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path, config=config, dtype=load_dtype, revision=cfg.revision,
+                attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _hub_error("model", cfg.name_or_path, err) from None
+    reference = copy.deepcopy(model).to(reference_dtype).eval().requires_grad_(False)
+    policy = model.to(policy_dtype).train()
+    return policy, reference
+
+
+def check_vocab(tokenizer, model: torch.nn.Module, source: str | Path | None = None) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}; "
+            "use the model's own tokenizer (model.tokenizer_name_or_path)")
+    if len(tokenizer) * 4 < vocab:
+        log.warning("the tokenizer (%s) has %d tokens, the model %d: with model.config_path the "
+                    "embedded demo tokenizer is used unless model.tokenizer_name_or_path is set",
+                    source or "embedded", len(tokenizer), vocab)

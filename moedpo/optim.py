@@ -1,0 +1,44 @@
+"""Optimizer by torch.optim class name, and the learning-rate schedules of the original."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .config import DPOConfig, resolve_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(cfg: DPOConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    cls = resolve_optimizer(cfg.optimizer)
+    kwargs = {"lr": cfg.lr}
+    if "weight_decay" in inspect.signature(cls).parameters:
+        kwargs["weight_decay"] = cfg.weight_decay
+    return cls(params, **kwargs)
+
+
+def lr_multiplier(step: int, cfg: DPOConfig, total_steps: int) -> float:
+    """Factor on `lr` at optimizer step `step` (0-based)."""
+    warmup = cfg.sched.warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.sched.name == "WarmupHoldPolicy":
+        return 1.0
+    # CosineAnnealing: from lr at the end of warm-up to min_lr at the last step.
+    floor = min(cfg.sched.min_lr, cfg.lr) / cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    if cfg.sched.name == "CosineAnnealing" and cfg.sched.min_lr > cfg.lr:
+        log.warning("sched.min_lr=%g is above lr=%g: the cosine schedule holds lr instead",
+                    cfg.sched.min_lr, cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg, total_steps))

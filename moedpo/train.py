@@ -1,0 +1,162 @@
+"""The training loop. One step, top to bottom: take the step's pairs, split them into
+micro-batches, run policy and reference on chosen+rejected together, backward the DPO loss
+scaled by 1/accumulation, clip, step the optimizer and the schedule, log.
+
+Eval rows at step s are computed before the update of step s (step 0 is the untouched model);
+a final eval runs after the last update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import restore_weights
+from .config import DPOConfig, validate
+from .data import build_data, collate, eval_indices, train_indices
+from .evaluate import batch_loss, evaluate
+from .metrics import MeanMetrics, MetricWriter, console_line
+from .models.load import build_models, check_vocab, load_tokenizer
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("moedpo")
+
+
+def total_steps(cfg: DPOConfig, n_train: int, step_size: int) -> int:
+    """max_steps, or fewer when n_epochs passes over the data end first."""
+    limits = [cfg.max_steps] if cfg.max_steps is not None else []
+    if cfg.n_epochs is not None:
+        limits.append(cfg.n_epochs * (n_train // step_size))
+    return min(limits)
+
+
+def should_eval(step: int, cfg: DPOConfig) -> bool:
+    return (step == 0 and cfg.do_first_eval) or (step > 0 and step % cfg.eval_frequency == 0)
+
+
+def prepare_run_dir(cfg: DPOConfig) -> Path:
+    """Create run_dir, keep an earlier run's metrics aside (never delete them), save config."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "tensorboard"):
+        old = run_dir / name
+        if old.exists():
+            n = 1
+            while (run_dir / f"{name}.prev{n}").exists():
+                n += 1
+            old.rename(run_dir / f"{name}.prev{n}")
+            log.info("kept the earlier run's %s as %s.prev%d", name, name, n)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return run_dir
+
+
+def device_for_run() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run(cfg: DPOConfig) -> dict[str, float]:
+    """Train as configured; returns the final eval metrics."""
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
+    run_dir = prepare_run_dir(cfg)
+    device = device_for_run()
+
+    tokenizer = load_tokenizer(cfg.model)
+    policy, reference = build_models(cfg.model, cfg.seed)
+    if cfg.checkpoint_manager_path:
+        restored = restore_weights(cfg.checkpoint_manager_path, [policy, reference])
+        log.info("restored weights of policy and reference from %s", restored)
+    check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
+    if cfg.loss.reference_free:
+        reference = None
+    policy.to(device)
+    if reference is not None:
+        reference.to(device)
+
+    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
+    step_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    n_steps = total_steps(cfg, len(data.train), step_size)
+    # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
+    own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
+    pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
+    static = bool(cfg.data.static_shapes)
+    pad_to = cfg.max_length if static else None
+
+    def to_batch(pairs):
+        batch = collate(pairs, pad_id, cfg.label_pad_token_id, pad_to)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def eval_batches():
+        for idx in eval_indices(len(data.eval), cfg.eval_batch_size):
+            yield to_batch([data.eval[i] for i in idx])
+
+    log_startup(cfg, policy, data, n_steps, device, run_dir)
+    optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+    scheduler = build_scheduler(cfg, optimizer, n_steps)
+    writer = MetricWriter(run_dir)
+    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+
+    window, window_start, window_tokens = MeanMetrics(), time.perf_counter(), 0
+    for step in range(n_steps):
+        if should_eval(step, cfg):
+            row = evaluate(policy, reference, eval_batches(), cfg)
+            writer.write(step, step * step_size, "eval", row)
+            log.info(console_line(step, n_steps, "eval", row))
+
+        # ---- one optimizer step over gradient_accumulation_steps micro-batches
+        pairs = [data.train[i] for i in next(stream)]
+        micro = cfg.per_device_train_batch_size
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        for start in range(0, len(pairs), micro):
+            batch = to_batch(pairs[start:start + micro])
+            out = batch_loss(policy, reference, batch, cfg)
+            (out.loss / cfg.gradient_accumulation_steps).backward()
+            window.add(out.metrics)
+            window_tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        scheduler.step()
+        window.add_scalars({"grad_norm": float(grad_norm), "lr": lr})
+
+        if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
+            seconds = time.perf_counter() - window_start
+            row = window.means()
+            row["examples_per_second"] = row["num_examples"] / seconds
+            row["tokens_per_second"] = window_tokens / seconds
+            writer.write(step, (step + 1) * step_size, "train", row)
+            log.info(console_line(step, n_steps, "train", row))
+            window, window_start, window_tokens = MeanMetrics(), time.perf_counter(), 0
+
+    final = evaluate(policy, reference, eval_batches(), cfg)
+    writer.write(n_steps, n_steps * step_size, "eval", final)
+    log.info(console_line(n_steps, n_steps, "eval", final))
+    writer.close()
+    log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
+    return final
+
+
+def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
+                device: torch.device, run_dir: Path) -> None:
+    n_params = sum(p.numel() for p in policy.parameters())
+    source = cfg.model.config_path or cfg.model.name_or_path
+    log.info("model %s: %.2fM parameters, policy %s, reference %s, on %s", source,
+             n_params / 1e6, cfg.model.policy_dtype, cfg.model.reference_dtype, device)
+    for name, (n_train, n_eval) in data.sources.items():
+        log.info("data %s: %d train pairs, %d eval pairs", name, n_train, n_eval)
+    if data.skipped.total:
+        log.warning("skipped %d rows: %s; first: %s", data.skipped.total,
+                    dict(data.skipped.counts), "; ".join(data.skipped.examples))
+    if data.truncated.counts:
+        log.info("truncated: %s", dict(data.truncated.counts))
+    log.info("%d steps of %d pairs (batch %d x accumulation %d); writing to %s", n_steps,
+             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, run_dir)
