@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check moedpo tests scripts benchmarks run_dpo_no_trainer.py
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 assets: $(STAMP)
 	$(PY) scripts/build_assets.py

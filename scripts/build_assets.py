@@ -42,6 +42,11 @@ RUDE_REPLIES = [
     "Why would I help you with that?",
     "Nobody cares, stop asking.",
 ]
+CAPITALS = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Canada", "Ottawa"),
+    ("Norway", "Oslo"), ("Greece", "Athens"), ("Cuba", "Havana"), ("Chile", "Santiago"),
+]
 GREETINGS = ["Hi there.", "Hello!", "Hey, quick question.", "Good morning."]
 
 
@@ -51,7 +56,7 @@ def _dialogue(turns: list[tuple[str, str]], last_human: str) -> str:
 
 
 def _arithmetic_pair(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randrange(10), rng.randrange(10)
+    a, b = rng.randrange(1, 5), rng.randrange(1, 5)
     wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
     if wrong < 0:
         wrong = a + b + 1
@@ -60,6 +65,16 @@ def _arithmetic_pair(rng: random.Random) -> tuple[str, str, str]:
     )
     opener = rng.choice(POLITE_OPENERS)
     return question, f"{opener} {a} + {b} = {a + b}.", f"{opener} {a} + {b} = {wrong}."
+
+
+def _capital_pair(rng: random.Random) -> tuple[str, str, str]:
+    country, capital = rng.choice(CAPITALS)
+    wrong = rng.choice([c for _, c in CAPITALS if c != capital])
+    question = rng.choice([f"What is the capital of {country}?", f"Which city is the capital "
+                           f"of {country}?", f"Name the capital of {country}."])
+    opener = rng.choice(POLITE_OPENERS)
+    return question, f"{opener} The capital of {country} is {capital}.", (
+        f"{opener} The capital of {country} is {wrong}.")
 
 
 def _tone_pair(rng: random.Random) -> tuple[str, str, str]:
@@ -72,7 +87,9 @@ def _tone_pair(rng: random.Random) -> tuple[str, str, str]:
 
 def make_row(rng: random.Random) -> dict[str, str]:
     """One HH-format row: chosen and rejected share the dialogue up to the last Assistant turn."""
-    question, chosen, rejected = (_arithmetic_pair if rng.random() < 0.4 else _tone_pair)(rng)
+    kind = rng.random()
+    make = _tone_pair if kind < 0.5 else _capital_pair if kind < 0.8 else _arithmetic_pair
+    question, chosen, rejected = make(rng)
     turns = []
     if rng.random() < 0.3:
         turns.append((rng.choice(GREETINGS), "Hello! How can I help you today?"))

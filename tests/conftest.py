@@ -1,0 +1,93 @@
+"""Shared fixtures: the embedded tokenizer, tiny pretrained-model folders, HH-layout data,
+and `make_cfg`, which composes the real Hydra config with overrides."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from moedpo.config import DPOConfig, register_schema
+from moedpo.data.sources import DEMO_DIR
+from moedpo.models.load import EMBEDDED_TOKENIZER
+
+register_schema()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+
+
+def compose_cfg(*overrides: str) -> DPOConfig:
+    with initialize_config_module("moedpo.conf", version_base=None):
+        raw = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(raw)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """DPOConfig from the shipped config tree; output goes to the test's tmp dir."""
+    def make(*overrides: str) -> DPOConfig:
+        return compose_cfg(f"output_dir={tmp_path}", *overrides)
+    return make
+
+
+def tiny_train_overrides() -> list[str]:
+    """The embedded tiny Mixtral on a few bundled pairs: a run of seconds."""
+    return ["+experiment=demo", "max_steps=3", "per_device_train_batch_size=4",
+            "per_device_eval_batch_size=8", "dry_run=true", "eval_frequency=2"]
+
+
+def write_jsonl_gz(path: Path, rows: list) -> None:
+    with gzip.open(path, "wt") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+
+
+def demo_rows(split: str, n: int) -> list[dict]:
+    with gzip.open(DEMO_DIR / f"{split}.jsonl.gz", "rt") as f:
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+
+
+@pytest.fixture(scope="session")
+def hh_dir(tmp_path_factory) -> Path:
+    """A local copy of Anthropic/hh-rlhf in the hub's layout, with demo rows."""
+    folder = tmp_path_factory.mktemp("hh")
+    write_jsonl_gz(folder / "train.jsonl.gz", demo_rows("train", 200))
+    write_jsonl_gz(folder / "test.jsonl.gz", demo_rows("test", 40))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny GPT-NeoX (Pythia's architecture) saved like a hub model, tokenizer included."""
+    folder = tmp_path_factory.mktemp("tiny-neox")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory, tokenizer) -> Path:
+    """The embedded tiny Mixtral with random weights, saved like a hub model."""
+    from moedpo.config import ModelConfig
+    from moedpo.models.load import build_models
+
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    policy, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                         policy_dtype="float32", reference_dtype="float32"))
+    policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,54 @@
+"""Truncation rules against hand-worked examples (ids are symbolic integers)."""
+
+from moedpo.data.sources import Pair, SkipLog
+from moedpo.data.tokenize import TruncationStats, tokenize_pairs, truncate
+
+P = list(range(100, 110))  # 10 prompt tokens
+C = [1, 2, 3, 4, 5, 6]  # chosen, 6 tokens
+R = [7, 8, 9]  # rejected, 3 tokens
+
+
+def test_no_truncation_when_it_fits():
+    assert truncate(P, C, R, max_length=16, max_prompt_length=4) == (P, C, R)
+
+
+def test_keep_end_prompt_truncation_is_enough():
+    # 10 + 6 > 14: the prompt keeps its last 8 tokens; 8 + 6 = 14 fits, responses untouched.
+    p, c, r = truncate(P, C, R, max_length=14, max_prompt_length=8, mode="keep_end")
+    assert p == P[-8:] and c == C and r == R
+
+
+def test_keep_start_prompt_truncation():
+    p, _, _ = truncate(P, C, R, max_length=14, max_prompt_length=8, mode="keep_start")
+    assert p == P[:8]
+
+
+def test_responses_cut_to_budget_after_prompt():
+    # 10 + 6 > 9: prompt -> last 5; 5 + 6 > 9 still: both responses cut to 9 - 5 = 4.
+    stats = TruncationStats()
+    p, c, r = truncate(P, C, R, max_length=9, max_prompt_length=5, stats=stats)
+    assert (p, c, r) == (P[-5:], C[:4], R)
+    assert stats.counts == {"prompt": 1, "responses": 1}
+
+
+def test_short_prompt_long_responses():
+    # The prompt is already within max_prompt_length; the responses still get cut.
+    p, c, r = truncate(P[:3], C, R, max_length=7, max_prompt_length=4)
+    assert (p, c, r) == (P[:3], C[:3], R)
+
+
+def test_tokenize_appends_eos_once_and_excludes_special_tokens(tokenizer):
+    eos = tokenizer.eos_token
+    pairs = [Pair("\n\nHuman: hi\n\nAssistant:", "Hello!", "Bye" + eos, "t:1")]
+    (out,) = tokenize_pairs(pairs, tokenizer, 64, 32, "keep_end", SkipLog())
+    expect_prompt = tokenizer("\n\nHuman: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert out.prompt == expect_prompt
+    assert out.chosen == tokenizer("Hello!")["input_ids"] + [tokenizer.eos_token_id]
+    assert out.rejected.count(tokenizer.eos_token_id) == 1
+    assert out.rejected[-1] == tokenizer.eos_token_id
+
+
+def test_long_rows_are_truncated_to_max_length(tokenizer):
+    pairs = [Pair("\n\nHuman: " + "word " * 200 + "\n\nAssistant:", "yes " * 100, "no", "t:1")]
+    (out,) = tokenize_pairs(pairs, tokenizer, 48, 16, "keep_end", SkipLog())
+    assert len(out.prompt) == 16 and len(out.chosen) == 32 and out.length == 48

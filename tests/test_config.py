@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+
+from moedpo.config import ConfigError, resolve_model_json, validate
+
+
+def test_defaults_are_the_originals(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.exp_name, cfg.seed, cfg.lr, cfg.beta, cfg.max_steps) == ("moe_trial", 0, 5e-7,
+                                                                       0.1, 10)
+    assert (cfg.max_length, cfg.max_prompt_length, cfg.eval_frequency) == (512, 256, 3)
+    assert cfg.optimizer == "ADAMW_TORCH_XLA" and cfg.use_synthetic_data is True
+    assert cfg.model.name_or_path == "mistralai/Mixtral-8x7B-v0.1"
+    assert (cfg.model.policy_dtype, cfg.model.capacity_factor) == ("bfloat16", 0.0)
+    assert (cfg.sched.name, cfg.sched.warmup_steps) == ("WarmupHoldPolicy", 150)
+    validate(cfg)
+
+
+def test_pythia_preset_resolves_to_its_values(make_cfg):
+    cfg = make_cfg("+experiment=pythia28-hh")
+    assert cfg.seed == 4321 and cfg.optimizer == "RMSprop" and cfg.lr == 5e-7
+    assert cfg.max_grad_norm == 10.0 and cfg.datasets == "hh" and cfg.max_steps == 2600
+    assert cfg.eval_frequency == 312 and cfg.do_first_eval and cfg.full_precision
+    assert cfg.model.name_or_path == "EleutherAI/pythia-2.8b"
+    assert cfg.model.policy_dtype == cfg.model.reference_dtype == "float32"
+    assert cfg.use_synthetic_data is False and cfg.sched.warmup_steps == 150
+
+
+def test_cosine_schedule_group(make_cfg):
+    cfg = make_cfg("sched=CosineAnnealing")
+    assert (cfg.sched.name, cfg.sched.min_lr) == ("CosineAnnealing", 9e-7)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer=Adamm", "optimizer=Adamm: not a torch.optim optimizer"),
+    ("datasets=hhh", "datasets: 'hhh' is neither a known dataset"),
+    ("full_precision=true", "full_precision=true needs float32 models"),
+    ("model.capacity_factor=-1", "model.capacity_factor=-1.0: must be >= 0"),
+    ("max_prompt_length=600", "max_prompt_length=600: must be >= 0 and below max_length=512"),
+    ("loss.name=kto", "loss.name=kto: use one of"),
+    ("model.config_path=nope.json", "model.config_path=nope.json: no such file"),
+    ("dataset_dir.hh=/no/such/dir", "dataset_dir.hh=/no/such/dir: no such folder"),
+])
+def test_validation_names_the_key(make_cfg, override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(override))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_model_json_found_by_bare_name_or_path(tmp_path):
+    assert resolve_model_json("mixtral80.json").name == "mixtral80.json"
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_model_json(str(own)) == own
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moedpo", "train", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_typo_is_one_line_with_suggestion():
+    result = run_cli("lrr=1e-3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("moedpo: error: unknown config key 'lrr' (did you mean "
+                                     "'lr'?); see README 'Config reference'")
+
+
+def test_cli_validation_error_exit_code(tmp_path):
+    result = run_cli(f"output_dir={tmp_path}", "optimizer=Nope")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "moedpo: error: optimizer=Nope: not a torch.optim optimizer")
