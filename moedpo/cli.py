@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError
-from .config import DPOConfig, ConfigError, register_schema, schema_keys, suggest_key
+from .config import ConfigError, DPOConfig, register_schema, schema_keys, suggest_key
 from .data import DataError
 from .models.load import ModelLoadError
 

@@ -25,6 +25,7 @@ LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATION_MODES = ("keep_end", "keep_start")
+MOE_IMPLEMENTATIONS = ("auto", "hf", "dense", "dropped")
 # The original's XLA-only optimizer; off XLA it is plain torch AdamW.
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 
@@ -52,6 +53,9 @@ class ModelConfig:
     reference_dtype: str = "bfloat16"
     flash_attention: bool = True
     capacity_factor: float = 0.0
+    # auto: dropped when capacity_factor > 0, else hf. See README "MoE implementations".
+    moe_implementation: str = "auto"
+    capacity_rounding: str = "floor"
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -204,7 +208,7 @@ def validate(cfg: DPOConfig) -> None:
            "max_steps=null: set max_steps or n_epochs so the run has an end")
     _check(cfg.max_steps is None or cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0")
     _check(cfg.n_epochs is None or cfg.n_epochs >= 1, f"n_epochs={cfg.n_epochs}: must be >= 1")
-    _check(0 <= cfg.max_prompt_length < cfg.max_length,
+    _check(cfg.use_synthetic_data or 0 <= cfg.max_prompt_length < cfg.max_length,
            f"max_prompt_length={cfg.max_prompt_length}: must be >= 0 and below "
            f"max_length={cfg.max_length}, or responses would be cut to nothing")
     _check(cfg.truncation_mode in TRUNCATION_MODES,
@@ -239,6 +243,16 @@ def validate(cfg: DPOConfig) -> None:
                f"{m.policy_dtype} model.reference_dtype={m.reference_dtype}")
     _check(m.capacity_factor >= 0,
            f"model.capacity_factor={m.capacity_factor}: must be >= 0 (0 = dropless)")
+    _check(m.moe_implementation in MOE_IMPLEMENTATIONS,
+           f"model.moe_implementation={m.moe_implementation}: use one of "
+           f"{', '.join(MOE_IMPLEMENTATIONS)}")
+    _check(m.capacity_rounding in ("floor", "ceil"),
+           f"model.capacity_rounding={m.capacity_rounding}: use floor or ceil")
+    _check(m.moe_implementation in ("auto", "dropped") or m.capacity_factor == 0,
+           f"model.capacity_factor={m.capacity_factor} drops tokens, which only "
+           f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
+    _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
+           "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
     if m.config_path is not None:
         config_json = resolve_model_json(m.config_path)
         try:
@@ -247,9 +261,9 @@ def validate(cfg: DPOConfig) -> None:
             raise ConfigError(f"model.config_path={config_json}: invalid JSON ({err})") from None
 
     datasets = cfg.datasets
-    _check(isinstance(datasets, str) or (
-        isinstance(datasets, list | tuple) and datasets and all(isinstance(d, str) for d in datasets)
-    ), f"datasets={datasets}: give a name ({', '.join(DATASET_NAMES)}), a folder, or a list")
+    listed = isinstance(datasets, list | tuple) and all(isinstance(d, str) for d in datasets)
+    _check(isinstance(datasets, str) or (listed and len(datasets) > 0),
+           f"datasets={datasets}: give a name ({', '.join(DATASET_NAMES)}), a folder, or a list")
     for name in cfg.dataset_list:
         _check(name in DATASET_NAMES or Path(name).expanduser().is_dir(),
                f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}) "

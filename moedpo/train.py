@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,8 +60,15 @@ def device_for_run() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run(cfg: DPOConfig) -> dict[str, float]:
-    """Train as configured; returns the final eval metrics."""
+@dataclass
+class RunResult:
+    final_eval: dict[str, float]
+    policy: torch.nn.Module
+    run_dir: Path
+
+
+def run(cfg: DPOConfig) -> RunResult:
+    """Train as configured; returns the final eval metrics and the trained policy."""
     validate(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
@@ -141,7 +149,7 @@ def run(cfg: DPOConfig) -> dict[str, float]:
     log.info(console_line(n_steps, n_steps, "eval", final))
     writer.close()
     log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
-    return final
+    return RunResult(final, policy, run_dir)
 
 
 def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,

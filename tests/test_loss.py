@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moedpo.config import ModelConfig
 from moedpo.data.collate import collate
 from moedpo.data.tokenize import TokenizedPair
-from moedpo.evaluate import batch_loss, batch_logps
+from moedpo.evaluate import batch_logps, batch_loss
 from moedpo.loss import dpo_loss, preference_loss, sequence_logps
 from moedpo.models.load import build_models
 

@@ -1,4 +1,4 @@
-"""Preference data sources: hub datasets, local copies and user folders -> (prompt, chosen, rejected).
+"""Preference data sources: hub datasets, local copies, user folders -> (prompt, chosen, rejected).
 
 Each source turns its own row format into `Pair`s by the original trainer's rules (README,
 "Datasets"). A row that cannot be used is skipped and counted in a `SkipLog`, or, with
@@ -7,7 +7,6 @@ Each source turns its own row format into `Pair`s by the original trainer's rule
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -49,7 +48,8 @@ class SkipLog:
 
     def skip(self, origin: str, reason: str) -> None:
         if self.strict:
-            raise DataError(f"{origin}: {reason} (data.strict=true; set it false to skip such rows)")
+            raise DataError(f"{origin}: {reason} (data.strict=true; set it false to skip "
+                            "such rows)")
         self.counts[reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{origin}: {reason}")

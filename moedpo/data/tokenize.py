@@ -39,7 +39,8 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
              stats: TruncationStats | None = None) -> tuple[list[int], list[int], list[int]]:
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
         if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:] if mode == "keep_end" else prompt[:max_prompt_length]
+            keep_end = mode == "keep_end"
+            prompt = prompt[-max_prompt_length:] if keep_end else prompt[:max_prompt_length]
             if stats is not None:
                 stats.counts["prompt"] += 1
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:

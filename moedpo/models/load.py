@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
+from .moe import apply_moe_implementation
 
 log = logging.getLogger(__name__)
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer"
@@ -104,6 +105,13 @@ def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[torch.nn.Module, torc
                 attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise _hub_error("model", cfg.name_or_path, err) from None
+    # Policy and reference always share the MoE implementation and capacity.
+    moe = apply_moe_implementation(model, cfg.moe_implementation, cfg.capacity_factor,
+                                   cfg.capacity_rounding)
+    if moe != "none":
+        log.info("MoE experts implementation: %s%s", moe,
+                 f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"
+                 if moe == "dropped" else "")
     reference = copy.deepcopy(model).to(reference_dtype).eval().requires_grad_(False)
     policy = model.to(policy_dtype).train()
     return policy, reference
