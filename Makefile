@@ -1,6 +1,6 @@
 # Two entry points: `make demo` trains the embedded tiny Mixtral, `make test` runs the suite.
 # Both create (or reuse) .venv themselves.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moedpo-installed

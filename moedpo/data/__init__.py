@@ -38,9 +38,10 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
         )
     bundle = DataBundle(train=[], eval=[], skipped=SkipLog(strict=cfg.data.strict))
     for name in cfg.dataset_list:
-        train = load_pairs(name, "train", cfg.dataset_dir, bundle.skipped)
-        test = load_pairs(name, "test", cfg.dataset_dir, bundle.skipped)[:EVAL_ROWS_PER_DATASET]
-        if cfg.dry_run:
+        train = load_pairs(name, "train", cfg.dataset_dir, bundle.skipped, cfg.num_proc)
+        test = load_pairs(name, "test", cfg.dataset_dir, bundle.skipped,
+                          cfg.num_proc)[:EVAL_ROWS_PER_DATASET]
+        if cfg.dry_run:  # no need to tokenise rows a dry run never sees
             train, test = train[:DRY_RUN_BATCHES * train_step], test[:DRY_RUN_BATCHES * eval_step]
         tokenized = [tokenize_pairs(split, tokenizer, cfg.max_length, cfg.max_prompt_length,
                                     cfg.truncation_mode, bundle.skipped, bundle.truncated)
@@ -48,6 +49,9 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
         bundle.train += tokenized[0]
         bundle.eval += tokenized[1]
         bundle.sources[name] = (len(tokenized[0]), len(tokenized[1]))
+    if cfg.dry_run:  # 10 global batches in all, not per dataset
+        bundle.train = bundle.train[:DRY_RUN_BATCHES * train_step]
+        bundle.eval = bundle.eval[:DRY_RUN_BATCHES * eval_step]
     if len(bundle.train) < train_step:
         raise DataError(f"datasets={cfg.datasets}: {len(bundle.train)} usable training pairs, "
                         f"fewer than one step needs ({train_step}); lower the batch size")

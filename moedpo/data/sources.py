@@ -197,12 +197,13 @@ def read_jsonl(path: str, log: SkipLog) -> Iterator[tuple[dict, str]]:
             yield row, origin
 
 
-def read_hub(source: HubSource, split: str) -> Iterator[tuple[dict, str]]:
+def read_hub(source: HubSource, split: str, num_proc: int = 1) -> Iterator[tuple[dict, str]]:
     import datasets
 
     hub_split = source.splits[split]
     try:
-        table = datasets.load_dataset(source.hub_id, source.config, split=hub_split)
+        table = datasets.load_dataset(source.hub_id, source.config, split=hub_split,
+                                      num_proc=num_proc if num_proc > 1 else None)
     except Exception as err:  # datasets raises many types; all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get(
             "HF_DATASETS_OFFLINE") == "1"
@@ -221,7 +222,7 @@ def read_hub(source: HubSource, split: str) -> Iterator[tuple[dict, str]]:
 
 
 def load_pairs(name: str, split: str, dataset_dir: dict[str, str | None],
-               log: SkipLog) -> list[Pair]:
+               log: SkipLog, num_proc: int = 1) -> list[Pair]:
     """All usable pairs of one dataset split; `name` is hh/shp/os/demo or a folder."""
     if name in HUB_SOURCES:
         source = HUB_SOURCES[name]
@@ -230,7 +231,7 @@ def load_pairs(name: str, split: str, dataset_dir: dict[str, str | None],
             aliases = tuple(v for k, v in source.splits.items() if k == split and v != split)
             rows = (r for path in split_files(local, split, aliases) for r in read_jsonl(path, log))
         else:
-            rows = read_hub(source, split)
+            rows = read_hub(source, split, num_proc)
         parse = source.parse
     else:
         folder = str(DEMO_DIR) if name == "demo" else name

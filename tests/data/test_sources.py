@@ -116,3 +116,24 @@ def test_hub_dataset_missing_offline_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     with pytest.raises(DataError, match=r"Anthropic/hh-rlhf.*dataset_dir\.hh=DIR"):
         load_pairs("hh", "train", {}, SkipLog())
+
+
+def test_hub_source_goes_through_datasets_with_the_hub_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, split=None, num_proc=None):
+        calls.append((path, name, split))
+        row = {"info": {"post": "p", "title": "t", "subreddit": "s"}, "batch": "b",
+               "summaries": [{"text": "x"}, {"text": "y"}], "choice": 0}
+        return datasets.Dataset.from_list([row, {**row, "choice": 7}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    log = SkipLog()
+    pairs = load_pairs("os", "test", {"os": None}, log)
+    assert calls == [("openai/summarize_from_feedback", "comparisons", "validation")]
+    assert [p.chosen for p in pairs] == ["x"]
+    assert pairs[0].origin == "openai/summarize_from_feedback[validation] row 0"
+    assert log.examples == ["openai/summarize_from_feedback[validation] row 1: needs "
+                            "'summaries' (two of them) and 'choice' (0 or 1)"]
