@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +68,8 @@ class RunResult:
     run_dir: Path
 
 
-def run(cfg: DPOConfig) -> RunResult:
-    """Train as configured; returns the final eval metrics and the trained policy."""
-    validate(cfg)
-    torch.manual_seed(cfg.seed)
-    torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
-    run_dir = prepare_run_dir(cfg)
-    device = device_for_run()
-
+def load_models(cfg: DPOConfig, device: torch.device):
+    """(tokenizer, policy, reference) on `device`; reference is None for reference-free DPO."""
     tokenizer = load_tokenizer(cfg.model)
     policy, reference = build_models(cfg.model, cfg.seed)
     if cfg.checkpoint_manager_path:
@@ -83,49 +78,63 @@ def run(cfg: DPOConfig) -> RunResult:
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
     if cfg.loss.reference_free:
         reference = None
-    policy.to(device)
-    if reference is not None:
-        reference.to(device)
+    return tokenizer, policy.to(device), reference.to(device) if reference is not None else None
 
-    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
-    step_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    n_steps = total_steps(cfg, len(data.train), step_size)
+
+def batch_maker(cfg: DPOConfig, tokenizer, device: torch.device) -> Callable:
+    """pairs -> collated tensors on `device`."""
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
-    static = bool(cfg.data.static_shapes)
-    pad_to = cfg.max_length if static else None
+    pad_to = cfg.max_length if cfg.data.static_shapes else None
 
-    def to_batch(pairs):
+    def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = collate(pairs, pad_id, cfg.label_pad_token_id, pad_to)
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return make
 
-    def eval_batches():
-        for idx in eval_indices(len(data.eval), cfg.eval_batch_size):
-            yield to_batch([data.eval[i] for i in idx])
 
+def run(cfg: DPOConfig) -> RunResult:
+    """Train as configured; returns the final eval metrics and the trained policy."""
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
+    run_dir = prepare_run_dir(cfg)
+    device = device_for_run()
+    tokenizer, policy, reference = load_models(cfg, device)
+    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
+    to_batch = batch_maker(cfg, tokenizer, device)
+    step_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    n_steps = total_steps(cfg, len(data.train), step_size)
     log_startup(cfg, policy, data, n_steps, device, run_dir)
-    optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
-    scheduler = build_scheduler(cfg, optimizer, n_steps)
-    writer = MetricWriter(run_dir)
-    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
 
-    window, window_start, window_tokens = MeanMetrics(), time.perf_counter(), 0
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(cfg, optimizer, n_steps)
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle)
+    writer = MetricWriter(run_dir)
+
+    def eval_row(step: int) -> dict[str, float]:
+        batches = (to_batch([data.eval[i] for i in idx])
+                   for idx in eval_indices(len(data.eval), cfg.eval_batch_size))
+        row = evaluate(policy, reference, batches, cfg)
+        writer.write(step, step * step_size, "eval", row)
+        log.info(console_line(step, n_steps, "eval", row))
+        return row
+
+    window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
     for step in range(n_steps):
         if should_eval(step, cfg):
-            row = evaluate(policy, reference, eval_batches(), cfg)
-            writer.write(step, step * step_size, "eval", row)
-            log.info(console_line(step, n_steps, "eval", row))
+            eval_row(step)
 
         # ---- one optimizer step over gradient_accumulation_steps micro-batches
+        started = time.perf_counter()
         pairs = [data.train[i] for i in next(stream)]
-        micro = cfg.per_device_train_batch_size
-        optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        for start in range(0, len(pairs), micro):
-            batch = to_batch(pairs[start:start + micro])
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, step_size, cfg.per_device_train_batch_size):
+            batch = to_batch(pairs[start:start + cfg.per_device_train_batch_size])
             out = batch_loss(policy, reference, batch, cfg)
             (out.loss / cfg.gradient_accumulation_steps).backward()
             window.add(out.metrics)
@@ -134,19 +143,18 @@ def run(cfg: DPOConfig) -> RunResult:
         optimizer.step()
         scheduler.step()
         window.add_scalars({"grad_norm": float(grad_norm), "lr": lr})
+        train_seconds += time.perf_counter() - started
 
+        # ---- report: means since the last report; throughput excludes eval time
         if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
-            seconds = time.perf_counter() - window_start
             row = window.means()
-            row["examples_per_second"] = row["num_examples"] / seconds
-            row["tokens_per_second"] = window_tokens / seconds
+            row["examples_per_second"] = row["num_examples"] / train_seconds
+            row["tokens_per_second"] = window_tokens / train_seconds
             writer.write(step, (step + 1) * step_size, "train", row)
             log.info(console_line(step, n_steps, "train", row))
-            window, window_start, window_tokens = MeanMetrics(), time.perf_counter(), 0
+            window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
 
-    final = evaluate(policy, reference, eval_batches(), cfg)
-    writer.write(n_steps, n_steps * step_size, "eval", final)
-    log.info(console_line(n_steps, n_steps, "eval", final))
+    final = eval_row(n_steps)
     writer.close()
     log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
     return RunResult(final, policy, run_dir)
