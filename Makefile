@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/moedpo train +experiment=demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check moedpo tests scripts benchmarks run_dpo_no_trainer.py
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 assets: $(STAMP)
