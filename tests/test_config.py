@@ -38,14 +38,15 @@ def test_cosine_schedule_group(make_cfg):
     ("datasets=hhh", "datasets: 'hhh' is neither a known dataset"),
     ("full_precision=true", "full_precision=true needs float32 models"),
     ("model.capacity_factor=-1", "model.capacity_factor=-1.0: must be >= 0"),
-    ("max_prompt_length=600", "max_prompt_length=600: must be >= 0 and below max_length=512"),
+    ("use_synthetic_data=false max_prompt_length=600",
+     "max_prompt_length=600: must be >= 0 and below max_length=512"),
     ("loss.name=kto", "loss.name=kto: use one of"),
     ("model.config_path=nope.json", "model.config_path=nope.json: no such file"),
     ("dataset_dir.hh=/no/such/dir", "dataset_dir.hh=/no/such/dir: no such folder"),
 ])
 def test_validation_names_the_key(make_cfg, override, message):
     with pytest.raises(ConfigError) as err:
-        validate(make_cfg(override))
+        validate(make_cfg(*override.split()))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
