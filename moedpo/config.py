@@ -25,7 +25,7 @@ LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATION_MODES = ("keep_end", "keep_start")
-MOE_IMPLEMENTATIONS = ("auto", "hf", "dense", "dropped")
+MOE_IMPLEMENTATIONS = ("auto", "hf", "dropless", "dense", "dropped")
 # The original's XLA-only optimizer; off XLA it is plain torch AdamW.
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 
@@ -53,9 +53,13 @@ class ModelConfig:
     reference_dtype: str = "bfloat16"
     flash_attention: bool = True
     capacity_factor: float = 0.0
-    # auto: dropped when capacity_factor > 0, else hf. See README "MoE implementations".
+    # auto: dropped when capacity_factor > 0, else dropless. README "MoE implementations".
     moe_implementation: str = "auto"
     capacity_rounding: str = "floor"
+    # Padding tokens claim no expert capacity (the dropped path) and count in no router loss.
+    moe_ignore_padding: bool = True
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -253,6 +257,8 @@ def validate(cfg: DPOConfig) -> None:
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
+    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+        _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
     if m.config_path is not None:
         config_json = resolve_model_json(m.config_path)
         try:

@@ -1,4 +1,5 @@
-"""The DPO loss of one collated batch, and the evaluation pass."""
+"""The DPO loss of one collated batch (with the policy's router losses for MoE models), and
+the evaluation pass."""
 
 from __future__ import annotations
 
@@ -7,35 +8,52 @@ import torch
 from .config import DPOConfig
 from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps
 from .metrics import MeanMetrics
+from .models.moe import moe_top_k
+from .models.router import RouterOutput, router_losses
 
 
-def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                label_pad: int) -> SequenceLogps:
-    """One forward over chosen and rejected together (one kernel launch, one graph)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    return sequence_logps(logits, batch["labels"], label_pad)
+def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
+                with_router: bool = False) -> tuple[SequenceLogps, tuple | None]:
+    """One forward over chosen and rejected together; router logits when asked (MoE only)."""
+    extra = {"output_router_logits": True} if with_router else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                use_cache=False, **extra)
+    return sequence_logps(out.logits, batch["labels"], label_pad), getattr(
+        out, "router_logits", None)
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                batch: dict[str, torch.Tensor], cfg: DPOConfig) -> DPOOutput:
-    policy_logps = batch_logps(policy, batch, cfg.label_pad_token_id)
+    top_k = moe_top_k(policy)
+    policy_logps, router_logits = batch_logps(policy, batch, cfg.label_pad_token_id,
+                                              with_router=top_k is not None)
     reference_logps = None
     if reference is not None:
         with torch.no_grad():
-            reference_logps = batch_logps(reference, batch, cfg.label_pad_token_id)
-    return dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,
-                    cfg.loss.label_smoothing, cfg.aux_nll_loss_coef)
+            reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
+    out = dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,
+                   cfg.loss.label_smoothing, cfg.aux_nll_loss_coef)
+    if router_logits:
+        m = cfg.model
+        out.router = router_losses(router_logits, batch["attention_mask"], top_k,
+                                   m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding)
+        out.loss = out.loss + add_router_losses(out.router, m.router_aux_loss_coef,
+                                                m.router_z_loss_coef)
+    return out
+
+
+def add_router_losses(router: RouterOutput, aux_coef: float, z_coef: float) -> torch.Tensor:
+    return aux_coef * router.aux_loss + z_coef * router.z_loss
 
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches,
-             cfg: DPOConfig) -> dict[str, float]:
-    """Mean metrics over every eval pair; `batches` yields collated batches."""
+             cfg: DPOConfig) -> MeanMetrics:
+    """Metrics over every eval pair; `batches` yields collated batches."""
     was_training = policy.training
     policy.eval()
     metrics = MeanMetrics()
     for batch in batches:
-        metrics.add(batch_loss(policy, reference, batch, cfg).metrics)
+        metrics.add_output(batch_loss(policy, reference, batch, cfg))
     policy.train(was_training)
-    return metrics.means()
+    return metrics

@@ -7,6 +7,7 @@ responses, the second half rejected ones, with labels masked outside the respons
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 class DPOOutput:
     loss: torch.Tensor  # mean over pairs of the batch (differentiable)
     metrics: dict[str, torch.Tensor]  # per-pair values, detached; averaged by the caller
+    router: Any = None  # models.router.RouterOutput of the policy, for MoE models
 
 
 def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float,

@@ -17,12 +17,15 @@ log = logging.getLogger("moedpo")
 
 
 class MeanMetrics:
-    """Running per-pair means: add batches of per-pair values, read the averages."""
+    """Running means over a window: per-pair values averaged over pairs, per-step values
+    (grad norm, lr, router losses) over steps, MoE routing counts summed."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
         self.scalars: dict[str, list[float]] = defaultdict(list)
+        self.expert_counts: torch.Tensor | None = None  # [layers, experts]
+        self.routing = defaultdict(float)
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         n = next(iter(values.values())).numel()
@@ -31,14 +34,38 @@ class MeanMetrics:
         self.count += n
 
     def add_scalars(self, values: dict[str, float]) -> None:
-        """Per-step values (grad norm, lr): averaged over steps, not pairs."""
         for key, value in values.items():
             self.scalars[key].append(value)
+
+    def add_output(self, out) -> None:
+        """A loss.DPOOutput: its per-pair metrics and, for MoE, its router statistics."""
+        self.add(out.metrics)
+        router = out.router
+        if router is None:
+            return
+        self.add_scalars({"router/aux_loss": float(router.aux_loss.detach()),
+                          "router/z_loss": float(router.z_loss.detach())})
+        counts = router.expert_counts.float().cpu()
+        self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+        self.routing["slots"] += router.real_tokens * router.top_k
+        self.routing["tokens"] += router.real_tokens
+        self.routing["dropped"] += router.dropped_slots
+        self.routing["fully_dropped"] += router.fully_dropped_tokens
 
     def means(self) -> dict[str, float]:
         out = {key: total / max(self.count, 1) for key, total in self.sums.items()}
         out.update({key: sum(v) / len(v) for key, v in self.scalars.items()})
         out["num_examples"] = self.count
+        if self.expert_counts is not None:
+            out["moe/dropped_fraction"] = self.routing["dropped"] / max(self.routing["slots"], 1)
+            out["moe/fully_dropped_fraction"] = (self.routing["fully_dropped"]
+                                                 / max(self.routing["tokens"], 1))
+            # Load of each expert relative to a perfect balance (1.0 = its fair share).
+            load = self.expert_counts / self.expert_counts.sum(-1, keepdim=True).clamp(min=1)
+            load = load * load.shape[-1]
+            for layer, row in enumerate(load):
+                out[f"moe/load_min/layer{layer}"] = float(row.min())
+                out[f"moe/load_max/layer{layer}"] = float(row.max())
         return out
 
 
@@ -51,7 +78,9 @@ class MetricWriter:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
-    def write(self, step: int, examples: int, split: str, values: dict[str, float]) -> dict:
+    def write(self, step: int, examples: int, split: str, metrics: MeanMetrics,
+              extra: dict[str, float] | None = None) -> dict:
+        values = {**metrics.means(), **(extra or {})}
         row = {"step": step, "examples": examples}
         row.update({f"{split}/{key}": value for key, value in values.items()})
         with self.path.open("a") as f:
@@ -60,8 +89,21 @@ class MetricWriter:
             for key, value in row.items():
                 if key not in ("step", "examples"):
                     self.tb.add_scalar(key, value, step)
+            if metrics.expert_counts is not None:
+                self._expert_histograms(split, step, metrics.expert_counts)
             self.tb.flush()
         return row
+
+    def _expert_histograms(self, split: str, step: int, counts: torch.Tensor) -> None:
+        """One histogram per layer whose buckets are the experts: the full expert load."""
+        edges = [e + 0.5 for e in range(counts.shape[-1])]
+        for layer, row in enumerate(counts.tolist()):
+            total = sum(row)
+            self.tb.add_histogram_raw(
+                f"{split}/moe/expert_load/layer{layer}", min=0, max=len(row) - 1, num=total,
+                sum=sum(e * c for e, c in enumerate(row)),
+                sum_squares=sum(e * e * c for e, c in enumerate(row)),
+                bucket_limits=edges, bucket_counts=row, global_step=step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -77,4 +119,6 @@ def console_line(step: int, max_steps: int, split: str, values: dict[str, float]
         parts += [f"grad_norm {values['grad_norm']:.3f}", f"lr {values['lr']:.2e}",
                   f"{values['examples_per_second']:.1f} pairs/s",
                   f"{values['tokens_per_second']:.0f} tok/s"]
+    if values.get("moe/dropped_fraction"):
+        parts.append(f"dropped {values['moe/dropped_fraction']:.3f}")
     return " | ".join(parts)

@@ -118,10 +118,11 @@ def run(cfg: DPOConfig) -> RunResult:
     def eval_row(step: int) -> dict[str, float]:
         batches = (to_batch([data.eval[i] for i in idx])
                    for idx in eval_indices(len(data.eval), cfg.eval_batch_size))
-        row = evaluate(policy, reference, batches, cfg)
-        writer.write(step, step * step_size, "eval", row)
-        log.info(console_line(step, n_steps, "eval", row))
-        return row
+        metrics = evaluate(policy, reference, batches, cfg)
+        row = writer.write(step, step * step_size, "eval", metrics)
+        values = {k.removeprefix("eval/"): v for k, v in row.items()}
+        log.info(console_line(step, n_steps, "eval", values))
+        return values
 
     window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
     for step in range(n_steps):
@@ -137,7 +138,7 @@ def run(cfg: DPOConfig) -> RunResult:
             batch = to_batch(pairs[start:start + cfg.per_device_train_batch_size])
             out = batch_loss(policy, reference, batch, cfg)
             (out.loss / cfg.gradient_accumulation_steps).backward()
-            window.add(out.metrics)
+            window.add_output(out)
             window_tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
@@ -147,11 +148,11 @@ def run(cfg: DPOConfig) -> RunResult:
 
         # ---- report: means since the last report; throughput excludes eval time
         if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
-            row = window.means()
-            row["examples_per_second"] = row["num_examples"] / train_seconds
-            row["tokens_per_second"] = window_tokens / train_seconds
-            writer.write(step, (step + 1) * step_size, "train", row)
-            log.info(console_line(step, n_steps, "train", row))
+            speed = {"examples_per_second": window.count / train_seconds,
+                     "tokens_per_second": window_tokens / train_seconds}
+            row = writer.write(step, (step + 1) * step_size, "train", window, speed)
+            log.info(console_line(step, n_steps, "train",
+                                  {k.removeprefix("train/"): v for k, v in row.items()}))
             window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
 
     final = eval_row(n_steps)

@@ -107,7 +107,7 @@ def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[torch.nn.Module, torc
             raise _hub_error("model", cfg.name_or_path, err) from None
     # Policy and reference always share the MoE implementation and capacity.
     moe = apply_moe_implementation(model, cfg.moe_implementation, cfg.capacity_factor,
-                                   cfg.capacity_rounding)
+                                   cfg.capacity_rounding, cfg.moe_ignore_padding)
     if moe != "none":
         log.info("MoE experts implementation: %s%s", moe,
                  f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"

@@ -1,0 +1,63 @@
+"""Router losses and statistics from the routers' logits.
+
+Everything here reads the per-layer router logits `[B*S, E]` that transformers returns with
+`output_router_logits=True`, plus the attention mask, so it serves every MoE implementation
+alike. Padding tokens never count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .moe import capacity, kept_slots
+
+
+@dataclass
+class RouterOutput:
+    aux_loss: torch.Tensor  # differentiable, mean over layers
+    z_loss: torch.Tensor  # differentiable, mean over layers
+    expert_counts: torch.Tensor  # [L, E] (token, rank) assignments of real tokens, detached
+    dropped_slots: float  # (token, rank) slots of real tokens that lost their expert
+    fully_dropped_tokens: float  # real tokens that lost every slot
+    real_tokens: float
+    top_k: int
+
+
+def router_losses(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
+                  top_k: int, capacity_factor: float = 0.0, rounding: str = "floor",
+                  ignore_padding: bool = True) -> RouterOutput:
+    """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
+    of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
+    mean router probability, averaged over layers (HF pools the layers' counts instead; with
+    one layer the two agree). z-loss: mean squared logsumexp of the router logits (ST-MoE)."""
+    batch, seq_len = attention_mask.shape
+    mask = attention_mask.reshape(-1).bool()
+    n_real = mask.sum().clamp(min=1)
+    aux, z, counts = [], [], []
+    dropped = fully = 0.0
+    for logits in router_logits:
+        logits = logits.float()
+        probs = logits.softmax(-1)
+        num_experts = probs.shape[-1]
+        top = probs.topk(top_k, dim=-1).indices
+        weight = mask.float()
+        assigned = torch.zeros(num_experts, device=logits.device).index_add_(
+            0, top.reshape(-1), weight.repeat_interleave(top_k))
+        share = assigned / n_real
+        mean_prob = (probs * weight[:, None]).sum(0) / n_real
+        aux.append(num_experts * (share * mean_prob).sum())
+        z.append((logits.logsumexp(-1).pow(2) * weight).sum() / n_real)
+        counts.append(assigned.detach())
+        if capacity_factor > 0:
+            with torch.no_grad():
+                slots = capacity(seq_len, top_k, num_experts, capacity_factor, rounding)
+                token_mask = attention_mask.bool() if ignore_padding else None
+                kept = kept_slots(top.view(batch, seq_len, top_k), num_experts, slots,
+                                  token_mask).view(-1, top_k)
+                dropped += float((~kept & mask[:, None]).sum())
+                fully += float((~kept.any(-1) & mask).sum())
+    layers = len(router_logits)
+    return RouterOutput(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts),
+                        dropped / layers, fully / layers, float(n_real), top_k)

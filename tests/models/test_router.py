@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from moedpo.models.moe import capacity, kept_slots
+from moedpo.models.router import router_losses
+
+
+def test_one_layer_aux_loss_equals_hugging_face_with_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2 * 6, 8)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    ours = router_losses((logits,), mask, top_k=2)
+    hf = load_balancing_loss_func((logits,), num_experts=8, top_k=2, attention_mask=mask)
+    assert ours.aux_loss.item() == pytest.approx(hf.item(), rel=1e-6)
+    assert ours.real_tokens == 10
+    assert ours.expert_counts.sum().item() == 10 * 2  # pads are not counted
+
+
+def test_aux_loss_is_mean_of_per_layer_losses():
+    torch.manual_seed(1)
+    layers = (torch.randn(5, 4), torch.randn(5, 4) * 3)
+    mask = torch.ones(1, 5)
+    per_layer = [router_losses((lg,), mask, top_k=1).aux_loss for lg in layers]
+    assert router_losses(layers, mask, 1).aux_loss.item() == pytest.approx(
+        float(sum(per_layer) / 2))
+
+
+def test_balanced_router_has_aux_loss_k():
+    # Uniform probabilities: P_e = 1/E, and with assignments spread evenly f_e = k/E.
+    logits = torch.zeros(8, 4)
+    logits[torch.arange(8), torch.arange(8) % 4] = 1e-4  # tiny nudge spreads the top-1 choice
+    out = router_losses((logits,), torch.ones(1, 8), top_k=1)
+    assert out.aux_loss.item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 5.0]])
+    out = router_losses((logits,), torch.tensor([[1, 1, 0]]), top_k=1)
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2  # the pad row (5, 5) is ignored
+    assert out.z_loss.item() == pytest.approx(expected)
+
+
+def test_drop_statistics_follow_kept_slots():
+    torch.manual_seed(2)
+    logits = torch.randn(3 * 10, 8)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, 7:] = 0
+    out = router_losses((logits,), mask, top_k=2, capacity_factor=1.0)
+    top = logits.softmax(-1).topk(2).indices.view(3, 10, 2)
+    kept = kept_slots(top, 8, capacity(10, 2, 8, 1.0), mask.bool())
+    real = mask.bool()[..., None].expand_as(kept)
+    assert out.dropped_slots == (~kept & real).sum().item() > 0
+    assert out.fully_dropped_tokens == (~kept.any(-1) & mask.bool()).sum().item()
+    assert router_losses((logits,), mask, 2, capacity_factor=4.0).dropped_slots == 0
