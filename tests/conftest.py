@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from moedpo.config import DPOConfig, register_schema
 from moedpo.data.sources import DEMO_DIR
+from moedpo.data.tokenize import TokenizedPair
 from moedpo.models.load import EMBEDDED_TOKENIZER
 
 register_schema()
@@ -91,3 +92,13 @@ def tiny_mixtral_dir(tmp_path_factory, tokenizer) -> Path:
     policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        lens = torch.randint(1, 12, (3,), generator=g).tolist()
+        ids = [torch.randint(3, 500, (k,), generator=g).tolist() for k in lens]
+        pairs.append(TokenizedPair(*ids))
+    return pairs

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_pairs
 from moedpo.config import ModelConfig
 from moedpo.data.collate import collate
-from moedpo.data.tokenize import TokenizedPair
 from moedpo.evaluate import batch_logps, batch_loss
 from moedpo.loss import dpo_loss, preference_loss, sequence_logps
 from moedpo.models.load import build_models
@@ -16,16 +16,6 @@ from moedpo.models.load import build_models
 def models():
     return build_models(ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
                                     reference_dtype="float32"), seed=1)
-
-
-def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for _ in range(n):
-        lens = torch.randint(1, 12, (3,), generator=g).tolist()
-        ids = [torch.randint(3, 500, (k,), generator=g).tolist() for k in lens]
-        pairs.append(TokenizedPair(*ids))
-    return pairs
 
 
 def test_summed_logps_equal_unpadded_per_example(models):

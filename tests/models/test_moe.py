@@ -158,7 +158,8 @@ def test_dropped_experts_process_exactly_e_times_c_rows(monkeypatch):
     """The expert matmuls see a [E, B*C, H] buffer: work proportional to capacity, not to S."""
     shapes = []
     real = moe._expert_mlp
-    monkeypatch.setattr(moe, "_expert_mlp", lambda e, x: shapes.append(tuple(x.shape)) or real(e, x))
+    monkeypatch.setattr(moe, "_expert_mlp",
+                        lambda e, x: shapes.append(tuple(x.shape)) or real(e, x))
     block, x = moe_block(), torch.randn(3, 40, 32, dtype=torch.double)
     run_block(block, x, "dropped", 1.25)
     slots = capacity(40, 2, 8, 1.25)  # 12
