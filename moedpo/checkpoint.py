@@ -1,15 +1,41 @@
-"""Weights from torch.distributed.checkpoint (DCP) folders.
+"""Checkpoints: torch.distributed.checkpoint (DCP) folders, written atomically.
 
-`checkpoint_manager_path` keeps the original's meaning: a folder (local or any fsspec URL,
-e.g. gs://) written by a checkpoint manager, holding one DCP checkpoint per step in numbered
-sub-folders (`PATH/<step>/`), or a single DCP checkpoint. Its state dict is
-`{"model": <Hugging Face state_dict>}`; the newest step is restored into both models.
+Two uses share one format, `{"model": <state dict>, ...}` in a DCP folder:
+
+- Training checkpoints in `checkpoint.dir` (`step_00000120/`): policy weights and optimizer
+  state through DCP (sharded: one process, FSDP2 and SPMD alike), plus `trainer_state.json`
+  (step, examples seen, schedule, metric window) and one `rng.rankN.json` per rank. No
+  pickles of ours: everything that is not a tensor is JSON. A checkpoint is written under
+  `.tmp-step_...`, gets a `COMPLETE` marker last and is then renamed into place, so a crash
+  mid-save leaves the previous checkpoint the newest usable one.
+- `checkpoint_manager_path` (the original's key): weights restored into policy and reference
+  before training, from a DCP folder or a folder of numbered step folders (the newest).
+
+Paths may be local or any fsspec URL (gs:// with gcsfs).
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger("moedpo")
+COMPLETE = "COMPLETE"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -20,6 +46,34 @@ def _fs(path: str):
     import fsspec
 
     return fsspec.core.url_to_fs(path)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _reader(path: str) -> dcp.StorageReader:
+    if _is_url(path):
+        from torch.distributed.checkpoint import FsspecReader
+
+        return FsspecReader(path)
+    return dcp.FileSystemReader(path.removeprefix("file://"))
+
+
+def _writer(path: str) -> dcp.StorageWriter:
+    if _is_url(path):
+        from torch.distributed.checkpoint import FsspecWriter
+
+        return FsspecWriter(path)
+    return dcp.FileSystemWriter(path.removeprefix("file://"))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- checkpoint_manager_path
 
 
 def latest_checkpoint(path: str) -> str:
@@ -37,14 +91,6 @@ def latest_checkpoint(path: str) -> str:
     return f"{path.rstrip('/')}/{steps[-1]}"
 
 
-def _reader(path: str) -> dcp.StorageReader:
-    if "://" in path and not path.startswith("file://"):
-        from torch.distributed.checkpoint import FsspecReader
-
-        return FsspecReader(path)
-    return dcp.FileSystemReader(path.removeprefix("file://"))
-
-
 def restore_weights(path: str, models: list[torch.nn.Module]) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype)."""
     checkpoint = latest_checkpoint(path)
@@ -53,13 +99,147 @@ def restore_weights(path: str, models: list[torch.nn.Module]) -> str:
         try:
             dcp.load(state, storage_reader=_reader(checkpoint))
         except Exception as err:  # DCP wraps planner/storage errors in several types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
-                                  f"{checkpoint} into the model: {first}") from None
+                                  f"{checkpoint} into the model: {_first_line(err)}") from None
         model.load_state_dict(state["model"])
     return checkpoint
 
 
 def save_weights(model: torch.nn.Module, path: str) -> None:
     """Write `{"model": state_dict}` as a DCP checkpoint (the restore format above)."""
-    dcp.save({"model": model.state_dict()}, checkpoint_id=path)
+    dcp.save({"model": model.state_dict()}, storage_writer=_writer(path))
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able values."""
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "cuda": [base64.b64encode(s.numpy().tobytes()).decode()
+                 for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    as_tensor = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([as_tensor(s) for s in state["cuda"]])
+
+
+@dataclass
+class Checkpointer:
+    """Saves and finds training checkpoints in `root`, keeping the newest `max_to_keep`."""
+
+    root: str
+    max_to_keep: int | None = 3
+    rank: int = 0
+
+    def step_path(self, step: int, tmp: bool = False) -> str:
+        name = f"{STEP_PREFIX}{step:08d}"
+        return f"{self.root.rstrip('/')}/{TMP_PREFIX if tmp else ''}{name}"
+
+    def complete_steps(self) -> list[int]:
+        fs, root = _fs(self.root)
+        if not fs.isdir(root):
+            return []
+        steps = []
+        for entry in fs.ls(root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(STEP_PREFIX) and fs.exists(f"{entry}/{COMPLETE}"):
+                steps.append(int(name.removeprefix(STEP_PREFIX)))
+        return sorted(steps)
+
+    def latest(self) -> str | None:
+        steps = self.complete_steps()
+        return self.step_path(steps[-1]) if steps else None
+
+    def clean_partial(self) -> None:
+        """Remove what an interrupted save left behind (never a complete checkpoint)."""
+        fs, root = _fs(self.root)
+        if self.rank != 0 or not fs.isdir(root):
+            return
+        for entry in fs.ls(root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            incomplete = name.startswith(STEP_PREFIX) and not fs.exists(f"{entry}/{COMPLETE}")
+            if name.startswith(TMP_PREFIX) or incomplete:
+                log.warning("removing an incomplete checkpoint left by an interrupted save: %s",
+                            entry)
+                fs.rm(entry, recursive=True)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> str:
+        final, tmp = self.step_path(step), self.step_path(step, tmp=True)
+        fs, _ = _fs(self.root)
+        try:
+            fs.makedirs(_fs(tmp)[1], exist_ok=True)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp))
+            with fs.open(f"{_fs(tmp)[1]}/rng.rank{self.rank}.json", "w") as f:
+                json.dump(rng_state(), f)
+            if self.rank == 0:
+                with fs.open(f"{_fs(tmp)[1]}/trainer_state.json", "w") as f:
+                    json.dump(trainer_state, f)
+                with fs.open(f"{_fs(tmp)[1]}/{COMPLETE}", "w") as f:
+                    f.write(f"step {step}\n")
+                if fs.exists(_fs(final)[1]):
+                    fs.rm(_fs(final)[1], recursive=True)
+                fs.mv(_fs(tmp)[1], _fs(final)[1], recursive=True)
+        except (OSError, RuntimeError) as err:
+            if self.rank == 0 and fs.exists(_fs(tmp)[1]):
+                fs.rm(_fs(tmp)[1], recursive=True)
+            last = self.latest()
+            kept = f"the last good checkpoint {last} is untouched" if last else (
+                "no earlier checkpoint exists")
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: {_first_line(err)}; {kept}; free space or "
+                "set checkpoint.dir to a writable place") from None
+        self.prune()
+        return final
+
+    def remove_all(self) -> None:
+        fs, _ = _fs(self.root)
+        if self.rank == 0:
+            for step in self.complete_steps():
+                log.warning("overwrite=true: deleting checkpoint %s", self.step_path(step))
+                fs.rm(_fs(self.step_path(step))[1], recursive=True)
+
+    def prune(self) -> None:
+        if self.rank != 0 or not self.max_to_keep:
+            return
+        fs, _ = _fs(self.root)
+        for step in self.complete_steps()[:-self.max_to_keep]:
+            fs.rm(_fs(self.step_path(step))[1], recursive=True)
+
+    def load(self, path: str, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model and optimizer in place and this rank's RNG; return trainer_state."""
+        fs, root = _fs(path)
+        if not fs.exists(f"{root}/{COMPLETE}"):
+            raise CheckpointError(f"resume={path}: not a complete moedpo checkpoint (no "
+                                  f"{COMPLETE} marker)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, storage_reader=_reader(path))
+        except Exception as err:  # DCP wraps planner/storage errors in several types
+            raise CheckpointError(f"resume={path}: cannot load it into this model and "
+                                  f"optimizer: {_first_line(err)}") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
+        with fs.open(f"{root}/trainer_state.json") as f:
+            trainer_state = json.load(f)
+        rng_file = f"{root}/rng.rank{self.rank}.json"
+        if fs.exists(rng_file):
+            with fs.open(rng_file) as f:
+                set_rng_state(json.load(f))
+        return trainer_state

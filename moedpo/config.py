@@ -85,6 +85,13 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str | None = None  # null: run_dir/checkpoints; local path or fsspec URL (gs://...)
+    save_frequency: int = 0  # steps between checkpoints; 0: only at the end and on preemption
+    max_to_keep: int | None = 3  # newest complete checkpoints kept; null keeps all
+
+
+@dataclass
 class DPOConfig:
     exp_name: str = "moe_trial"
     seed: int = 0
@@ -120,6 +127,10 @@ class DPOConfig:
     local_compile_cache_dir: str | None = None
     tensor_parallelism: int = 1
     report_metrics_freq: int = 1
+    resume: Any = "auto"  # auto | false | PATH of a checkpoint
+    overwrite: bool = False
+    max_consecutive_nonfinite: int = 5
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -128,6 +139,18 @@ class DPOConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.exp_name
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(self.run_dir / "checkpoints")
+
+    @property
+    def resume_mode(self) -> str | None:
+        """"auto", None (start fresh) or a checkpoint path."""
+        value = self.resume
+        if value is None or value is False or str(value).lower() in ("false", "no", "off"):
+            return None
+        return "auto" if value is True or str(value).lower() in ("auto", "true") else str(value)
 
     @property
     def dataset_list(self) -> list[str]:
@@ -226,6 +249,13 @@ def validate(cfg: DPOConfig) -> None:
            f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
            "positions that are not scored; -100 is what torch's losses ignore)")
     resolve_optimizer(cfg.optimizer)
+    _check(cfg.max_consecutive_nonfinite >= 1,
+           f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
+    _check(cfg.checkpoint.save_frequency >= 0,
+           f"checkpoint.save_frequency={cfg.checkpoint.save_frequency}: must be >= 0 (0 = at "
+           "the end only)")
+    _check(cfg.checkpoint.max_to_keep is None or cfg.checkpoint.max_to_keep >= 1,
+           f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep}: must be >= 1 or null")
 
     _check(cfg.loss.name in LOSS_NAMES,
            f"loss.name={cfg.loss.name}: use one of {', '.join(LOSS_NAMES)}")

@@ -52,6 +52,24 @@ class MeanMetrics:
         self.routing["dropped"] += router.dropped_slots
         self.routing["fully_dropped"] += router.fully_dropped_tokens
 
+    def state(self) -> dict:
+        """JSON-able, for checkpoints: a resumed run continues the same report window."""
+        return {"sums": dict(self.sums), "count": self.count, "scalars": dict(self.scalars),
+                "routing": dict(self.routing),
+                "expert_counts": None if self.expert_counts is None
+                else self.expert_counts.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> MeanMetrics:
+        metrics = cls()
+        metrics.sums.update(state["sums"])
+        metrics.count = state["count"]
+        metrics.scalars.update({k: list(v) for k, v in state["scalars"].items()})
+        metrics.routing.update(state["routing"])
+        if state["expert_counts"] is not None:
+            metrics.expert_counts = torch.tensor(state["expert_counts"])
+        return metrics
+
     def means(self) -> dict[str, float]:
         out = {key: total / max(self.count, 1) for key, total in self.sums.items()}
         out.update({key: sum(v) / len(v) for key, v in self.scalars.items()})
@@ -70,13 +88,16 @@ class MeanMetrics:
 
 
 class MetricWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step: a resumed run hides events an interrupted run logged past its
+            # checkpoint, so TensorBoard's step axis has each step once.
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                    purge_step=purge_step or None)
 
     def write(self, step: int, examples: int, split: str, metrics: MeanMetrics,
               extra: dict[str, float] | None = None) -> dict:
@@ -111,10 +132,11 @@ class MetricWriter:
 
 
 def console_line(step: int, max_steps: int, split: str, values: dict[str, float]) -> str:
-    parts = [f"{split} step {step}/{max_steps}",
-             f"loss {values['loss']:.4f}",
-             f"acc {values['rewards/accuracies']:.3f}",
-             f"margin {values['rewards/margins']:.3f}"]
+    parts = [f"{split} step {step}/{max_steps}"]
+    if "loss" not in values:
+        return parts[0] + " | no finite step since the last report"
+    parts += [f"loss {values['loss']:.4f}", f"acc {values['rewards/accuracies']:.3f}",
+              f"margin {values['rewards/margins']:.3f}"]
     if "grad_norm" in values:
         parts += [f"grad_norm {values['grad_norm']:.3f}", f"lr {values['lr']:.2e}",
                   f"{values['examples_per_second']:.1f} pairs/s",
