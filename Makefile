@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moedpo train +experiment=demo
+	$(VENV)/bin/moedpo train +experiment=demo resume=false overwrite=true
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -77,31 +77,36 @@ def _first_line(err: BaseException) -> str:
 
 
 def latest_checkpoint(path: str) -> str:
-    """`path` itself if it is a DCP checkpoint, else its highest-numbered step folder."""
+    """`path` itself if it is a DCP checkpoint, else its highest-numbered step folder
+    (`<step>/` as the original's checkpoint manager writes, or moedpo's `step_<step>/`)."""
     fs, root = _fs(path)
     if fs.exists(f"{root}/.metadata"):
         return path
     if not fs.isdir(root):
         raise CheckpointError(f"checkpoint_manager_path={path}: no such folder")
-    steps = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    steps = sorted(int(s) for s in steps if s.isdigit() and fs.exists(f"{root}/{s}/.metadata"))
+    steps = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        number = name.removeprefix(STEP_PREFIX)
+        if number.isdigit() and fs.exists(f"{root}/{name}/.metadata"):
+            steps.append((int(number), name))
     if not steps:
         raise CheckpointError(f"checkpoint_manager_path={path}: holds no DCP checkpoint "
                               "(a .metadata file, or numbered step folders with one)")
-    return f"{path.rstrip('/')}/{steps[-1]}"
+    return f"{path.rstrip('/')}/{max(steps)[1]}"
 
 
-def restore_weights(path: str, models: list[torch.nn.Module]) -> str:
+def restore_weights(path: str, models: list[torch.nn.Module], key: str = "model") -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype)."""
     checkpoint = latest_checkpoint(path)
     for model in models:
-        state = {"model": model.state_dict()}
+        state = {key: model.state_dict()}
         try:
             dcp.load(state, storage_reader=_reader(checkpoint))
         except Exception as err:  # DCP wraps planner/storage errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state[key])
     return checkpoint
 
 

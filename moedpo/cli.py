@@ -6,9 +6,11 @@ code 2; HYDRA_FULL_ERROR=1 shows the full traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -17,14 +19,19 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, DPOConfig, register_schema, schema_keys, suggest_key
 from .data import DataError
 from .models.load import ModelLoadError
+from .train import NonFiniteError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError)
 GROUPS = ("model", "sched", "experiment")
-USAGE = """usage: moedpo train [KEY=VALUE ...] [+experiment=NAME]
+USAGE = """usage: moedpo COMMAND ...
 
-Trains with Direct Preference Optimization. Every KEY of the config reference in README.md
-can be set; e.g. `moedpo train +experiment=demo` trains the embedded tiny Mixtral on CPU.
-`python run_dpo_no_trainer.py KEY=VALUE ...` is the same command."""
+commands:
+  train [KEY=VALUE ...]          train with DPO; every KEY of README's config reference, e.g.
+                                 `moedpo train +experiment=demo` (same as run_dpo_no_trainer.py)
+  export RUN_DIR|CHECKPOINT OUT  write the trained policy as a Hugging Face folder
+  convert HF_DIR OUT             a Hugging Face model -> DCP weights for checkpoint_manager_path
+  convert --to-hf DCP OUT --model NAME_OR_PATH | --config-path JSON
+                                 DCP weights -> a Hugging Face folder"""
 
 register_schema()
 
@@ -75,8 +82,53 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)
+    elif command in ("export", "convert"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            (export_command if command == "export" else convert_command)(rest)
+        except USER_ERRORS as err:
+            fail(str(err))
     else:
-        fail(f"unknown command '{command}'; commands: train")
+        fail(f"unknown command '{command}'; commands: train, export, convert")
+
+
+def export_command(argv: list[str]) -> None:
+    from .export import export
+
+    parser = argparse.ArgumentParser(prog="moedpo export", description=(
+        "Write the policy of a run (its newest checkpoint) or of one checkpoint as a Hugging "
+        "Face folder: safetensors weights, config and tokenizer."))
+    parser.add_argument("source", type=Path, help="run directory or run_dir/checkpoints/step_N")
+    parser.add_argument("out", type=Path, help="output folder")
+    args = parser.parse_args(argv)
+    used = export(args.source, args.out)
+    print(f"exported {used} to {args.out}")
+
+
+def convert_command(argv: list[str]) -> None:
+    from .config import ModelConfig
+    from .export import dcp_to_hf, hf_to_dcp
+
+    parser = argparse.ArgumentParser(prog="moedpo convert", description=(
+        "Convert between a Hugging Face model folder and the DCP weights format of "
+        "checkpoint_manager_path ({'model': state_dict})."))
+    parser.add_argument("source")
+    parser.add_argument("out")
+    parser.add_argument("--to-hf", action="store_true", help="DCP -> Hugging Face folder")
+    parser.add_argument("--model", help="with --to-hf: model (hub id or folder) for the config "
+                        "and tokenizer")
+    parser.add_argument("--config-path", help="with --to-hf: a model JSON instead of --model")
+    parser.add_argument("--dtype", default="float32", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    if not args.to_hf:
+        hf_to_dcp(args.source, args.out, args.dtype)
+    else:
+        if not (args.model or args.config_path):
+            fail("convert --to-hf needs --model NAME_OR_PATH or --config-path JSON")
+        model = ModelConfig(name_or_path=args.model or "", config_path=args.config_path,
+                            policy_dtype=args.dtype, reference_dtype=args.dtype)
+        dcp_to_hf(args.source, Path(args.out), model)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

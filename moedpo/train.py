@@ -11,20 +11,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from .checkpoint import restore_weights
+from . import run_dir as run_dir_lib
+from .checkpoint import Checkpointer, restore_weights
 from .config import DPOConfig, validate
 from .data import build_data, collate, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, load_tokenizer
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopSignal
 
 log = logging.getLogger("moedpo")
 
@@ -41,22 +43,6 @@ def should_eval(step: int, cfg: DPOConfig) -> bool:
     return (step == 0 and cfg.do_first_eval) or (step > 0 and step % cfg.eval_frequency == 0)
 
 
-def prepare_run_dir(cfg: DPOConfig) -> Path:
-    """Create run_dir, keep an earlier run's metrics aside (never delete them), save config."""
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "tensorboard"):
-        old = run_dir / name
-        if old.exists():
-            n = 1
-            while (run_dir / f"{name}.prev{n}").exists():
-                n += 1
-            old.rename(run_dir / f"{name}.prev{n}")
-            log.info("kept the earlier run's %s as %s.prev%d", name, name, n)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    return run_dir
-
-
 def device_for_run() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -66,6 +52,7 @@ class RunResult:
     final_eval: dict[str, float]
     policy: torch.nn.Module
     run_dir: Path
+    preempted: bool = False
 
 
 def load_models(cfg: DPOConfig, device: torch.device):
@@ -95,11 +82,13 @@ def batch_maker(cfg: DPOConfig, tokenizer, device: torch.device) -> Callable:
 
 
 def run(cfg: DPOConfig) -> RunResult:
-    """Train as configured; returns the final eval metrics and the trained policy."""
+    """Train as configured (continuing from a checkpoint when there is one); returns the final
+    eval metrics and the trained policy."""
     validate(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
-    run_dir = prepare_run_dir(cfg)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep)
+    run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer)
     device = device_for_run()
     tokenizer, policy, reference = load_models(cfg, device)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
@@ -112,8 +101,23 @@ def run(cfg: DPOConfig) -> RunResult:
     optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer, n_steps)
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle)
-    writer = MetricWriter(run_dir)
+    window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
+    if resume_from:
+        state = checkpointer.load(resume_from, policy, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, nonfinite = state["step"], state["nonfinite"]
+        window = MeanMetrics.from_state(state["window"])
+        run_dir_lib.trim_metrics(run_dir, start_step)
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step)
+    writer = MetricWriter(run_dir, purge_step=start_step)
+
+    def save(step: int) -> str:
+        state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
+                 "nonfinite": nonfinite, "window": window.state()}
+        path = checkpointer.save(step, policy, optimizer, state)
+        log.info("checkpoint written: %s", path)
+        return path
 
     def eval_row(step: int) -> dict[str, float]:
         batches = (to_batch([data.eval[i] for i in idx])
@@ -124,41 +128,83 @@ def run(cfg: DPOConfig) -> RunResult:
         log.info(console_line(step, n_steps, "eval", values))
         return values
 
-    window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
-    for step in range(n_steps):
-        if should_eval(step, cfg):
-            eval_row(step)
+    train_seconds, window_tokens, saved_at = 0.0, 0, start_step if resume_from else None
+    with StopSignal() as stop:
+        for step in range(start_step, n_steps):
+            if should_eval(step, cfg):
+                eval_row(step)
 
-        # ---- one optimizer step over gradient_accumulation_steps micro-batches
-        started = time.perf_counter()
-        pairs = [data.train[i] for i in next(stream)]
-        lr = scheduler.get_last_lr()[0]
-        optimizer.zero_grad(set_to_none=True)
-        for start in range(0, step_size, cfg.per_device_train_batch_size):
-            batch = to_batch(pairs[start:start + cfg.per_device_train_batch_size])
-            out = batch_loss(policy, reference, batch, cfg)
-            (out.loss / cfg.gradient_accumulation_steps).backward()
-            window.add_output(out)
-            window_tokens += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        scheduler.step()
-        window.add_scalars({"grad_norm": float(grad_norm), "lr": lr})
-        train_seconds += time.perf_counter() - started
+            # ---- one optimizer step over gradient_accumulation_steps micro-batches
+            started = time.perf_counter()
+            pairs = [data.train[i] for i in next(stream)]
+            lr = scheduler.get_last_lr()[0]
+            optimizer.zero_grad(set_to_none=True)
+            outputs, step_loss = [], 0.0
+            for start in range(0, step_size, cfg.per_device_train_batch_size):
+                batch = to_batch(pairs[start:start + cfg.per_device_train_batch_size])
+                out = batch_loss(policy, reference, batch, cfg)
+                (out.loss / cfg.gradient_accumulation_steps).backward()
+                outputs.append(out)
+                step_loss += float(out.loss.detach())
+                window_tokens += int(batch["attention_mask"].sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                nonfinite["in_a_row"] = 0
+                for out in outputs:
+                    window.add_output(out)
+                window.add_scalars({"grad_norm": grad_norm, "lr": lr})
+            else:  # skip the update, keep the schedule in step
+                check_nonfinite(nonfinite, step, step_loss, grad_norm, cfg)
+            with warnings.catch_warnings():  # torch warns when a skipped update precedes it
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+            train_seconds += time.perf_counter() - started
 
-        # ---- report: means since the last report; throughput excludes eval time
-        if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
-            speed = {"examples_per_second": window.count / train_seconds,
-                     "tokens_per_second": window_tokens / train_seconds}
-            row = writer.write(step, (step + 1) * step_size, "train", window, speed)
-            log.info(console_line(step, n_steps, "train",
-                                  {k.removeprefix("train/"): v for k, v in row.items()}))
-            window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
+            # ---- report: means since the last report; throughput excludes eval time
+            if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
+                extra = {"examples_per_second": window.count / max(train_seconds, 1e-9),
+                         "tokens_per_second": window_tokens / max(train_seconds, 1e-9),
+                         "nonfinite_steps": nonfinite["total"]}
+                row = writer.write(step, (step + 1) * step_size, "train", window, extra)
+                log.info(console_line(step, n_steps, "train",
+                                      {k.removeprefix("train/"): v for k, v in row.items()}))
+                window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
+
+            # ---- checkpoint: every save_frequency steps, and when asked to stop
+            every = cfg.checkpoint.save_frequency
+            if stop.received or (every and (step + 1) % every == 0):
+                save(step + 1)
+                saved_at = step + 1
+            if stop.received:
+                writer.close()
+                log.warning("stopped by %s after step %d; run the same command again to "
+                            "resume (resume=auto)", stop.name, step)
+                return RunResult({}, policy, run_dir, preempted=True)
 
     final = eval_row(n_steps)
+    if saved_at != n_steps:
+        save(n_steps)
     writer.close()
     log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
     return RunResult(final, policy, run_dir)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def check_nonfinite(counts: dict[str, int], step: int, loss: float, grad_norm: float,
+                    cfg: DPOConfig) -> None:
+    counts["total"] += 1
+    counts["in_a_row"] += 1
+    log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)",
+                step, loss, grad_norm, counts["in_a_row"])
+    if counts["in_a_row"] >= cfg.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"{counts['in_a_row']} steps in a row with a non-finite loss or gradient norm (last "
+            f"at step {step}); lower lr, set max_grad_norm, or use float32 "
+            f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite})")
 
 
 def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,

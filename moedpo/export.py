@@ -1,0 +1,67 @@
+"""`moedpo export` and `moedpo convert`: between moedpo checkpoints and Hugging Face folders.
+
+- export: a run (or one of its checkpoints) -> an HF folder (safetensors, config, tokenizer)
+  that `AutoModelForCausalLM.from_pretrained` loads, with the trained policy's weights.
+- convert: an HF folder -> a DCP weights checkpoint for `checkpoint_manager_path`, and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import COMPLETE, Checkpointer, CheckpointError, restore_weights, save_weights
+from .config import DPOConfig, ModelConfig
+from .models.load import build_models, load_tokenizer
+
+log = logging.getLogger("moedpo")
+
+
+def load_run_config(run_dir: Path) -> DPOConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no config.yaml; give a moedpo run directory or one "
+                              "of its checkpoints (run_dir/checkpoints/step_...)")
+    merged = OmegaConf.merge(OmegaConf.structured(DPOConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def find_checkpoint(source: Path) -> tuple[DPOConfig, str]:
+    """(run config, checkpoint path) from a run dir or a checkpoint folder inside one."""
+    if (source / COMPLETE).exists():
+        return load_run_config(source.parent.parent), str(source)
+    cfg = load_run_config(source)
+    latest = Checkpointer(cfg.checkpoint_dir).latest()
+    if latest is None:
+        raise CheckpointError(f"{source}: no complete checkpoint in {cfg.checkpoint_dir}")
+    return cfg, latest
+
+
+def save_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def export(source: Path, out: Path) -> str:
+    """Write the policy of a run's checkpoint as an HF folder; returns the checkpoint used."""
+    cfg, checkpoint = find_checkpoint(source)
+    policy, _ = build_models(cfg.model, cfg.seed)
+    restore_weights(checkpoint, [policy], key="model")
+    save_hf(policy, load_tokenizer(cfg.model), out)
+    return checkpoint
+
+
+def hf_to_dcp(model_dir: str, out: str, dtype: str = "float32") -> None:
+    model, _ = build_models(ModelConfig(name_or_path=model_dir, policy_dtype=dtype,
+                                        reference_dtype=dtype))
+    save_weights(model, out)
+
+
+def dcp_to_hf(checkpoint: str, out: Path, model: ModelConfig) -> None:
+    policy, _ = build_models(model)
+    restore_weights(checkpoint, [policy])
+    save_hf(policy, load_tokenizer(model), out)

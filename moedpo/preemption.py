@@ -1,0 +1,42 @@
+"""SIGTERM / SIGINT (TPU and GKE preemption, Ctrl-C): finish the step, checkpoint, exit 0.
+
+The first signal only sets a flag that the loop reads between steps; a second one exits at
+once (exit code 128 + signal number), for when the user really means it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger("moedpo")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignal:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        log.warning("%s received: finishing this step and writing a checkpoint (send it again "
+                    "to exit at once)", signal.Signals(signum).name)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""

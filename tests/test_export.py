@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_train_overrides
+from moedpo.checkpoint import restore_weights
+from moedpo.config import ModelConfig
+from moedpo.models.load import build_models
+from moedpo.train import run
+
+
+def test_export_round_trips_through_from_pretrained(make_cfg, tmp_path):
+    result = run(make_cfg(*tiny_train_overrides(), "max_steps=2"))
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(result.run_dir),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step_00000002" in done.stdout
+    assert "moedpo" not in (out / "config.json").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, 500, (2, 12))
+    result.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits,
+                                   result.policy(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert (out / "tokenizer.json").exists()
+
+
+def test_convert_hf_to_dcp_and_back(tiny_mixtral_dir, tmp_path):
+    dcp_dir, back = tmp_path / "dcp", tmp_path / "back"
+    for args in ([str(tiny_mixtral_dir), str(dcp_dir)],
+                 ["--to-hf", str(dcp_dir), str(back), "--model", str(tiny_mixtral_dir)]):
+        done = subprocess.run([sys.executable, "-m", "moedpo", "convert", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    original = load_file(next(tiny_mixtral_dir.glob("*.safetensors")))
+    converted = load_file(next(back.glob("*.safetensors")))
+    assert original.keys() == converted.keys()
+    assert all(torch.equal(original[k], converted[k]) for k in original)
+    # the DCP folder is what checkpoint_manager_path reads
+    model, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                        policy_dtype="float32"), seed=5)
+    restore_weights(str(dcp_dir), [model])
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_mixtral_dir))
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(tmp_path),
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no config.yaml" in done.stderr

@@ -1,0 +1,197 @@
+"""Checkpoints, exact resume, preemption and non-finite steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import moedpo.train as train_module
+from conftest import tiny_train_overrides
+from moedpo.checkpoint import COMPLETE, Checkpointer, CheckpointError
+from moedpo.train import NonFiniteError, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("examples_per_second", "tokens_per_second")
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    (step_dir,) = sorted(ckpt_dir.glob("step_*"))[-1:]
+    reader = dcp.FileSystemReader(str(step_dir))
+    metadata = reader.read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    dcp.load(state, storage_reader=reader)
+    return state
+
+
+def cli(*args: str, out: Path) -> list[str]:
+    return [sys.executable, "run_dpo_no_trainer.py", *args, f"output_dir={out}"]
+
+
+RESUME_ARGS = ["+experiment=demo", "max_steps=12", "per_device_train_batch_size=8",
+               "gradient_accumulation_steps=2", "shuffle=true", "eval_frequency=5",
+               "report_metrics_freq=2", "checkpoint.save_frequency=4", "max_length=96"]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_kill_and_resume_matches_an_unbroken_run(tmp_path):
+    straight = subprocess.run(cli(*RESUME_ARGS, "exp_name=straight", out=tmp_path), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    args = cli(*RESUME_ARGS, "exp_name=killed", out=tmp_path)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000004" / COMPLETE, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+
+    assert train_rows(tmp_path / "killed") == train_rows(tmp_path / "straight")
+    a = final_weights(tmp_path / "straight" / "checkpoints")
+    b = final_weights(tmp_path / "killed" / "checkpoints")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", "exp_name=term", out=tmp_path)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    wait_for(metrics, proc)
+    while '"train/loss"' not in metrics.read_text():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "stopped by SIGTERM" in output and "resume=auto" in output
+    (saved,) = (tmp_path / "term" / "checkpoints").glob("step_*")
+    assert (saved / COMPLETE).exists() and int(saved.name.split("_")[1]) < 12
+    finished = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0
+    steps = [r["step"] for r in train_rows(tmp_path / "term") if "train/loss" in r]
+    assert steps == [0, 2, 4, 6, 8, 10, 11]
+
+
+def test_resume_false_refuses_to_overwrite_checkpoints(make_cfg):
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=2")
+    run(cfg)
+    with pytest.raises(CheckpointError, match="resume=false but .* holds checkpoints"):
+        run(make_cfg(*tiny_train_overrides(), "max_steps=2", "resume=false"))
+    run(make_cfg(*tiny_train_overrides(), "max_steps=2", "resume=false", "overwrite=true"))
+    assert (cfg.run_dir / "metrics.jsonl.prev1").exists()
+
+
+def test_partial_save_is_ignored_cleaned_and_previous_kept(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+    good = ckpt.save(1, model, optimizer, {"step": 1})
+    # A save that dies after DCP wrote its shards (disk full while writing the state).
+    import moedpo.checkpoint as checkpoint_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.json, "dump", disk_full)
+    with pytest.raises(CheckpointError, match=r"No space left.*step_00000001 is untouched"):
+        ckpt.save(2, model, optimizer, {"step": 2})
+    monkeypatch.undo()
+    assert ckpt.latest() == good and not list(tmp_path.glob(".tmp-*"))
+    # A crash can also leave a temporary folder or a step folder without its marker.
+    (tmp_path / ".tmp-step_00000003").mkdir()
+    (tmp_path / "step_00000004").mkdir()
+    assert ckpt.latest() == good
+    ckpt.clean_partial()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_checkpoint_roundtrip_restores_model_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+    ckpt = Checkpointer(str(tmp_path))
+    path = ckpt.save(2, model, optimizer, {"step": 2, "note": "x"})
+    expected_next = torch.rand(3)
+    other = torch.nn.Linear(3, 2)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
+    other(torch.randn(4, 3)).sum().backward()
+    other_opt.step()
+    torch.manual_seed(123)
+    assert ckpt.load(path, other, other_opt) == {"step": 2, "note": "x"}
+    assert torch.equal(torch.rand(3), expected_next)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["exp_avg"], other_opt.state[q]["exp_avg"])
+
+
+def test_max_to_keep(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, model, optimizer, {"step": step})
+    assert ckpt.complete_steps() == [2, 3]
+
+
+def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
+    real = train_module.batch_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, poison=lambda n: n in (2, 3)):
+        out = real(*args)
+        calls["n"] += 1
+        if poison(calls["n"]):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=4", "do_first_eval=false",
+                   "eval_frequency=100", "report_metrics_freq=1")
+    result = run(cfg)
+    rows = [r for r in train_rows(result.run_dir) if "train/nonfinite_steps" in r]
+    assert [r["train/nonfinite_steps"] for r in rows] == [0, 1, 2, 2]
+    assert [r["step"] for r in rows if "train/loss" in r] == [0, 3]  # skipped steps log no loss
+    assert all(r["train/loss"] == r["train/loss"] for r in rows if "train/loss" in r)
+
+    monkeypatch.setattr(train_module, "batch_loss",
+                        lambda *a: sometimes_nan(*a, poison=lambda n: True))
+    with pytest.raises(NonFiniteError, match="5 steps in a row"):
+        run(make_cfg(*tiny_train_overrides(), "max_steps=8", "exp_name=nan", "resume=false"))
+
+
+def test_secrets_never_reach_outputs(tmp_path):
+    secret = "hf_secretTOKEN1234567890"
+    env = {**os.environ, "HF_TOKEN": secret}
+    result = subprocess.run(cli("+experiment=demo", "max_steps=2", "dry_run=true", out=tmp_path),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    assert secret not in result.stdout + result.stderr
+    for path in (tmp_path / "demo").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
