@@ -4,7 +4,8 @@ Two uses share one format, `{"model": <state dict>, ...}` in a DCP folder:
 
 - Training checkpoints in `checkpoint.dir` (`step_00000120/`): policy weights and optimizer
   state through DCP (sharded: one process, FSDP2 and SPMD alike), plus `trainer_state.json`
-  (step, examples seen, schedule, metric window) and one `rng.rankN.json` per rank. No
+  (step, examples seen, schedule) and one `rankN.json` per rank (its RNG states and metric
+  window). No
   pickles of ours: everything that is not a tensor is JSON. A checkpoint is written under
   `.tmp-step_...`, gets a `COMPLETE` marker last and is then renamed into place, so a crash
   mid-save leaves the previous checkpoint the newest usable one.
@@ -20,6 +21,7 @@ import base64
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +150,7 @@ class Checkpointer:
     root: str
     max_to_keep: int | None = 3
     rank: int = 0
+    barrier: Callable[[], None] = lambda: None  # waits for every rank (no-op in one process)
 
     def step_path(self, step: int, tmp: bool = False) -> str:
         name = f"{STEP_PREFIX}{step:08d}"
@@ -182,15 +185,18 @@ class Checkpointer:
                 fs.rm(entry, recursive=True)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> str:
+             trainer_state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> str:
+        """`trainer_state` is shared (written by rank 0), `rank_state` is this rank's own
+        (with its RNG states, in `rank<R>.json`)."""
         final, tmp = self.step_path(step), self.step_path(step, tmp=True)
         fs, _ = _fs(self.root)
         try:
             fs.makedirs(_fs(tmp)[1], exist_ok=True)
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp))
-            with fs.open(f"{_fs(tmp)[1]}/rng.rank{self.rank}.json", "w") as f:
-                json.dump(rng_state(), f)
+            with fs.open(f"{_fs(tmp)[1]}/rank{self.rank}.json", "w") as f:
+                json.dump({"rng": rng_state(), **(rank_state or {})}, f)
+            self.barrier()  # every rank's files are in place before the marker
             if self.rank == 0:
                 with fs.open(f"{_fs(tmp)[1]}/trainer_state.json", "w") as f:
                     json.dump(trainer_state, f)
@@ -209,6 +215,7 @@ class Checkpointer:
                 f"cannot write checkpoint {final}: {_first_line(err)}; {kept}; free space or "
                 "set checkpoint.dir to a writable place") from None
         self.prune()
+        self.barrier()  # nobody goes on before the checkpoint is in place
         return final
 
     def remove_all(self) -> None:
@@ -226,8 +233,9 @@ class Checkpointer:
             fs.rm(_fs(self.step_path(step))[1], recursive=True)
 
     def load(self, path: str, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model and optimizer in place and this rank's RNG; return trainer_state."""
+             optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore model and optimizer in place and this rank's RNG; return (trainer_state,
+        this rank's state). Resume on as many ranks as saved."""
         fs, root = _fs(path)
         if not fs.exists(f"{root}/{COMPLETE}"):
             raise CheckpointError(f"resume={path}: not a complete moedpo checkpoint (no "
@@ -243,8 +251,11 @@ class Checkpointer:
                        optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
         with fs.open(f"{root}/trainer_state.json") as f:
             trainer_state = json.load(f)
-        rng_file = f"{root}/rng.rank{self.rank}.json"
-        if fs.exists(rng_file):
-            with fs.open(rng_file) as f:
-                set_rng_state(json.load(f))
-        return trainer_state
+        rank_file = f"{root}/rank{self.rank}.json"
+        if not fs.exists(rank_file):
+            raise CheckpointError(f"resume={path}: has no state for rank {self.rank}; resume "
+                                  "on as many processes as the run that saved it")
+        with fs.open(rank_file) as f:
+            rank_state = json.load(f)
+        set_rng_state(rank_state.pop("rng"))
+        return trainer_state, rank_state

@@ -85,6 +85,12 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # auto: xla when torch_xla and PJRT_DEVICE are present, cuda when a GPU is, else cpu.
+    backend: str = "auto"
+
+
+@dataclass
 class CheckpointConfig:
     dir: str | None = None  # null: run_dir/checkpoints; local path or fsspec URL (gs://...)
     save_frequency: int = 0  # steps between checkpoints; 0: only at the end and on preemption
@@ -131,6 +137,7 @@ class DPOConfig:
     overwrite: bool = False
     max_consecutive_nonfinite: int = 5
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -249,6 +256,8 @@ def validate(cfg: DPOConfig) -> None:
            f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
            "positions that are not scored; -100 is what torch's losses ignore)")
     resolve_optimizer(cfg.optimizer)
+    _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
+           f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
     _check(cfg.max_consecutive_nonfinite >= 1,
            f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
     _check(cfg.checkpoint.save_frequency >= 0,

@@ -49,11 +49,15 @@ def add_router_losses(router: RouterOutput, aux_coef: float, z_coef: float) -> t
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches,
              cfg: DPOConfig) -> MeanMetrics:
-    """Metrics over every eval pair; `batches` yields collated batches."""
+    """Metrics over this rank's eval pairs; `batches` yields (collated batch, valid): only the
+    first `valid` pairs of a batch count (the rest pad ranks to equal work)."""
     was_training = policy.training
     policy.eval()
     metrics = MeanMetrics()
-    for batch in batches:
-        metrics.add_output(batch_loss(policy, reference, batch, cfg))
+    for batch, valid in batches:
+        out = batch_loss(policy, reference, batch, cfg)
+        if valid:
+            out.metrics = {k: v[:valid] for k, v in out.metrics.items()}
+            metrics.add_output(out)
     policy.train(was_training)
     return metrics

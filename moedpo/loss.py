@@ -90,9 +90,11 @@ def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float
 
     chosen_logps, rejected_logps = policy.halves(policy.logps)
     chosen_tokens, _ = policy.halves(policy.n_tokens)
-    nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+    # RPO's NLL: per pair, normalised by the chosen response's length, then averaged, so it
+    # does not depend on how a step's pairs are split over micro-batches or ranks.
+    nll = -chosen_logps / chosen_tokens.clamp(min=1)
     if aux_nll_loss_coef > 0:
-        loss = loss + aux_nll_loss_coef * nll
+        loss = loss + aux_nll_loss_coef * nll.mean()
 
     chosen_rewards = beta * (pi_c - ref_c).detach()
     rejected_rewards = beta * (pi_r - ref_r).detach()
@@ -107,6 +109,6 @@ def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float
         "logps/rejected": rejected_logps.detach(),
         "logits/chosen": logits_c,
         "logits/rejected": logits_r,
-        "nll_loss": nll.detach().expand_as(losses),
+        "nll_loss": nll.detach(),
     }
     return DPOOutput(loss, metrics)

@@ -70,6 +70,29 @@ class MeanMetrics:
             metrics.expert_counts = torch.tensor(state["expert_counts"])
         return metrics
 
+    def reduced(self, backend) -> MeanMetrics:
+        """The same window summed over all ranks (itself in a single process). Every rank
+        holds the same keys, so one flat all-reduce in sorted key order carries it all."""
+        if not backend.distributed:
+            return self
+        sums, scalars, routing = sorted(self.sums), sorted(self.scalars), sorted(self.routing)
+        flat = [self.sums[k] for k in sums] + [float(self.count)]
+        flat += [sum(self.scalars[k]) / len(self.scalars[k]) for k in scalars]
+        flat += [self.routing[k] for k in routing]
+        counts = [] if self.expert_counts is None else self.expert_counts.reshape(-1).tolist()
+        total = backend.all_reduce_sum(torch.tensor(flat + counts, dtype=torch.float64))
+        out, i = MeanMetrics(), 0
+        for k in sums:
+            out.sums[k], i = float(total[i]), i + 1
+        out.count, i = int(total[i]), i + 1
+        for k in scalars:  # per-step values: the mean over ranks
+            out.scalars[k], i = [float(total[i]) / backend.world_size], i + 1
+        for k in routing:
+            out.routing[k], i = float(total[i]), i + 1
+        if self.expert_counts is not None:
+            out.expert_counts = total[i:].float().reshape(self.expert_counts.shape)
+        return out
+
     def means(self) -> dict[str, float]:
         out = {key: total / max(self.count, 1) for key, total in self.sums.items()}
         out.update({key: sum(v) / len(v) for key, v in self.scalars.items()})
@@ -88,10 +111,12 @@ class MeanMetrics:
 
 
 class MetricWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int = 0,
+                 enabled: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled  # only rank 0 writes
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run hides events an interrupted run logged past its
@@ -104,6 +129,8 @@ class MetricWriter:
         values = {**metrics.means(), **(extra or {})}
         row = {"step": step, "examples": examples}
         row.update({f"{split}/{key}": value for key, value in values.items()})
+        if not self.enabled:
+            return row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

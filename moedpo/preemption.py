@@ -16,8 +16,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignal:
-    def __init__(self) -> None:
+    def __init__(self, backend=None) -> None:
         self.received: int | None = None
+        self.backend = backend
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
@@ -36,6 +37,16 @@ class StopSignal:
         self.received = signum
         log.warning("%s received: finishing this step and writing a checkpoint (send it again "
                     "to exit at once)", signal.Signals(signum).name)
+
+    def agree(self) -> None:
+        """All ranks adopt a signal any of them received, so they stop at the same step."""
+        if self.backend is None or not self.backend.distributed:
+            return
+        import torch
+
+        flag = self.backend.all_reduce_sum(torch.tensor([float(self.received or 0)]))
+        if self.received is None and flag[0] > 0:
+            self.received = int(signal.SIGTERM)
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer, CheckpointError
 from .config import DPOConfig
+from .parallel.backend import Backend
 
 log = logging.getLogger("moedpo")
 OUTPUTS = ("metrics.jsonl", "tensorboard")
@@ -58,15 +59,22 @@ def trim_metrics(run_dir: Path, start_step: int) -> None:
         tmp.replace(path)
 
 
-def prepare(cfg: DPOConfig, checkpointer: Checkpointer) -> tuple[Path, str | None]:
-    """Create run_dir, decide fresh or resumed, record the config. Returns (run_dir, resume)."""
+def prepare(cfg: DPOConfig, checkpointer: Checkpointer,
+            backend: Backend) -> tuple[Path, str | None]:
+    """Create run_dir, decide fresh or resumed (the same on every rank), record the config.
+    Returns (run_dir, checkpoint to resume from or None). Only rank 0 touches files."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer.clean_partial()
+    if backend.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointer.clean_partial()
+    backend.barrier()
     resume = find_resume(cfg, checkpointer)
-    if resume is None:
-        if cfg.overwrite:
-            checkpointer.remove_all()
-        set_aside(run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    backend.barrier()
+    if backend.is_main:
+        if resume is None:
+            if cfg.overwrite:
+                checkpointer.remove_all()
+            set_aside(run_dir)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    backend.barrier()
     return run_dir, resume

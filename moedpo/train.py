@@ -26,6 +26,8 @@ from .evaluate import batch_loss, evaluate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, load_tokenizer
 from .optim import build_optimizer, build_scheduler
+from .parallel import fsdp
+from .parallel.backend import Backend, init_backend, shutdown
 from .preemption import StopSignal
 
 log = logging.getLogger("moedpo")
@@ -43,10 +45,6 @@ def should_eval(step: int, cfg: DPOConfig) -> bool:
     return (step == 0 and cfg.do_first_eval) or (step > 0 and step % cfg.eval_frequency == 0)
 
 
-def device_for_run() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 @dataclass
 class RunResult:
     final_eval: dict[str, float]
@@ -55,17 +53,24 @@ class RunResult:
     preempted: bool = False
 
 
-def load_models(cfg: DPOConfig, device: torch.device):
-    """(tokenizer, policy, reference) on `device`; reference is None for reference-free DPO."""
+def load_models(cfg: DPOConfig, backend: Backend):
+    """(tokenizer, policy, reference) placed for `backend` (FSDP2-sharded across ranks);
+    reference is None for reference-free DPO."""
     tokenizer = load_tokenizer(cfg.model)
     policy, reference = build_models(cfg.model, cfg.seed)
     if cfg.checkpoint_manager_path:
         restored = restore_weights(cfg.checkpoint_manager_path, [policy, reference])
         log.info("restored weights of policy and reference from %s", restored)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
-    if cfg.loss.reference_free:
-        reference = None
-    return tokenizer, policy.to(device), reference.to(device) if reference is not None else None
+    reference = None if cfg.loss.reference_free else reference
+    policy = policy.to(backend.device)
+    reference = reference.to(backend.device) if reference is not None else None
+    if backend.distributed:
+        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype,
+                            checkpoint_layers=cfg.model.fsdp_config.xla_fsdp_grad_ckpt)
+        if reference is not None:
+            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype)
+    return tokenizer, policy, reference
 
 
 def batch_maker(cfg: DPOConfig, tokenizer, device: torch.device) -> Callable:
@@ -85,17 +90,29 @@ def run(cfg: DPOConfig) -> RunResult:
     """Train as configured (continuing from a checkpoint when there is one); returns the final
     eval metrics and the trained policy."""
     validate(cfg)
+    backend = init_backend(cfg.parallel.backend)
+    try:
+        return train(cfg, backend)
+    finally:
+        shutdown(backend)
+
+
+def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
-    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep)
-    run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer)
-    device = device_for_run()
-    tokenizer, policy, reference = load_models(cfg, device)
-    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
-    to_batch = batch_maker(cfg, tokenizer, device)
-    step_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    if not backend.is_main:
+        logging.getLogger("moedpo").setLevel(logging.WARNING)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.rank,
+                                backend.barrier)
+    run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
+    tokenizer, policy, reference = load_models(cfg, backend)
+    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
+                      backend.world_size)
+    to_batch = batch_maker(cfg, tokenizer, backend.device)
+    micro, world = cfg.per_device_train_batch_size, backend.world_size
+    step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
     n_steps = total_steps(cfg, len(data.train), step_size)
-    log_startup(cfg, policy, data, n_steps, device, run_dir)
+    log_startup(cfg, policy, data, n_steps, backend, run_dir)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -103,33 +120,33 @@ def run(cfg: DPOConfig) -> RunResult:
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
     if resume_from:
-        state = checkpointer.load(resume_from, policy, optimizer)
+        state, own = checkpointer.load(resume_from, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
-        window = MeanMetrics.from_state(state["window"])
+        window = MeanMetrics.from_state(own["window"])
         run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step)
-    writer = MetricWriter(run_dir, purge_step=start_step)
+    writer = MetricWriter(run_dir, purge_step=start_step, enabled=backend.is_main)
 
     def save(step: int) -> str:
         state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
-                 "nonfinite": nonfinite, "window": window.state()}
-        path = checkpointer.save(step, policy, optimizer, state)
+                 "nonfinite": nonfinite}
+        path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()})
         log.info("checkpoint written: %s", path)
         return path
 
     def eval_row(step: int) -> dict[str, float]:
-        batches = (to_batch([data.eval[i] for i in idx])
-                   for idx in eval_indices(len(data.eval), cfg.eval_batch_size))
-        metrics = evaluate(policy, reference, batches, cfg)
+        batches = ((to_batch([data.eval[i] for i in idx]), valid) for idx, valid in
+                   eval_indices(len(data.eval), cfg.eval_batch_size, backend.rank, world))
+        metrics = evaluate(policy, reference, batches, cfg).reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
         log.info(console_line(step, n_steps, "eval", values))
         return values
 
     train_seconds, window_tokens, saved_at = 0.0, 0, start_step if resume_from else None
-    with StopSignal() as stop:
+    with StopSignal(backend) as stop:
         for step in range(start_step, n_steps):
             if should_eval(step, cfg):
                 eval_row(step)
@@ -140,14 +157,16 @@ def run(cfg: DPOConfig) -> RunResult:
             lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
             outputs, step_loss = [], 0.0
-            for start in range(0, step_size, cfg.per_device_train_batch_size):
-                batch = to_batch(pairs[start:start + cfg.per_device_train_batch_size])
+            for start in range(0, step_size, micro * world):  # this rank's share of each
+                mine = start + backend.rank * micro  # micro-batch of the step
+                batch = to_batch(pairs[mine:mine + micro])
                 out = batch_loss(policy, reference, batch, cfg)
                 (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 step_loss += float(out.loss.detach())
                 window_tokens += int(batch["attention_mask"].sum())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # global norm
+            step_loss = float(backend.all_reduce_sum(torch.tensor([step_loss]))[0])
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
                 optimizer.step()
                 nonfinite["in_a_row"] = 0
@@ -163,16 +182,19 @@ def run(cfg: DPOConfig) -> RunResult:
 
             # ---- report: means since the last report; throughput excludes eval time
             if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
-                extra = {"examples_per_second": window.count / max(train_seconds, 1e-9),
-                         "tokens_per_second": window_tokens / max(train_seconds, 1e-9),
+                reduced = window.reduced(backend)
+                tokens = float(backend.all_reduce_sum(torch.tensor([float(window_tokens)]))[0])
+                extra = {"examples_per_second": reduced.count / max(train_seconds, 1e-9),
+                         "tokens_per_second": tokens / max(train_seconds, 1e-9),
                          "nonfinite_steps": nonfinite["total"]}
-                row = writer.write(step, (step + 1) * step_size, "train", window, extra)
+                row = writer.write(step, (step + 1) * step_size, "train", reduced, extra)
                 log.info(console_line(step, n_steps, "train",
                                       {k.removeprefix("train/"): v for k, v in row.items()}))
                 window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
 
             # ---- checkpoint: every save_frequency steps, and when asked to stop
             every = cfg.checkpoint.save_frequency
+            stop.agree()  # every rank stops at the same step
             if stop.received or (every and (step + 1) % every == 0):
                 save(step + 1)
                 saved_at = step + 1
@@ -208,11 +230,13 @@ def check_nonfinite(counts: dict[str, int], step: int, loss: float, grad_norm: f
 
 
 def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
-                device: torch.device, run_dir: Path) -> None:
-    n_params = sum(p.numel() for p in policy.parameters())
+                backend: Backend, run_dir: Path) -> None:
+    n_params = sum(p.numel() for p in policy.parameters())  # DTensors count globally
     source = cfg.model.config_path or cfg.model.name_or_path
-    log.info("model %s: %.2fM parameters, policy %s, reference %s, on %s", source,
-             n_params / 1e6, cfg.model.policy_dtype, cfg.model.reference_dtype, device)
+    log.info("model %s: %.2fM parameters, policy %s, reference %s", source, n_params / 1e6,
+             cfg.model.policy_dtype, cfg.model.reference_dtype)
+    log.info("backend %s, %d process(es), device %s", backend.kind, backend.world_size,
+             backend.device)
     for name, (n_train, n_eval) in data.sources.items():
         log.info("data %s: %d train pairs, %d eval pairs", name, n_train, n_eval)
     if data.skipped.total:
@@ -220,6 +244,7 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
                     dict(data.skipped.counts), "; ".join(data.skipped.examples))
     if data.truncated.counts:
         log.info("truncated: %s", dict(data.truncated.counts))
-    log.info("%d steps of %d pairs (batch %d x accumulation %d); writing to %s", n_steps,
-             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, run_dir)
+    log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
+             n_steps, cfg.per_device_train_batch_size * backend.world_size
+             * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size,
+             backend.world_size, cfg.gradient_accumulation_steps, run_dir)

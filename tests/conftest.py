@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -19,6 +22,8 @@ from moedpo.data.tokenize import TokenizedPair
 from moedpo.models.load import EMBEDDED_TOKENIZER
 
 register_schema()
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("examples_per_second", "tokens_per_second")
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +107,26 @@ def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
         ids = [torch.randint(3, 500, (k,), generator=g).tolist() for k in lens]
         pairs.append(TokenizedPair(*ids))
     return pairs
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    (step_dir,) = sorted(ckpt_dir.glob("step_*"))[-1:]
+    reader = dcp.FileSystemReader(str(step_dir))
+    metadata = reader.read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    dcp.load(state, storage_reader=reader)
+    return state
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)

@@ -99,12 +99,12 @@ def test_ipo_scores_mean_per_token_logps():
     assert out.loss.item() == pytest.approx(1.0)
 
 
-def test_aux_nll_adds_mean_chosen_token_nll():
-    policy = make_logps([-4.0, -2.0], [-6.0, -2.0], n_c=(2, 2), n_r=(3, 1))
-    ref = make_logps([-4.0, -2.0], [-6.0, -2.0], n_c=(2, 2), n_r=(3, 1))
+def test_aux_nll_adds_mean_per_pair_length_normalised_nll():
+    policy = make_logps([-4.0, -3.0], [-6.0, -2.0], n_c=(2, 1), n_r=(3, 1))
+    ref = make_logps([-4.0, -3.0], [-6.0, -2.0], n_c=(2, 1), n_r=(3, 1))
     base = dpo_loss(policy, ref, beta=0.1).loss.item()
     with_nll = dpo_loss(policy, ref, beta=0.1, aux_nll_loss_coef=0.5).loss.item()
-    assert with_nll - base == pytest.approx(0.5 * (4 + 2) / 4)
+    assert with_nll - base == pytest.approx(0.5 * (4 / 2 + 3 / 1) / 2)  # not 7/3 per token
 
 
 def test_sequence_logps_ignores_label_pad_not_token_zero():

@@ -1,6 +1,5 @@
 """Checkpoints, exact resume, preemption and non-finite steps."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,30 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 import moedpo.train as train_module
-from conftest import tiny_train_overrides
+from conftest import ROOT, final_weights, tiny_train_overrides, train_rows, wait_for
 from moedpo.checkpoint import COMPLETE, Checkpointer, CheckpointError
 from moedpo.train import NonFiniteError, run
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("examples_per_second", "tokens_per_second")
-
-
-def train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
-
-
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    (step_dir,) = sorted(ckpt_dir.glob("step_*"))[-1:]
-    reader = dcp.FileSystemReader(str(step_dir))
-    metadata = reader.read_metadata()
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
-    dcp.load(state, storage_reader=reader)
-    return state
 
 
 def cli(*args: str, out: Path) -> list[str]:
@@ -43,14 +23,6 @@ def cli(*args: str, out: Path) -> list[str]:
 RESUME_ARGS = ["+experiment=demo", "max_steps=12", "per_device_train_batch_size=8",
                "gradient_accumulation_steps=2", "shuffle=true", "eval_frequency=5",
                "report_metrics_freq=2", "checkpoint.save_frequency=4", "max_length=96"]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def test_kill_and_resume_matches_an_unbroken_run(tmp_path):
@@ -143,7 +115,7 @@ def test_checkpoint_roundtrip_restores_model_optimizer_and_rng(tmp_path):
     other(torch.randn(4, 3)).sum().backward()
     other_opt.step()
     torch.manual_seed(123)
-    assert ckpt.load(path, other, other_opt) == {"step": 2, "note": "x"}
+    assert ckpt.load(path, other, other_opt) == ({"step": 2, "note": "x"}, {})
     assert torch.equal(torch.rand(3), expected_next)
     for p, q in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(p, q)

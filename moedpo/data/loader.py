@@ -40,7 +40,12 @@ def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
         step += 1
 
 
-def eval_indices(n_pairs: int, batch_size: int) -> Iterator[list[int]]:
-    """File order, every pair once; the last batch may be short."""
-    for start in range(0, n_pairs, batch_size):
-        yield list(range(start, min(start + batch_size, n_pairs)))
+def eval_indices(n_pairs: int, batch_size: int, rank: int = 0,
+                 world: int = 1) -> Iterator[tuple[list[int], int]]:
+    """(indices, valid) of this rank's eval batches: every pair once over all ranks, in file
+    order. Every rank runs the same number of batches (sharded models need all ranks in each
+    forward), so batches past the data repeat pair 0; only the first `valid` pairs count."""
+    per_round = batch_size * world
+    for start in range(0, n_pairs, per_round):
+        mine = range(start + rank * batch_size, min(start + (rank + 1) * batch_size, n_pairs))
+        yield (list(mine) or [0]), len(mine)

@@ -51,4 +51,14 @@ def test_unshuffled_stream_is_file_order():
 
 
 def test_eval_keeps_every_pair():
-    assert list(eval_indices(5, 2)) == [[0, 1], [2, 3], [4]]
+    assert list(eval_indices(5, 2)) == [([0, 1], 2), ([2, 3], 2), ([4], 1)]
+
+
+def test_eval_split_over_ranks_covers_each_pair_once_with_equal_batch_counts():
+    per_rank = [list(eval_indices(7, 2, rank, world=2)) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    counted = [i for batches in per_rank for idx, valid in batches for i in idx[:valid]]
+    assert sorted(counted) == list(range(7))
+    assert per_rank[1][1] == ([6], 1) and per_rank[0][1] == ([4, 5], 2)
+    assert list(eval_indices(3, 2, 1, world=2)) == [([2], 1)]
+    assert list(eval_indices(2, 2, 1, world=2)) == [([0], 0)]  # nothing left: a padding batch

@@ -1,0 +1,1 @@
+"""Where the run executes: backend choice (cpu / cuda / xla) and how models are sharded."""
