@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/moedpo train +experiment=demo resume=false overwrite=true
+	$(VENV)/bin/moedpo plot runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -31,7 +31,10 @@ commands:
   export RUN_DIR|CHECKPOINT OUT  write the trained policy as a Hugging Face folder
   convert HF_DIR OUT             a Hugging Face model -> DCP weights for checkpoint_manager_path
   convert --to-hf DCP OUT --model NAME_OR_PATH | --config-path JSON
-                                 DCP weights -> a Hugging Face folder"""
+                                 DCP weights -> a Hugging Face folder
+  plot RUN_DIR [RUN_DIR ...] [-o PNG]
+                                 draw a run's metrics (several runs overlaid)
+  data inspect [KEY=VALUE ...]   the data report of a training config, without training"""
 
 register_schema()
 
@@ -82,14 +85,39 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)
-    elif command in ("export", "convert"):
+    elif command in TOOLS:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
-            (export_command if command == "export" else convert_command)(rest)
-        except USER_ERRORS as err:
+            TOOLS[command](rest)
+        except (*USER_ERRORS, FileNotFoundError) as err:
             fail(str(err))
     else:
-        fail(f"unknown command '{command}'; commands: train, export, convert")
+        fail(f"unknown command '{command}'; commands: train, {', '.join(TOOLS)}")
+
+
+def plot_command(argv: list[str]) -> None:
+    from .plot import plot_runs
+
+    parser = argparse.ArgumentParser(prog="moedpo plot", description=(
+        "Draw loss, reward accuracy, margins, rewards, lr, gradient norm, throughput and MoE "
+        "routing of one or more runs (overlaid) into one PNG."))
+    parser.add_argument("runs", type=Path, nargs="+", help="run directories")
+    parser.add_argument("-o", "--out", type=Path, help="PNG path (default: "
+                        "FIRST_RUN/plots/metrics.png)")
+    args = parser.parse_args(argv)
+    out, _ = plot_runs(args.runs, args.out or args.runs[0] / "plots" / "metrics.png")
+    print(f"plot written: {out}")
+
+
+def data_command(argv: list[str]) -> None:
+    if not argv or argv[0] != "inspect":
+        fail("usage: moedpo data inspect [KEY=VALUE ...]")
+    check_override_keys(argv[1:])
+    from .inspect_data import inspect
+
+    with hydra.initialize_config_module("moedpo.conf", version_base=None):
+        raw = hydra.compose("config", overrides=argv[1:])
+    print(inspect(OmegaConf.to_object(raw)))
 
 
 def export_command(argv: list[str]) -> None:
@@ -130,6 +158,9 @@ def convert_command(argv: list[str]) -> None:
         dcp_to_hf(args.source, Path(args.out), model)
     print(f"wrote {args.out}")
 
+
+TOOLS = {"export": export_command, "convert": convert_command, "plot": plot_command,
+         "data": data_command}
 
 if __name__ == "__main__":
     main()

@@ -133,6 +133,11 @@ class DPOConfig:
     local_compile_cache_dir: str | None = None
     tensor_parallelism: int = 1
     report_metrics_freq: int = 1
+    sample_during_eval: bool = False
+    n_eval_model_samples: int = 4
+    sample_max_new_tokens: int = 64
+    sample_reference: bool = False
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: Any = "auto"  # auto | false | PATH of a checkpoint
     overwrite: bool = False
     max_consecutive_nonfinite: int = 5
@@ -256,6 +261,12 @@ def validate(cfg: DPOConfig) -> None:
            f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
            "positions that are not scored; -100 is what torch's losses ignore)")
     resolve_optimizer(cfg.optimizer)
+    for name in cfg.loggers:
+        _check(name in ("tensorboard", "wandb", "mlflow"),
+               f"loggers: '{name}' is not a logger; use tensorboard, wandb or mlflow")
+    _check(cfg.n_eval_model_samples >= 1 and cfg.sample_max_new_tokens >= 1,
+           f"n_eval_model_samples={cfg.n_eval_model_samples}, sample_max_new_tokens="
+           f"{cfg.sample_max_new_tokens}: both must be >= 1")
     _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
            f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
     _check(cfg.max_consecutive_nonfinite >= 1,

@@ -61,3 +61,24 @@ def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches
             metrics.add_output(out)
     policy.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]],
+             max_new_tokens: int) -> list[str]:
+    """Greedy continuations, one prompt at a time (a handful of prompts: no padding needed).
+    No KV cache: every forward sees the whole sequence, so the dropped MoE's per-sequence
+    capacity means what it means in training rather than collapsing on one-token steps."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return texts

@@ -107,22 +107,22 @@ class MeanMetrics:
             for layer, row in enumerate(load):
                 out[f"moe/load_min/layer{layer}"] = float(row.min())
                 out[f"moe/load_max/layer{layer}"] = float(row.max())
+            out["moe/expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
         return out
 
 
 class MetricWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int = 0,
-                 enabled: bool = True) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled  # only rank 0 writes
-        self.tb = None
-        if tensorboard and enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    """metrics.jsonl (always) and the configured trackers; only rank 0 writes."""
 
-            # purge_step: a resumed run hides events an interrupted run logged past its
-            # checkpoint, so TensorBoard's step axis has each step once.
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                    purge_step=purge_step or None)
+    def __init__(self, run_dir: Path, loggers: list[str] | tuple[str, ...] = ("tensorboard",),
+                 purge_step: int = 0, enabled: bool = True, config: dict | None = None,
+                 name: str = "") -> None:
+        from .trackers import make_trackers
+
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.trackers = make_trackers(list(loggers), run_dir, purge_step, config,
+                                      name) if enabled else []
 
     def write(self, step: int, examples: int, split: str, metrics: MeanMetrics,
               extra: dict[str, float] | None = None) -> dict:
@@ -133,29 +133,26 @@ class MetricWriter:
             return row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "examples"):
-                    self.tb.add_scalar(key, value, step)
+        scalars = {k: v for k, v in row.items()
+                   if k not in ("step", "examples") and isinstance(v, int | float)}
+        for tracker in self.trackers:
+            tracker.scalars(step, scalars)
             if metrics.expert_counts is not None:
-                self._expert_histograms(split, step, metrics.expert_counts)
-            self.tb.flush()
+                tracker.expert_load(f"{split}/moe/expert_load", step, metrics.expert_counts)
         return row
 
-    def _expert_histograms(self, split: str, step: int, counts: torch.Tensor) -> None:
-        """One histogram per layer whose buckets are the experts: the full expert load."""
-        edges = [e + 0.5 for e in range(counts.shape[-1])]
-        for layer, row in enumerate(counts.tolist()):
-            total = sum(row)
-            self.tb.add_histogram_raw(
-                f"{split}/moe/expert_load/layer{layer}", min=0, max=len(row) - 1, num=total,
-                sum=sum(e * c for e, c in enumerate(row)),
-                sum_squares=sum(e * e * c for e, c in enumerate(row)),
-                bucket_limits=edges, bucket_counts=row, global_step=step)
+    def write_samples(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.samples(step, rows)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def console_line(step: int, max_steps: int, split: str, values: dict[str, float]) -> str:

@@ -17,18 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer, restore_weights
 from .config import DPOConfig, validate
 from .data import build_data, collate, eval_indices, train_indices
-from .evaluate import batch_loss, evaluate
+from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, load_tokenizer
 from .optim import build_optimizer, build_scheduler
 from .parallel import fsdp
 from .parallel.backend import Backend, init_backend, shutdown
 from .preemption import StopSignal
+from .progress import Progress, interactive
 
 log = logging.getLogger("moedpo")
 
@@ -127,7 +129,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step)
-    writer = MetricWriter(run_dir, purge_step=start_step, enabled=backend.is_main)
+    writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main,
+                          OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.exp_name)
 
     def save(step: int) -> str:
         state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
@@ -136,17 +139,37 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         log.info("checkpoint written: %s", path)
         return path
 
+    progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
+
     def eval_row(step: int) -> dict[str, float]:
         batches = ((to_batch([data.eval[i] for i in idx]), valid) for idx, valid in
                    eval_indices(len(data.eval), cfg.eval_batch_size, backend.rank, world))
-        metrics = evaluate(policy, reference, batches, cfg).reduced(backend)
+        n_batches = -(-len(data.eval) // (cfg.eval_batch_size * world))
+        metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg)
+        metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
         log.info(console_line(step, n_steps, "eval", values))
+        if cfg.sample_during_eval:
+            write_samples(step)
         return values
 
+    sample_prompts = [p.prompt for p in data.eval[:cfg.n_eval_model_samples]]
+
+    def write_samples(step: int) -> None:
+        """Greedy samples for fixed eval prompts: run_dir/samples.jsonl and TensorBoard."""
+        answers = {"policy": generate(policy, tokenizer, sample_prompts,
+                                      cfg.sample_max_new_tokens)}
+        if cfg.sample_reference and reference is not None:
+            answers["reference"] = generate(reference, tokenizer, sample_prompts,
+                                            cfg.sample_max_new_tokens)
+        rows = [{"step": step, "prompt": tokenizer.decode(prompt),
+                 **{name: texts[i] for name, texts in answers.items()}}
+                for i, prompt in enumerate(sample_prompts)]
+        writer.write_samples(step, rows)
+
     train_seconds, window_tokens, saved_at = 0.0, 0, start_step if resume_from else None
-    with StopSignal(backend) as stop:
+    with StopSignal(backend) as stop, progress:
         for step in range(start_step, n_steps):
             if should_eval(step, cfg):
                 eval_row(step)
@@ -179,6 +202,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
             train_seconds += time.perf_counter() - started
+            if progress.enabled:  # this rank's window so far, no collective needed
+                progress.step({**window.means(),
+                               "examples_per_second": window.count / max(train_seconds, 1e-9),
+                               "tokens_per_second": window_tokens / max(train_seconds, 1e-9)})
 
             # ---- report: means since the last report; throughput excludes eval time
             if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:

@@ -31,7 +31,11 @@ class TokenizedPair:
 
 @dataclass
 class TruncationStats:
+    """Pairs cut by each rule ("prompt", "responses"), and token lengths before any cut."""
+
     counts: Counter = field(default_factory=Counter)
+    lengths: dict[str, list[int]] = field(
+        default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
@@ -69,8 +73,11 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
         chosen = tokenizer([p.chosen for p in chunk], add_special_tokens=False)["input_ids"]
         rejected = tokenizer([p.rejected for p in chunk], add_special_tokens=False)["input_ids"]
         for pair, p, c, r in zip(chunk, prompts, chosen, rejected, strict=True):
-            p, c, r = truncate(p, _with_eos(c, eos), _with_eos(r, eos), max_length,
-                               max_prompt_length, truncation_mode, stats)
+            c, r = _with_eos(c, eos), _with_eos(r, eos)
+            if stats is not None:
+                for key, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
+                    stats.lengths[key].append(len(ids))
+            p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats)
             if not c or not r:
                 log.skip(pair.origin, "no response tokens left after truncation")
                 continue
