@@ -1,7 +1,8 @@
 """SIGTERM / SIGINT (TPU and GKE preemption, Ctrl-C): finish the step, checkpoint, exit 0.
+SIGUSR1: write a checkpoint after the current step and go on (a save on demand).
 
-The first signal only sets a flag that the loop reads between steps; a second one exits at
-once (exit code 128 + signal number), for when the user really means it.
+The first stop signal only sets a flag that the loop reads between steps; a second one exits
+at once (exit code 128 + signal number), for when the user really means it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopSignal:
     def __init__(self, backend=None) -> None:
         self.received: int | None = None
+        self.save_requested = False
         self.backend = backend
         self._previous: dict[int, object] = {}
 
@@ -25,11 +27,16 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._save)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _save(self, signum: int, frame) -> None:
+        self.save_requested = True
+        log.warning("SIGUSR1 received: writing a checkpoint after this step")
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
@@ -44,9 +51,11 @@ class StopSignal:
             return
         import torch
 
-        flag = self.backend.all_reduce_sum(torch.tensor([float(self.received or 0)]))
-        if self.received is None and flag[0] > 0:
+        flags = self.backend.all_reduce_sum(
+            torch.tensor([float(self.received or 0), float(self.save_requested)]))
+        if self.received is None and flags[0] > 0:
             self.received = int(signal.SIGTERM)
+        self.save_requested = bool(flags[1] > 0)
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from .data import build_data, collate, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, load_tokenizer
+from .models.moe import experts_modules, moe_top_k
 from .optim import build_optimizer, build_scheduler
 from .parallel import fsdp
 from .parallel.backend import Backend, init_backend, shutdown
@@ -222,9 +223,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             # ---- checkpoint: every save_frequency steps, and when asked to stop
             every = cfg.checkpoint.save_frequency
             stop.agree()  # every rank stops at the same step
-            if stop.received or (every and (step + 1) % every == 0):
+            if stop.received or stop.save_requested or (every and (step + 1) % every == 0):
                 save(step + 1)
-                saved_at = step + 1
+                saved_at, stop.save_requested = step + 1, False
             if stop.received:
                 writer.close()
                 log.warning("stopped by %s after step %d; run the same command again to "
@@ -259,9 +260,16 @@ def check_nonfinite(counts: dict[str, int], step: int, loss: float, grad_norm: f
 def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
                 backend: Backend, run_dir: Path) -> None:
     n_params = sum(p.numel() for p in policy.parameters())  # DTensors count globally
+    top_k = moe_top_k(policy)
+    active = n_params
+    if top_k:  # each token runs k of E experts
+        experts = experts_modules(policy)
+        per_expert = sum(p.numel() for m in experts for p in m.parameters())
+        active -= per_expert * (1 - top_k / experts[0].gate_up_proj.shape[0])
     source = cfg.model.config_path or cfg.model.name_or_path
-    log.info("model %s: %.2fM parameters, policy %s, reference %s", source, n_params / 1e6,
-             cfg.model.policy_dtype, cfg.model.reference_dtype)
+    log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s, reference %s",
+             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype,
+             cfg.model.reference_dtype)
     log.info("backend %s, %d process(es), device %s", backend.kind, backend.world_size,
              backend.device)
     for name, (n_train, n_eval) in data.sources.items():

@@ -167,3 +167,19 @@ def test_secrets_never_reach_outputs(tmp_path):
     for path in (tmp_path / "demo").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_sigusr1_saves_and_training_goes_on(tmp_path):
+    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", "exp_name=usr1", out=tmp_path)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = tmp_path / "usr1" / "metrics.jsonl"
+    wait_for(metrics, proc)
+    while '"train/loss"' not in metrics.read_text():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "SIGUSR1 received" in output
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "usr1" / "checkpoints").glob(
+        "step_*"))
+    assert len(steps) == 2 and steps[0] < 12 == steps[1]  # the one asked for, and the final
