@@ -84,6 +84,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> tuple[Path, list[str]]:
         ax.set_title(f"MoE: expert load per layer ({runs[0][0]}, last train row)")
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
+        ax.set_xticks(range(len(load[0])))
+        ax.set_yticks(range(len(load)))
         fig.colorbar(image, ax=ax, label="load (1 = fair share)")
         titles.append("expert load")
     for ax in list(axes.flat)[n:]:
