@@ -1,0 +1,203 @@
+"""DPO training throughput: moedpo against TRL's DPOTrainer on the same model and data.
+
+Each trainer runs in its own process (so peak RSS is its own), alternating moedpo, TRL,
+moedpo, TRL, ... on the same model folder, the bundled demo pairs, batch, max_length,
+optimizer (AdamW) and dtype (fp32), with the reference model live (no precompute). Reports the
+median step time, pairs/s, real tokens/s, peak RSS, MFU of moedpo against a matmul peak
+measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and writes JSON.
+
+    pip install -e '.[bench]'                      # TRL, pinned
+    python benchmarks/throughput.py                # tiny model (hidden 256, 4 layers, 8x top-2)
+    python benchmarks/throughput.py --size small   # hidden 1024, 8 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4),
+         "small": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=8)}
+WARMUP = 2
+
+
+def build_model(size: str, folder: Path) -> dict:
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from moedpo.models.load import EMBEDDED_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    config = MixtralConfig(vocab_size=len(tokenizer), num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, **SIZES[size])
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return {"total_params": total, "active_params": total - experts * (1 - 2 / 8)}
+
+
+def demo_pairs() -> list[dict]:
+    from moedpo.data.sources import SkipLog, load_pairs
+
+    pairs = load_pairs("demo", "train", {}, SkipLog())
+    return [{"prompt": p.prompt, "chosen": " " + p.chosen, "rejected": " " + p.rejected}
+            for p in pairs]
+
+
+def run_moedpo(args: argparse.Namespace) -> dict:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from moedpo.config import register_schema
+    from moedpo.train import run
+
+    register_schema()
+    out = tempfile.mkdtemp()
+    overrides = [f"model.name_or_path={args.model_dir}", "model.policy_dtype=float32",
+                 "model.reference_dtype=float32", "use_synthetic_data=false", "datasets=demo",
+                 f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
+                 f"max_prompt_length={args.max_length // 2}", "optimizer=AdamW", "lr=5e-4",
+                 "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
+                 "eval_frequency=1000000", "dry_run=true", "loggers=[]", f"output_dir={out}",
+                 "resume=false"]
+    with initialize_config_module("moedpo.conf", version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    result = run(cfg)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/examples_per_second" in r][WARMUP:]
+    return {"step_seconds": [args.batch / r["train/examples_per_second"] for r in rows],
+            "tokens_per_step": [r["train/tokens_per_second"] * args.batch
+                                / r["train/examples_per_second"] for r in rows]}
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                       max_length=args.max_length, learning_rate=5e-4, max_steps=args.steps,
+                       logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                       save_strategy="no", precompute_ref_log_probs=False, beta=0.1,
+                       lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
+    data = datasets.Dataset.from_list(demo_pairs()[:args.batch * 10])
+    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data,
+                         processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    return {"step_seconds": times[WARMUP:]}
+
+
+def worker(args: argparse.Namespace) -> None:
+    result = run_moedpo(args) if args.worker == "moedpo" else run_trl(args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def matmul_peak(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def launch(name: str, args: argparse.Namespace, model_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+           "--steps", str(args.steps), "--batch", str(args.batch),
+           "--max-length", str(args.max_length)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"{name} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    parser.add_argument("--worker", choices=["moedpo", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    folder = Path(tempfile.mkdtemp()) / "model"
+    params = build_model(args.size, folder)
+    peak = matmul_peak()
+    runs: dict[str, list[dict]] = {"moedpo": [], "trl": []}
+    for round_ in range(args.rounds):
+        for name in runs:
+            runs[name].append(launch(name, args, folder))
+            print(f"round {round_ + 1}: {name} done", flush=True)
+    summary = {}
+    for name, results in runs.items():
+        steps = [s for r in results for s in r["step_seconds"]]
+        median = statistics.median(steps)
+        summary[name] = {"median_step_s": median, "pairs_per_s": args.batch / median,
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+    tokens = statistics.median(t for r in runs["moedpo"] for t in r["tokens_per_step"])
+    for name in summary:
+        flops = 8 * params["active_params"] * tokens  # policy fwd+bwd (6N) + reference fwd (2N)
+        summary[name]["tokens_per_s"] = tokens / summary[name]["median_step_s"]
+        summary[name]["mfu"] = flops / summary[name]["median_step_s"] / (peak * 1e9)
+    ratio = {"pairs_per_s": summary["moedpo"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
+             "peak_rss": summary["moedpo"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+    lines = [f"{args.size} model ({params['total_params'] / 1e6:.1f}M parameters, "
+             f"{params['active_params'] / 1e6:.1f}M active), batch {args.batch}, max_length "
+             f"{args.max_length}, fp32, live reference; matmul peak {peak:.0f} GFLOP/s",
+             "", "| trainer | step (s) | pairs/s | tokens/s | peak RSS (MB) | MFU |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['pairs_per_s']:.1f} | "
+                     f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} | {100 * s['mfu']:.0f}% |")
+    lines.append(f"\nmoedpo / TRL: pairs/s {ratio['pairs_per_s']:.2f}x, peak RSS "
+                 f"{ratio['peak_rss']:.2f}x")
+    table = "\n".join(lines)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"size": args.size, "params": params, "peak_gflops": peak,
+                                    "machine": platform.machine(), "torch": torch.__version__,
+                                    "summary": summary, "ratio": ratio, "runs": runs}, indent=2))
+    args.out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
