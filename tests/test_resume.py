@@ -45,17 +45,23 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", "exp_name=term", out=tmp_path)
+def signal_after_first_train_row(tmp_path: Path, name: str, sig: int) -> tuple[list, int, str]:
+    """Start a run, send `sig` once it has logged a train row; (args, exit code, output)."""
+    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", f"exp_name={name}", out=tmp_path)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    metrics = tmp_path / "term" / "metrics.jsonl"
+    metrics = tmp_path / name / "metrics.jsonl"
     wait_for(metrics, proc)
     while '"train/loss"' not in metrics.read_text():
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-2000:]
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=300)
+    return args, proc.returncode, output
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    args, code, output = signal_after_first_train_row(tmp_path, "term", signal.SIGTERM)
+    assert code == 0, output[-2000:]
     assert "stopped by SIGTERM" in output and "resume=auto" in output
     (saved,) = (tmp_path / "term" / "checkpoints").glob("step_*")
     assert (saved / COMPLETE).exists() and int(saved.name.split("_")[1]) < 12
@@ -170,16 +176,8 @@ def test_secrets_never_reach_outputs(tmp_path):
 
 
 def test_sigusr1_saves_and_training_goes_on(tmp_path):
-    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", "exp_name=usr1", out=tmp_path)
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    metrics = tmp_path / "usr1" / "metrics.jsonl"
-    wait_for(metrics, proc)
-    while '"train/loss"' not in metrics.read_text():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGUSR1)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "SIGUSR1 received" in output
+    _, code, output = signal_after_first_train_row(tmp_path, "usr1", signal.SIGUSR1)
+    assert code == 0 and "SIGUSR1 received" in output
     steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "usr1" / "checkpoints").glob(
         "step_*"))
     assert len(steps) == 2 and steps[0] < 12 == steps[1]  # the one asked for, and the final
