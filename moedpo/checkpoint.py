@@ -98,17 +98,17 @@ def latest_checkpoint(path: str) -> str:
     return f"{path.rstrip('/')}/{max(steps)[1]}"
 
 
-def restore_weights(path: str, models: list[torch.nn.Module], key: str = "model") -> str:
+def restore_weights(path: str, models: list[torch.nn.Module]) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype)."""
     checkpoint = latest_checkpoint(path)
     for model in models:
-        state = {key: model.state_dict()}
+        state = {"model": model.state_dict()}
         try:
             dcp.load(state, storage_reader=_reader(checkpoint))
         except Exception as err:  # DCP wraps planner/storage errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
-        model.load_state_dict(state[key])
+        model.load_state_dict(state["model"])
     return checkpoint
 
 

@@ -9,7 +9,7 @@ from .config import DPOConfig
 from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps
 from .metrics import MeanMetrics
 from .models.moe import moe_top_k
-from .models.router import RouterOutput, router_losses
+from .models.router import router_losses
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
@@ -37,13 +37,9 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         m = cfg.model
         out.router = router_losses(router_logits, batch["attention_mask"], top_k,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding)
-        out.loss = out.loss + add_router_losses(out.router, m.router_aux_loss_coef,
-                                                m.router_z_loss_coef)
+        out.loss = (out.loss + m.router_aux_loss_coef * out.router.aux_loss
+                    + m.router_z_loss_coef * out.router.z_loss)
     return out
-
-
-def add_router_losses(router: RouterOutput, aux_coef: float, z_coef: float) -> torch.Tensor:
-    return aux_coef * router.aux_loss + z_coef * router.z_loss
 
 
 @torch.no_grad()

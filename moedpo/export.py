@@ -50,7 +50,7 @@ def export(source: Path, out: Path) -> str:
     """Write the policy of a run's checkpoint as an HF folder; returns the checkpoint used."""
     cfg, checkpoint = find_checkpoint(source)
     policy, _ = build_models(cfg.model, cfg.seed)
-    restore_weights(checkpoint, [policy], key="model")
+    restore_weights(checkpoint, [policy])
     save_hf(policy, load_tokenizer(cfg.model), out)
     return checkpoint
 
