@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moedpo-installed
 
-.PHONY: demo test lint assets clean
+.PHONY: demo test test-xla lint assets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own cached venv
+# (scripts/xla_env.sh builds it once, ~7 GB, ~3 min).
+test-xla: $(STAMP)
+	MOEDPO_XLA_PYTHON="$$(bash scripts/xla_env.sh)" $(PY) -m pytest -q tests/parallel/test_spmd.py
 
 assets: $(STAMP)
 	$(PY) scripts/build_assets.py

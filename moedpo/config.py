@@ -25,7 +25,7 @@ LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATION_MODES = ("keep_end", "keep_start")
-MOE_IMPLEMENTATIONS = ("auto", "hf", "dropless", "dense", "dropped")
+MOE_IMPLEMENTATIONS = ("auto", "hf", "hf_eager", "dropless", "dense", "dropped")
 # The original's XLA-only optimizer; off XLA it is plain torch AdamW.
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 

@@ -3,6 +3,8 @@ the evaluation pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import DPOConfig
@@ -44,14 +46,16 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches,
-             cfg: DPOConfig) -> MeanMetrics:
+             cfg: DPOConfig, sync: Callable[[], None] = lambda: None) -> MeanMetrics:
     """Metrics over this rank's eval pairs; `batches` yields (collated batch, valid): only the
-    first `valid` pairs of a batch count (the rest pad ranks to equal work)."""
+    first `valid` pairs of a batch count (the rest pad ranks to equal work). `sync` runs the
+    batch's graph on XLA before its metrics are read."""
     was_training = policy.training
     policy.eval()
     metrics = MeanMetrics()
     for batch, valid in batches:
         out = batch_loss(policy, reference, batch, cfg)
+        sync()
         if valid:
             out.metrics = {k: v[:valid] for k, v in out.metrics.items()}
             metrics.add_output(out)

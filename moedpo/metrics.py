@@ -30,7 +30,7 @@ class MeanMetrics:
     def add(self, values: dict[str, torch.Tensor]) -> None:
         n = next(iter(values.values())).numel()
         for key, value in values.items():
-            self.sums[key] += float(value.float().sum())
+            self.sums[key] += float(value.detach().cpu().double().sum())
         self.count += n
 
     def add_scalars(self, values: dict[str, float]) -> None:
@@ -45,12 +45,13 @@ class MeanMetrics:
             return
         self.add_scalars({"router/aux_loss": float(router.aux_loss.detach()),
                           "router/z_loss": float(router.z_loss.detach())})
-        counts = router.expert_counts.float().cpu()
+        counts = router.expert_counts.cpu().float()
         self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
-        self.routing["slots"] += router.real_tokens * router.top_k
-        self.routing["tokens"] += router.real_tokens
-        self.routing["dropped"] += router.dropped_slots
-        self.routing["fully_dropped"] += router.fully_dropped_tokens
+        tokens = float(router.real_tokens)
+        self.routing["slots"] += tokens * router.top_k
+        self.routing["tokens"] += tokens
+        self.routing["dropped"] += float(router.dropped_slots)
+        self.routing["fully_dropped"] += float(router.fully_dropped_tokens)
 
     def state(self) -> dict:
         """JSON-able, for checkpoints: a resumed run continues the same report window."""

@@ -42,3 +42,29 @@ def build_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer,
                     cfg.sched.min_lr, cfg.lr)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg, total_steps))
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step(), kept only where the boolean tensor `finite` is true, decided on the
+    device without reading it on the host. Used on XLA, where the selects fuse into the
+    update of the same graph; parameters and device-side optimizer state are restored on a
+    skipped step (state the step created goes back to zeros), while counters the optimizer
+    keeps on the host (AdamW's `step`) still advance."""
+    def tensors() -> list[tuple[torch.Tensor, dict]]:
+        return [(p, optimizer.state[p]) for group in optimizer.param_groups
+                for p in group["params"] if p.grad is not None]
+
+    def on_device(state: dict, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if torch.is_tensor(v) and v.device == p.device}
+
+    with torch.no_grad():
+        before = {p: (p.detach().clone(), {k: v.detach().clone()
+                                           for k, v in on_device(state, p).items()})
+                  for p, state in tensors()}
+        optimizer.step()
+        for p, state in tensors():
+            old_param, old_state = before[p]
+            p.copy_(torch.where(finite, p, old_param))
+            for key, value in on_device(state, p).items():
+                old = old_state.get(key, torch.zeros_like(value))
+                value.copy_(torch.where(finite, value, old))

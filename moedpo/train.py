@@ -27,8 +27,8 @@ from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, load_tokenizer
 from .models.moe import experts_modules, moe_top_k
-from .optim import build_optimizer, build_scheduler
-from .parallel import fsdp
+from .optim import build_optimizer, build_scheduler, step_if_finite
+from .parallel import fsdp, spmd
 from .parallel.backend import Backend, init_backend, shutdown
 from .preemption import StopSignal
 from .progress import Progress, interactive
@@ -60,7 +60,7 @@ def load_models(cfg: DPOConfig, backend: Backend):
     """(tokenizer, policy, reference) placed for `backend` (FSDP2-sharded across ranks);
     reference is None for reference-free DPO."""
     tokenizer = load_tokenizer(cfg.model)
-    policy, reference = build_models(cfg.model, cfg.seed)
+    policy, reference = build_models(cfg.model, cfg.seed, for_xla=backend.kind == "xla")
     if cfg.checkpoint_manager_path:
         restored = restore_weights(cfg.checkpoint_manager_path, [policy, reference])
         log.info("restored weights of policy and reference from %s", restored)
@@ -68,24 +68,31 @@ def load_models(cfg: DPOConfig, backend: Backend):
     reference = None if cfg.loss.reference_free else reference
     policy = policy.to(backend.device)
     reference = reference.to(backend.device) if reference is not None else None
-    if backend.distributed:
-        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype,
-                            checkpoint_layers=cfg.model.fsdp_config.xla_fsdp_grad_ckpt)
+    checkpoint_layers = cfg.model.fsdp_config.xla_fsdp_grad_ckpt
+    if backend.kind == "xla":
+        classes = fsdp.layer_classes(policy, cfg)
+        policy = spmd.shard_model(policy, backend.mesh, classes, checkpoint_layers)
+        if reference is not None:
+            reference = spmd.shard_model(reference, backend.mesh, classes)
+    elif backend.distributed:
+        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype, checkpoint_layers)
         if reference is not None:
             reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype)
     return tokenizer, policy, reference
 
 
-def batch_maker(cfg: DPOConfig, tokenizer, device: torch.device) -> Callable:
-    """pairs -> collated tensors on `device`."""
+def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend) -> Callable:
+    """pairs -> collated tensors on the backend's device (split over the mesh on XLA)."""
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
-    pad_to = cfg.max_length if cfg.data.static_shapes else None
+    static = cfg.data.static_shapes
+    pad_to = cfg.max_length if (static if static is not None else backend.kind == "xla") else None
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = collate(pairs, pad_id, cfg.label_pad_token_id, pad_to)
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
+        return spmd.shard_batch(batch, backend.mesh) if backend.kind == "xla" else batch
     return make
 
 
@@ -93,7 +100,8 @@ def run(cfg: DPOConfig) -> RunResult:
     """Train as configured (continuing from a checkpoint when there is one); returns the final
     eval metrics and the trained policy."""
     validate(cfg)
-    backend = init_backend(cfg.parallel.backend)
+    backend = init_backend(cfg.parallel.backend, cfg.tensor_parallelism,
+                           cfg.local_compile_cache_dir, cfg.full_precision)
     try:
         return train(cfg, backend)
     finally:
@@ -110,9 +118,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
-                      backend.world_size)
-    to_batch = batch_maker(cfg, tokenizer, backend.device)
-    micro, world = cfg.per_device_train_batch_size, backend.world_size
+                      backend.world_size * backend.devices)
+    to_batch = batch_maker(cfg, tokenizer, backend)
+    # One forward's pairs: SPMD splits one batch over all devices of the mesh.
+    micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
     n_steps = total_steps(cfg, len(data.train), step_size)
     log_startup(cfg, policy, data, n_steps, backend, run_dir)
@@ -143,10 +152,12 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
 
     def eval_row(step: int) -> dict[str, float]:
+        eval_batch = cfg.eval_batch_size * backend.devices
         batches = ((to_batch([data.eval[i] for i in idx]), valid) for idx, valid in
-                   eval_indices(len(data.eval), cfg.eval_batch_size, backend.rank, world))
-        n_batches = -(-len(data.eval) // (cfg.eval_batch_size * world))
-        metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg)
+                   eval_indices(len(data.eval), eval_batch, backend.rank, world))
+        n_batches = -(-len(data.eval) // (eval_batch * world))
+        metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
+                           backend.sync)
         metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
@@ -180,19 +191,23 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             pairs = [data.train[i] for i in next(stream)]
             lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
-            outputs, step_loss = [], 0.0
+            outputs = []
             for start in range(0, step_size, micro * world):  # this rank's share of each
                 mine = start + backend.rank * micro  # micro-batch of the step
-                batch = to_batch(pairs[mine:mine + micro])
-                out = batch_loss(policy, reference, batch, cfg)
+                out = batch_loss(policy, reference, to_batch(pairs[mine:mine + micro]), cfg)
                 (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
-                step_loss += float(out.loss.detach())
-                window_tokens += int(batch["attention_mask"].sum())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # global norm
-            step_loss = float(backend.all_reduce_sum(torch.tensor([step_loss]))[0])
+                window_tokens += sum(p.n_tokens for p in pairs[mine:mine + micro])
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
+            losses = torch.stack([out.loss.detach() for out in outputs]).sum()
+            if backend.kind == "xla":  # decided on the device: no host read inside the step
+                step_if_finite(optimizer, torch.isfinite(losses) & torch.isfinite(norm))
+                backend.sync()  # runs the step's one graph; the reads below only copy
+            step_loss = float(backend.all_reduce_sum(losses.reshape(1).cpu().double())[0])
+            grad_norm = float(norm)
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                optimizer.step()
+                if backend.kind != "xla":
+                    optimizer.step()
                 nonfinite["in_a_row"] = 0
                 for out in outputs:
                     window.add_output(out)
@@ -215,6 +230,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 extra = {"examples_per_second": reduced.count / max(train_seconds, 1e-9),
                          "tokens_per_second": tokens / max(train_seconds, 1e-9),
                          "nonfinite_steps": nonfinite["total"]}
+                if backend.kind == "xla":  # flat after warm-up: one graph per step shape
+                    extra["xla_compiles"] = spmd.compile_count()
                 row = writer.write(step, (step + 1) * step_size, "train", reduced, extra)
                 log.info(console_line(step, n_steps, "train",
                                       {k.removeprefix("train/"): v for k, v in row.items()}))
@@ -270,8 +287,11 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s, reference %s",
              source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype,
              cfg.model.reference_dtype)
-    log.info("backend %s, %d process(es), device %s", backend.kind, backend.world_size,
-             backend.device)
+    log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
+             backend.world_size, backend.devices, backend.device)
+    if backend.mesh is not None:
+        log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
+                 backend.mesh.axis_names)
     for name, (n_train, n_eval) in data.sources.items():
         log.info("data %s: %d train pairs, %d eval pairs", name, n_train, n_eval)
     if data.skipped.total:
@@ -279,7 +299,7 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
                     dict(data.skipped.counts), "; ".join(data.skipped.examples))
     if data.truncated.counts:
         log.info("truncated: %s", dict(data.truncated.counts))
+    devices = backend.world_size * backend.devices
     log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
-             n_steps, cfg.per_device_train_batch_size * backend.world_size
-             * cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size,
-             backend.world_size, cfg.gradient_accumulation_steps, run_dir)
+             n_steps, cfg.per_device_train_batch_size * devices * cfg.gradient_accumulation_steps,
+             cfg.per_device_train_batch_size, devices, cfg.gradient_accumulation_steps, run_dir)

@@ -124,6 +124,38 @@ def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def run_ok(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_run(a, b, atol: float, rel: float = 0.0, routing_atol: float = 0.0) -> None:
+    """Same metrics rows (b may log more keys) and same final weights, within `atol` (plus
+    `rel` of the value for metrics; routing statistics, discrete, within `routing_atol`)."""
+    rows_a, rows_b = train_rows(a), train_rows(b)
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key, value in ra.items():
+            if "/router/" in key:  # batch statistics (f.P), computed per micro-batch and rank
+                continue
+            if key.endswith("xla_compiles"):  # counts this process's compilations
+                continue
+            margin = ra.get(key.replace("accuracies", "margins"), 1.0)
+            if key.endswith("rewards/accuracies") and abs(margin) <= atol:
+                continue  # policy == reference: rewards are rounding noise of arbitrary sign
+            tol = max(atol, routing_atol) if "/moe/" in key else atol
+            if isinstance(value, list):  # the per-layer expert load
+                torch.testing.assert_close(torch.tensor(rb[key]), torch.tensor(value), atol=tol,
+                                           rtol=0)
+            else:
+                assert key in rb, (ra["step"], key)
+                assert rb[key] == pytest.approx(value, abs=tol, rel=rel), (ra["step"], key)
+    wa, wb = final_weights(a / "checkpoints"), final_weights(b / "checkpoints")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():

@@ -28,6 +28,11 @@ class TokenizedPair:
         """Length of the longer of the two full sequences."""
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
 
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) tokens of the two sequences together."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
 
 @dataclass
 class TruncationStats:

@@ -85,14 +85,18 @@ def attention_implementation(cfg: ModelConfig) -> str:
     return "sdpa" if cfg.flash_attention else "eager"
 
 
-def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(policy, reference) with identical starting weights, on the CPU."""
+def build_models(cfg: ModelConfig, seed: int = 0,
+                 for_xla: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, reference) with identical starting weights, on the CPU. `for_xla` rules out
+    MoE implementations whose shapes depend on the routing, and uses eager attention (HF's
+    sdpa path reads the attention mask on the host to choose a kernel, a sync that splits
+    the XLA graph)."""
     config = model_config(cfg)
     policy_dtype, reference_dtype = DTYPES[cfg.policy_dtype], DTYPES[cfg.reference_dtype]
     # Load or initialise once in the wider dtype, then cast a copy for each role, so the
     # lower-precision model is the rounding of the other and never a second, different init.
     load_dtype = torch.float32 if torch.float32 in (policy_dtype, reference_dtype) else policy_dtype
-    attn = attention_implementation(cfg)
+    attn = "eager" if for_xla else attention_implementation(cfg)
     if cfg.config_path:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
@@ -107,7 +111,8 @@ def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[torch.nn.Module, torc
             raise _hub_error("model", cfg.name_or_path, err) from None
     # Policy and reference always share the MoE implementation and capacity.
     moe = apply_moe_implementation(model, cfg.moe_implementation, cfg.capacity_factor,
-                                   cfg.capacity_rounding, cfg.moe_ignore_padding)
+                                   cfg.capacity_rounding, cfg.moe_ignore_padding,
+                                   static=for_xla)
     if moe != "none":
         log.info("MoE experts implementation: %s%s", moe,
                  f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"

@@ -17,12 +17,17 @@ pre-hook on each MoE block records the sequence length on its experts module.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def capacity(seq_len: int, top_k: int, num_experts: int, factor: float,
@@ -177,25 +182,39 @@ def supports_layout(experts: nn.Module) -> bool:
             and getattr(experts, "is_concatenated", True))
 
 
-def resolve_implementation(name: str, capacity_factor: float) -> str:
+def resolve_implementation(name: str, capacity_factor: float, static: bool = False) -> str:
+    """`auto`: dropped with a capacity factor, else dropless, or dense where shapes must be
+    static (XLA: dropless sizes its matmuls by the routing, which would recompile)."""
     if name == "auto":
-        return "dropped" if capacity_factor > 0 else "dropless"
+        if capacity_factor > 0:
+            return "dropped"
+        return "dense" if static else "dropless"
+    if name == "dropless" and static:
+        raise ConfigError("model.moe_implementation=dropless has data-dependent shapes, which XLA "
+                         "recompiles every step; use dense, or dropped with "
+                         "model.capacity_factor > 0 (or auto)")
     return name
 
 
 def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float = 0.0,
-                             rounding: str = "floor", ignore_padding: bool = True) -> str:
+                             rounding: str = "floor", ignore_padding: bool = True,
+                             static: bool = False) -> str:
     """Switch every experts module of `model` to `name`; returns the implementation used
     ('none' for dense models, which have no experts)."""
     experts = experts_modules(model)
     if not experts:
         return "none"
-    name = resolve_implementation(name, capacity_factor)
-    if name == "hf":
-        return "hf"
+    name = resolve_implementation(name, capacity_factor, static)
+    if name.startswith("hf"):
+        if static:
+            log.warning("model.moe_implementation=%s: Hugging Face's experts have data-dependent "
+                        "shapes; XLA recompiles them every step (use dense or dropped)", name)
+        if name == "hf_eager":  # HF's own loop over the experts hit by the batch
+            model.set_experts_implementation("eager")
+        return name
     unsupported = [type(m).__name__ for m in experts if not supports_layout(m)]
     if unsupported:
-        raise ValueError(f"model.moe_implementation={name}: {unsupported[0]} stores its experts "
+        raise ConfigError(f"model.moe_implementation={name}: {unsupported[0]} stores its experts "
                          "in a layout moedpo does not handle (transposed, biased or ungated); "
                          "use model.moe_implementation=hf")
     model.set_experts_implementation(f"moedpo_{name}")

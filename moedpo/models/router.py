@@ -18,10 +18,11 @@ from .moe import capacity, kept_slots
 class RouterOutput:
     aux_loss: torch.Tensor  # differentiable, mean over layers
     z_loss: torch.Tensor  # differentiable, mean over layers
+    # Counts stay tensors (read by the caller once the step has run: no host sync here).
     expert_counts: torch.Tensor  # [L, E] (token, rank) assignments of real tokens, detached
-    dropped_slots: float  # (token, rank) slots of real tokens that lost their expert
-    fully_dropped_tokens: float  # real tokens that lost every slot
-    real_tokens: float
+    dropped_slots: torch.Tensor  # (token, rank) slots of real tokens that lost their expert
+    fully_dropped_tokens: torch.Tensor  # real tokens that lost every slot
+    real_tokens: torch.Tensor
     top_k: int
 
 
@@ -36,7 +37,7 @@ def router_losses(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     mask = attention_mask.reshape(-1).bool()
     n_real = mask.sum().clamp(min=1)
     aux, z, counts = [], [], []
-    dropped = fully = 0.0
+    dropped = fully = torch.zeros((), device=attention_mask.device)
     for logits in router_logits:
         logits = logits.float()
         probs = logits.softmax(-1)
@@ -56,8 +57,8 @@ def router_losses(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
                 token_mask = attention_mask.bool() if ignore_padding else None
                 kept = kept_slots(top.view(batch, seq_len, top_k), num_experts, slots,
                                   token_mask).view(-1, top_k)
-                dropped += float((~kept & mask[:, None]).sum())
-                fully += float((~kept.any(-1) & mask).sum())
+                dropped = dropped + (~kept & mask[:, None]).sum()
+                fully = fully + (~kept.any(-1) & mask).sum()
     layers = len(router_logits)
     return RouterOutput(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts),
-                        dropped / layers, fully / layers, float(n_real), top_k)
+                        dropped / layers, fully / layers, n_real.float(), top_k)

@@ -2,7 +2,9 @@
 
 Scale-out rides on existing launchers: `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK and
 moedpo joins the process group it describes (nccl on GPUs, gloo on CPUs); a plain
-`python run_dpo_no_trainer.py` is one process.
+`python run_dpo_no_trainer.py` is one process. On XLA (TPU pods) there is one process per
+host, and SPMD makes all devices of the slice look like one: every host builds the same
+global batch and the compiler splits it (see parallel/spmd.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,9 @@ class Backend:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    devices: int = 1  # devices one forward's batch is split over (XLA SPMD: all of them)
+    host: int = 0  # XLA: this host's index; only host 0 writes
+    mesh: Any = None  # XLA SPMD device mesh
 
     @property
     def distributed(self) -> bool:
@@ -32,7 +38,14 @@ class Backend:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0 and self.host == 0
+
+    def sync(self) -> None:
+        """XLA: cut the traced graph here and run it; elsewhere nothing."""
+        if self.kind == "xla":
+            import torch_xla
+
+            torch_xla.sync()
 
     def barrier(self) -> None:
         if self.distributed:
@@ -60,8 +73,33 @@ def choose_kind(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_backend(requested: str = "auto") -> Backend:
+def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
+             full_precision: bool = False) -> Backend:
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    from .spmd import make_mesh
+
+    xr.use_spmd()  # before any XLA tensor exists
+    if compile_cache:
+        xr.initialize_cache(compile_cache, readonly=False)
+    if full_precision:  # TPUs otherwise run float32 matmuls in bfloat16 passes
+        import torch_xla.backends
+
+        torch_xla.backends.set_mat_mul_precision("highest")
+    mesh = make_mesh(tensor_parallelism)
+    return Backend("xla", torch_xla.device(), devices=xr.global_runtime_device_count(),
+                   host=xr.process_index(), mesh=mesh)
+
+
+def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
+                 compile_cache: str | None = None, full_precision: bool = False) -> Backend:
     kind = choose_kind(requested)
+    if kind == "xla":
+        return init_xla(tensor_parallelism, compile_cache, full_precision)
+    if tensor_parallelism != 1:
+        raise ValueError(f"tensor_parallelism={tensor_parallelism} needs the xla backend; "
+                         "torch.distributed runs shard with FSDP2 only (set it to 1)")
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("parallel.backend=cuda but no CUDA device is visible")
     world = int(os.environ.get("WORLD_SIZE", "1"))

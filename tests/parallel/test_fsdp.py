@@ -5,9 +5,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from conftest import ROOT, final_weights, train_rows, wait_for
+from conftest import ROOT, assert_same_run, run_ok, wait_for
 from moedpo.checkpoint import COMPLETE
 
 COMMON = ["+experiment=demo", "max_steps=3", "dry_run=true", "shuffle=true",
@@ -22,29 +21,6 @@ def torchrun(*args: str) -> list[str]:
 
 def single(*args: str) -> list[str]:
     return [sys.executable, "run_dpo_no_trainer.py", *args]
-
-
-def run_ok(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def assert_same_run(a, b, atol: float) -> None:
-    rows_a, rows_b = train_rows(a), train_rows(b)
-    assert [r.keys() for r in rows_a] == [r.keys() for r in rows_b]
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        for key, value in ra.items():
-            if "/router/" in key:  # batch statistics (f.P), computed per micro-batch and rank
-                continue
-            if isinstance(value, list):  # the per-layer expert load
-                torch.testing.assert_close(torch.tensor(rb[key]), torch.tensor(value), atol=atol,
-                                           rtol=0)
-            else:
-                assert rb[key] == pytest.approx(value, abs=atol), (ra["step"], key)
-    wa, wb = final_weights(a / "checkpoints"), final_weights(b / "checkpoints")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
 
 
 @pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"]], ids=["dropless", "dropped"])
