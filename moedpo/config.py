@@ -85,6 +85,13 @@ class DataConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    # Run the reference once over the data, cache its log-probs, train without it.
+    precompute: bool = False
+    cache_dir: str | None = None  # null: output_dir/reference_cache
+
+
+@dataclass
 class ParallelConfig:
     # auto: xla when torch_xla and PJRT_DEVICE are present, cuda when a GPU is, else cpu.
     backend: str = "auto"
@@ -147,6 +154,7 @@ class DPOConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -281,6 +289,9 @@ def validate(cfg: DPOConfig) -> None:
            f"loss.name={cfg.loss.name}: use one of {', '.join(LOSS_NAMES)}")
     _check(0 <= cfg.loss.label_smoothing < 0.5,
            f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
+    _check(not (cfg.reference.precompute and cfg.loss.reference_free),
+           "reference.precompute=true with loss.reference_free=true: reference-free DPO has no "
+           "reference to precompute; drop one of the two")
     _check(cfg.sched.name in SCHEDULES,
            f"sched.name={cfg.sched.name}: use one of {', '.join(SCHEDULES)} (or sched=NAME)")
     _check(cfg.sched.warmup_steps >= 0,

@@ -30,7 +30,10 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
     policy_logps, router_logits = batch_logps(policy, batch, cfg.label_pad_token_id,
                                               with_router=top_k is not None)
     reference_logps = None
-    if reference is not None:
+    if "reference_logps" in batch:  # precomputed (reference.precompute=true)
+        reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
+                                        torch.zeros_like(batch["reference_logps"]))
+    elif reference is not None:
         with torch.no_grad():
             reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
     out = dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,

@@ -53,7 +53,11 @@ class Progress(contextlib.AbstractContextManager):
         self.bar.update(1)
 
     def eval(self, batches: Iterable, total: int) -> Iterator:
-        if self.bar is None:
-            return iter(batches)
-        return iter(tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
-                         ncols=width()))
+        return batch_bar(batches, total, "eval", self.enabled)
+
+
+def batch_bar(batches: Iterable, total: int, desc: str, enabled: bool = True) -> Iterator:
+    """A transient bar over one pass of batches (eval, reference precompute)."""
+    if not enabled:
+        return iter(batches)
+    return iter(tqdm(batches, total=total, desc=desc, unit="batch", leave=False, ncols=width()))

@@ -8,17 +8,20 @@ a final eval runs after the last update.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer, restore_weights
 from .config import DPOConfig, validate
@@ -31,7 +34,7 @@ from .optim import build_optimizer, build_scheduler, step_if_finite
 from .parallel import fsdp, spmd
 from .parallel.backend import Backend, init_backend, shutdown
 from .preemption import StopSignal
-from .progress import Progress, interactive
+from .progress import Progress, batch_bar, interactive
 
 log = logging.getLogger("moedpo")
 
@@ -81,13 +84,18 @@ def load_models(cfg: DPOConfig, backend: Backend):
     return tokenizer, policy, reference
 
 
+def padded_length(cfg: DPOConfig, backend: Backend) -> int | None:
+    """max_length with static shapes (by default on XLA), else None: each batch's longest."""
+    static = cfg.data.static_shapes
+    return cfg.max_length if (static if static is not None else backend.kind == "xla") else None
+
+
 def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend) -> Callable:
     """pairs -> collated tensors on the backend's device (split over the mesh on XLA)."""
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
-    static = cfg.data.static_shapes
-    pad_to = cfg.max_length if (static if static is not None else backend.kind == "xla") else None
+    pad_to = padded_length(cfg, backend)
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = collate(pairs, pad_id, cfg.label_pad_token_id, pad_to)
@@ -125,6 +133,12 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
     n_steps = total_steps(cfg, len(data.train), step_size)
     log_startup(cfg, policy, data, n_steps, backend, run_dir)
+    if cfg.reference.precompute:  # from here on the reference lives in the data
+        bar = partial(batch_bar, desc="reference", enabled=backend.is_main and interactive())
+        data = reference_lib.precompute(cfg, data, reference, to_batch,
+                                        padded_length(cfg, backend), backend, bar)
+        reference = None
+        gc.collect()
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)

@@ -2,7 +2,8 @@
 
 Right padding with the tokenizer's pad id; labels are the ids with prompt and padding
 positions set to `label_pad`. `pad_to=None` pads to the batch's longest sequence, an int
-pads to exactly that length (static shapes for XLA).
+pads to exactly that length (static shapes for XLA). Pairs carrying precomputed reference
+log-probs add `reference_logps` [2B], in the same row order.
 """
 
 from __future__ import annotations
@@ -27,4 +28,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
         input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
         labels[row, n_prompt:n] = input_ids[row, n_prompt:n]
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if all(p.reference is not None for p in pairs):  # precomputed: rows as in the batch
+        batch["reference_logps"] = torch.tensor([p.reference[0] for p in pairs]
+                                                + [p.reference[1] for p in pairs])
+    return batch

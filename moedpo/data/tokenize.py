@@ -22,6 +22,8 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]  # response tokens only
     rejected: list[int]
+    # (chosen, rejected) summed reference log-probs, when precomputed (moedpo.reference)
+    reference: tuple[float, float] | None = None
 
     @property
     def length(self) -> int:

@@ -88,11 +88,11 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
 
 
 def shard_batch(batch: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
-    """Split each [rows, length] input over "fsdp" along rows."""
+    """Split each input over "fsdp" along its rows."""
     import torch_xla.distributed.spmd as xs
 
     for tensor in batch.values():
-        xs.mark_sharding(tensor, mesh, ("fsdp", None))
+        xs.mark_sharding(tensor, mesh, ("fsdp",) + (None,) * (tensor.dim() - 1))
     return batch
 
 
