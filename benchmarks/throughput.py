@@ -9,6 +9,11 @@ measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and w
     pip install -e '.[bench]'                      # TRL, pinned
     python benchmarks/throughput.py                # tiny model (hidden 256, 4 layers, 8x top-2)
     python benchmarks/throughput.py --size small   # hidden 1024, 8 layers
+    python benchmarks/throughput.py --variants moedpo moedpo+group+precompute trl
+
+Variants of moedpo add its speed options: `+group` (data.group_by_length=true) and
+`+precompute` (reference.precompute=true: the one-time reference pass happens before step 0
+and is not in the step times; MFU then counts the policy's FLOPs only).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=
          "small": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
                        num_attention_heads=16, num_key_value_heads=8)}
 WARMUP = 2
+OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"]}
 
 
 def build_model(size: str, folder: Path) -> dict:
@@ -75,6 +81,7 @@ def run_moedpo(args: argparse.Namespace) -> dict:
                  "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
                  "eval_frequency=1000000", "dry_run=true", "loggers=[]", f"output_dir={out}",
                  "resume=false"]
+    overrides += [o for option in args.variant.split("+")[1:] for o in OPTIONS[option]]
     with initialize_config_module("moedpo.conf", version_base=None):
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     result = run(cfg)
@@ -115,7 +122,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    result = run_moedpo(args) if args.worker == "moedpo" else run_trl(args)
+    result = run_moedpo(args) if args.worker.startswith("moedpo") else run_trl(args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -134,7 +141,7 @@ def _timed(fn) -> float:
 
 
 def launch(name: str, args: argparse.Namespace, model_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+    cmd = [sys.executable, __file__, "--worker", "--variant", name, "--model-dir", str(model_dir),
            "--steps", str(args.steps), "--batch", str(args.batch),
            "--max-length", str(args.max_length)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -153,7 +160,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
-    parser.add_argument("--worker", choices=["moedpo", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=["moedpo", "trl"],
+                        help="trl, moedpo, or moedpo+OPTION[+OPTION] with OPTION in "
+                        f"{', '.join(OPTIONS)}")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -162,7 +173,11 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp()) / "model"
     params = build_model(args.size, folder)
     peak = matmul_peak()
-    runs: dict[str, list[dict]] = {"moedpo": [], "trl": []}
+    for name in args.variants:
+        if name != "trl" and (not name.startswith("moedpo") or any(
+                o not in OPTIONS for o in name.split("+")[1:])):
+            parser.error(f"--variants: unknown {name}")
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
     for round_ in range(args.rounds):
         for name in runs:
             runs[name].append(launch(name, args, folder))
@@ -173,13 +188,25 @@ def main() -> None:
         median = statistics.median(steps)
         summary[name] = {"median_step_s": median, "pairs_per_s": args.batch / median,
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
-    tokens = statistics.median(t for r in runs["moedpo"] for t in r["tokens_per_step"])
     for name in summary:
-        flops = 8 * params["active_params"] * tokens  # policy fwd+bwd (6N) + reference fwd (2N)
+        # Real tokens per step; TRL trains on the same pairs as plain moedpo.
+        source = name if name != "trl" else next((n for n in runs if n.startswith("moedpo")),
+                                                  None)
+        tokens = statistics.median(t for r in runs[source] for t in r["tokens_per_step"]) \
+            if source else None
+        if tokens is None:
+            continue
+        # policy fwd+bwd (6N per token) + reference fwd (2N) unless precomputed
+        flops = (6 if "precompute" in name else 8) * params["active_params"] * tokens
         summary[name]["tokens_per_s"] = tokens / summary[name]["median_step_s"]
         summary[name]["mfu"] = flops / summary[name]["median_step_s"] / (peak * 1e9)
-    ratio = {"pairs_per_s": summary["moedpo"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
-             "peak_rss": summary["moedpo"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+    ratio = {}
+    if "trl" in summary:
+        for name in summary:
+            if name != "trl":
+                ratio[name] = {
+                    "pairs_per_s": summary[name]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
+                    "peak_rss": summary[name]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
     lines = [f"{args.size} model ({params['total_params'] / 1e6:.1f}M parameters, "
              f"{params['active_params'] / 1e6:.1f}M active), batch {args.batch}, max_length "
              f"{args.max_length}, fp32, live reference; matmul peak {peak:.0f} GFLOP/s",
@@ -187,9 +214,12 @@ def main() -> None:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['pairs_per_s']:.1f} | "
-                     f"{s['tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} | {100 * s['mfu']:.0f}% |")
-    lines.append(f"\nmoedpo / TRL: pairs/s {ratio['pairs_per_s']:.2f}x, peak RSS "
-                 f"{ratio['peak_rss']:.2f}x")
+                     f"{s.get('tokens_per_s', 0):.0f} | {s['peak_rss_mb']:.0f} | "
+                     f"{100 * s.get('mfu', 0):.0f}% |")
+    lines.append("")
+    for name, r in ratio.items():
+        lines.append(f"{name} / TRL: pairs/s {r['pairs_per_s']:.2f}x, peak RSS "
+                     f"{r['peak_rss']:.2f}x  ")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

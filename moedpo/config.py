@@ -82,6 +82,8 @@ class DataConfig:
     # null: true on XLA (pad to max_length, one compiled graph), false elsewhere.
     static_shapes: bool | None = None
     strict: bool = False
+    # Steps of similar-length pairs (less padding); see data/loader.py.
+    group_by_length: bool = False
 
 
 @dataclass

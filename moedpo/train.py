@@ -152,7 +152,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         window = MeanMetrics.from_state(own["window"])
         run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
-    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step)
+    lengths = [pair.length for pair in data.train] if cfg.data.group_by_length else None
+    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step,
+                           lengths)
     writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main,
                           OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.exp_name)
 

@@ -4,6 +4,11 @@ The train stream cycles through epochs, reshuffling each from `seed + epoch`, an
 out full step batches (the ragged end of an epoch is left for the next shuffle). A step's
 batch depends only on its step number, so resuming at step s sees exactly what an unbroken
 run would have seen there.
+
+With `lengths` (data.group_by_length), each epoch's order is regrouped so that a step holds
+pairs of similar length, which dynamic padding then turns into less padding: windows of
+GROUP_WINDOW steps are sorted by length and cut into steps, and the steps are shuffled.
+Every pair still comes once per epoch, and the order is still a function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+GROUP_WINDOW = 64  # steps per length-sorted window: wide enough to find equal lengths,
+# narrow enough that the longest pairs do not all land in one part of the epoch
 
 
 def steps_per_epoch(n_pairs: int, step_size: int) -> int:
@@ -24,9 +32,26 @@ def epoch_order(n_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]
     return torch.randperm(n_pairs, generator=generator).tolist()
 
 
+def group_by_length(order: list[int], lengths: list[int], step_size: int, epoch: int,
+                    seed: int, shuffle: bool) -> list[int]:
+    """`order`'s full steps regrouped by length (longest first within a step); the ragged
+    tail stays at the end, as before."""
+    full = len(order) - len(order) % step_size
+    steps = []
+    for start in range(0, full, step_size * GROUP_WINDOW):
+        window = sorted(order[start:min(start + step_size * GROUP_WINDOW, full)],
+                        key=lambda i: -lengths[i])
+        steps += [window[i:i + step_size] for i in range(0, len(window), step_size)]
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch + 7919)
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    return [i for step in steps for i in step] + order[full:]
+
+
 def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
-                  start_step: int = 0) -> Iterator[list[int]]:
-    """Indices of each step's pairs, forever, from `start_step` on."""
+                  start_step: int = 0, lengths: list[int] | None = None) -> Iterator[list[int]]:
+    """Indices of each step's pairs, forever, from `start_step` on; grouped by `lengths`
+    when given."""
     per_epoch = steps_per_epoch(n_pairs, step_size)
     if per_epoch < 1:
         raise ValueError(f"the training set has {n_pairs} pairs, fewer than one step's "
@@ -36,6 +61,8 @@ def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
         epoch, position = divmod(step, per_epoch)
         if epoch != cached_epoch:
             order, cached_epoch = epoch_order(n_pairs, epoch, seed, shuffle), epoch
+            if lengths is not None:
+                order = group_by_length(order, lengths, step_size, epoch, seed, shuffle)
         yield order[position * step_size:(position + 1) * step_size]
         step += 1
 

@@ -62,3 +62,34 @@ def test_eval_split_over_ranks_covers_each_pair_once_with_equal_batch_counts():
     assert per_rank[1][1] == ([6], 1) and per_rank[0][1] == ([4, 5], 2)
     assert list(eval_indices(3, 2, 1, world=2)) == [([2], 1)]
     assert list(eval_indices(2, 2, 1, world=2)) == [([0], 0)]  # nothing left: a padding batch
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+def test_length_grouping_keeps_every_pair_and_cuts_padding():
+    g = torch.Generator().manual_seed(0)
+    n, step = 1000, 8
+    lengths = torch.randint(5, 500, (n,), generator=g).tolist()
+    per_epoch = n // step
+    plain = take(train_indices(n, step, seed=3, shuffle=True), per_epoch)
+    grouped = take(train_indices(n, step, seed=3, shuffle=True, lengths=lengths), 2 * per_epoch)
+    for epoch in range(2):  # same pairs per epoch as the plain order, each once
+        steps = grouped[epoch * per_epoch:(epoch + 1) * per_epoch]
+        used = [i for s in steps for i in s]
+        assert len(set(used)) == len(used) == per_epoch * step
+        plain_epoch = epoch_order(n, epoch, 3, True)[:per_epoch * step]
+        assert sorted(used) == sorted(plain_epoch)
+        assert all([lengths[i] for i in s] == sorted((lengths[i] for i in s), reverse=True)
+                   for s in steps)
+
+    def padded_tokens(steps):
+        return sum(max(lengths[i] for i in s) * len(s) for s in steps)
+    assert padded_tokens(grouped[:per_epoch]) < 0.6 * padded_tokens(plain)
+    # Steps come in shuffled order: the longest step is not always first.
+    firsts = [max(lengths[i] for i in s) for s in grouped[:per_epoch]]
+    assert firsts != sorted(firsts, reverse=True)
+    # A resumed stream continues the same grouped order.
+    resumed = take(train_indices(n, step, 3, True, start_step=per_epoch + 5, lengths=lengths), 10)
+    assert resumed == grouped[per_epoch + 5:per_epoch + 15]
