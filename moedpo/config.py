@@ -60,6 +60,8 @@ class ModelConfig:
     moe_ignore_padding: bool = True
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    # Tokens per chunk for log-probs from the last hidden state (no full logits); 0: off.
+    logps_chunk_size: int = 1024
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -320,6 +322,8 @@ def validate(cfg: DPOConfig) -> None:
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
+    _check(m.logps_chunk_size >= 0,
+           f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
     if m.config_path is not None:

@@ -3,25 +3,33 @@ the evaluation pass."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from .config import DPOConfig
-from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps
+from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps, sequence_logps_from_tokens
 from .metrics import MeanMetrics
+from .models import chunked_head
 from .models.moe import moe_top_k
 from .models.router import router_losses
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
                 with_router: bool = False) -> tuple[SequenceLogps, tuple | None]:
-    """One forward over chosen and rejected together; router logits when asked (MoE only)."""
+    """One forward over chosen and rejected together; router logits when asked (MoE only).
+    With a chunked head (model.logps_chunk_size) the model returns token log-probs, never
+    the full logits."""
     extra = {"output_router_logits": True} if with_router else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False, **extra)
-    return sequence_logps(out.logits, batch["labels"], label_pad), getattr(
-        out, "router_logits", None)
+    chunked = chunked_head.is_enabled(model)
+    scope = (chunked_head.labels_for(model, batch["labels"], label_pad) if chunked
+             else contextlib.nullcontext())
+    with scope:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False, **extra)
+    to_sums = sequence_logps_from_tokens if chunked else sequence_logps
+    return to_sums(out.logits, batch["labels"], label_pad), getattr(out, "router_logits", None)
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,

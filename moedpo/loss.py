@@ -39,6 +39,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
     return SequenceLogps(token_logps.sum(-1), n_tokens, mean_logits)
 
 
+def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
+                                label_pad: int = -100) -> SequenceLogps:
+    """The same sums from models.chunked_head's [rows, T, 2] output (per position: log-prob
+    of the next label, 0 where it is `label_pad`; mean logit)."""
+    mask = labels[:, 1:] != label_pad
+    values = token_values[:, :-1]
+    n_tokens = mask.sum(-1)
+    with torch.no_grad():
+        mean_logits = (values[..., 1] * mask).sum(-1) / n_tokens.clamp(min=1)
+    return SequenceLogps(values[..., 0].sum(-1), n_tokens, mean_logits)
+
+
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
                     name: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:

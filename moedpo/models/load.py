@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
+from . import chunked_head
 from .moe import apply_moe_implementation
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def build_models(cfg: ModelConfig, seed: int = 0,
                  if moe == "dropped" else "")
     reference = copy.deepcopy(model).to(reference_dtype).eval().requires_grad_(False)
     policy = model.to(policy_dtype).train()
+    if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
+        for each in (policy, reference):
+            chunked_head.enable(each, cfg.logps_chunk_size)
     return policy, reference
 
 
