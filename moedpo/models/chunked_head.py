@@ -38,10 +38,18 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Ten
     rows, length, width = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), ignore)], dim=1).reshape(-1)
     flat = hidden.reshape(-1, width)
-    parts = [checkpoint(_chunk_logps, flat[i:i + chunk], head.weight, head.bias,
-                        targets[i:i + chunk], ignore, use_reentrant=False)
+    run = _checkpointed if torch.is_grad_enabled() and hidden.requires_grad else _chunk_logps
+    parts = [run(flat[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], ignore)
              for i in range(0, flat.shape[0], chunk)]
     return torch.cat(parts).view(rows, length, 2)
+
+
+def _checkpointed(*args) -> torch.Tensor:
+    if args[0].device.type == "xla":  # torch.utils.checkpoint knows no XLA device
+        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+        return xla_checkpoint(_chunk_logps, *args)
+    return checkpoint(_chunk_logps, *args, use_reentrant=False)
 
 
 def enable(model: nn.Module, chunk: int) -> None:
