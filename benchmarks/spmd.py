@@ -61,6 +61,8 @@ def run(name: str, args: argparse.Namespace, data: Path, out: Path) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
     rows = [r for r in rows if "train/examples_per_second" in r]
+    seconds = [global_batch / r["train/examples_per_second"] for r in rows]
+    compiles = [r["train/xla_compiles"] for r in rows]
     error = None
     if done.returncode:  # HF's eager experts can exhaust the XLA CPU JIT's code memory
         lines = [x for x in done.stderr.splitlines() if "error" in x.lower()]
@@ -68,10 +70,8 @@ def run(name: str, args: argparse.Namespace, data: Path, out: Path) -> dict:
             lines[-1].strip() if lines else done.stderr.strip().splitlines()[-1])
         print(f"{name}: {error}", file=sys.stderr)
         if len(rows) <= WARMUP:
-            return {"error": error, "steps_done": len(rows),
-                    "wall_s": time.perf_counter() - started}
-    seconds = [global_batch / r["train/examples_per_second"] for r in rows]
-    compiles = [r["train/xla_compiles"] for r in rows]
+            return {"error": error, "steps_done": len(rows), "step_seconds": seconds,
+                    "compiles": compiles, "wall_s": time.perf_counter() - started}
     per_step = [b - a for a, b in zip(compiles, compiles[1:], strict=False)]
     return {"step_seconds": seconds, "median_step_s": statistics.median(seconds[WARMUP:]),
             "compiles_total": compiles[-1], "compiles_per_step_after_warmup":
@@ -114,7 +114,9 @@ def main() -> None:
              "warm-up | loss at last step |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         if "median_step_s" not in r:
-            lines.append(f"| {name} | failed | - | - | - | - |")
+            done = ", ".join(f"step {i}: {t:.1f} s" for i, t in enumerate(r["step_seconds"]))
+            lines.append(f"| {name} | died after {r['steps_done']} step(s) ({done}) | - | "
+                         f"{r['compiles'][-1] if r['compiles'] else '-'} | - | - |")
             continue
         ratio = (f"{base['median_step_s'] / r['median_step_s']:.1f}x"
                  if base and "median_step_s" in base else "-")

@@ -122,7 +122,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    result = run_moedpo(args) if args.worker.startswith("moedpo") else run_trl(args)
+    result = run_moedpo(args) if args.variant.startswith("moedpo") else run_trl(args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
