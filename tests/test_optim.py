@@ -78,3 +78,20 @@ def test_step_if_finite_keeps_or_undoes_the_update(name):
         for key, value in once_opt.state[a].items():
             if key != "step":  # kept on the host: advances even on a skipped step
                 torch.testing.assert_close(skipped_opt.state[b][key], value, rtol=0, atol=0)
+
+
+def test_adamw_is_fused_for_plain_cpu_params_and_matches_unfused(make_cfg):
+    cfg = make_cfg("optimizer=AdamW", "lr=0.1", "weight_decay=0.01")
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = build_optimizer(cfg, [a])
+    plain = torch.optim.AdamW([b], lr=0.1, weight_decay=0.01)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for p, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            (p ** 3).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not build_optimizer(make_cfg("optimizer=RMSprop"), [a]).defaults.get("fused")
