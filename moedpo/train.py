@@ -126,7 +126,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
-                      backend.world_size * backend.devices)
+                      backend.total_devices)
     to_batch = batch_maker(cfg, tokenizer, backend)
     # One forward's pairs: SPMD splits one batch over all devices of the mesh.
     micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
@@ -210,10 +210,11 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             outputs = []
             for start in range(0, step_size, micro * world):  # this rank's share of each
                 mine = start + backend.rank * micro  # micro-batch of the step
-                out = batch_loss(policy, reference, to_batch(pairs[mine:mine + micro]), cfg)
+                chunk = pairs[mine:mine + micro]
+                out = batch_loss(policy, reference, to_batch(chunk), cfg)
                 (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
-                window_tokens += sum(p.n_tokens for p in pairs[mine:mine + micro])
+                window_tokens += sum(p.n_tokens for p in chunk)
             norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
             losses = torch.stack([out.loss.detach() for out in outputs]).sum()
             if backend.kind == "xla":  # decided on the device: no host read inside the step
@@ -315,7 +316,7 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
                     dict(data.skipped.counts), "; ".join(data.skipped.examples))
     if data.truncated.counts:
         log.info("truncated: %s", dict(data.truncated.counts))
-    devices = backend.world_size * backend.devices
+    devices = backend.total_devices
     log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
              n_steps, cfg.per_device_train_batch_size * devices * cfg.gradient_accumulation_steps,
              cfg.per_device_train_batch_size, devices, cfg.gradient_accumulation_steps, run_dir)

@@ -191,8 +191,8 @@ def resolve_implementation(name: str, capacity_factor: float, static: bool = Fal
         return "dense" if static else "dropless"
     if name == "dropless" and static:
         raise ConfigError("model.moe_implementation=dropless has data-dependent shapes, which XLA "
-                         "recompiles every step; use dense, or dropped with "
-                         "model.capacity_factor > 0 (or auto)")
+                          "recompiles every step; use dense, or dropped with "
+                          "model.capacity_factor > 0 (or auto)")
     return name
 
 
@@ -215,8 +215,8 @@ def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float
     unsupported = [type(m).__name__ for m in experts if not supports_layout(m)]
     if unsupported:
         raise ConfigError(f"model.moe_implementation={name}: {unsupported[0]} stores its experts "
-                         "in a layout moedpo does not handle (transposed, biased or ungated); "
-                         "use model.moe_implementation=hf")
+                          "in a layout moedpo does not handle (transposed, biased or ungated); "
+                          "use model.moe_implementation=hf")
     model.set_experts_implementation(f"moedpo_{name}")
     for module in experts:
         module.moedpo_capacity_factor = capacity_factor

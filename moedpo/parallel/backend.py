@@ -37,6 +37,11 @@ class Backend:
         return self.world_size > 1
 
     @property
+    def total_devices(self) -> int:
+        """Devices the global batch is spread over (processes x devices per process)."""
+        return self.world_size * self.devices
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0 and self.host == 0
 
