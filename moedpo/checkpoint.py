@@ -70,6 +70,23 @@ def _writer(path: str) -> dcp.StorageWriter:
     return dcp.FileSystemWriter(path.removeprefix("file://"))
 
 
+def _load_planner(xla: bool):
+    """torch_xla's planner for SPMD-sharded tensors (each host reads its devices' shards)."""
+    if not xla:
+        return None
+    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+    return SPMDLoadPlanner()
+
+
+def _save_planner(xla: bool):
+    if not xla:
+        return None
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    return SPMDSavePlanner()
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -98,13 +115,14 @@ def latest_checkpoint(path: str) -> str:
     return f"{path.rstrip('/')}/{max(steps)[1]}"
 
 
-def restore_weights(path: str, models: list[torch.nn.Module]) -> str:
-    """Load the newest checkpoint under `path` into every model (each keeps its dtype)."""
+def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False) -> str:
+    """Load the newest checkpoint under `path` into every model (each keeps its dtype and
+    sharding; a sharded model reads only its own shards)."""
     checkpoint = latest_checkpoint(path)
     for model in models:
         state = {"model": model.state_dict()}
         try:
-            dcp.load(state, storage_reader=_reader(checkpoint))
+            dcp.load(state, storage_reader=_reader(checkpoint), planner=_load_planner(xla))
         except Exception as err:  # DCP wraps planner/storage errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None

@@ -62,6 +62,9 @@ class ModelConfig:
     router_z_loss_coef: float = 0.0
     # Tokens per chunk for log-probs from the last hidden state (no full logits); 0: off.
     logps_chunk_size: int = 1024
+    # Build on the meta device and fill only each process's shards (README "Loading at
+    # scale"); null: on under FSDP2 and, with checkpoint_manager_path, under SPMD.
+    meta_init: bool | None = None
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -93,6 +96,8 @@ class ReferenceConfig:
     # Run the reference once over the data, cache its log-probs, train without it.
     precompute: bool = False
     cache_dir: str | None = None  # null: output_dir/reference_cache
+    # FSDP2 only: keep the reference's shards in host memory between uses.
+    cpu_offload: bool = False
 
 
 @dataclass

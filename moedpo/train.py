@@ -28,7 +28,7 @@ from .config import DPOConfig, validate
 from .data import build_data, collate, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
-from .models.load import build_models, check_vocab, load_tokenizer
+from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
 from .models.moe import experts_modules, moe_top_k
 from .optim import build_optimizer, build_scheduler, step_if_finite
 from .parallel import fsdp, spmd
@@ -59,18 +59,38 @@ class RunResult:
     preempted: bool = False
 
 
+def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
+    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
+    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
+    if cfg.model.meta_init is not None:
+        return cfg.model.meta_init
+    return backend.distributed or (backend.kind == "xla" and bool(cfg.checkpoint_manager_path))
+
+
 def load_models(cfg: DPOConfig, backend: Backend):
-    """(tokenizer, policy, reference) placed for `backend` (FSDP2-sharded across ranks);
-    reference is None for reference-free DPO."""
+    """(tokenizer, policy, reference) placed for `backend` (FSDP2- or SPMD-sharded); reference
+    is None for reference-free DPO. With meta init the models are sharded while still
+    weightless, then each process fills only its own shards (README "Loading at scale")."""
     tokenizer = load_tokenizer(cfg.model)
-    policy, reference = build_models(cfg.model, cfg.seed, for_xla=backend.kind == "xla")
-    if cfg.checkpoint_manager_path:
-        restored = restore_weights(cfg.checkpoint_manager_path, [policy, reference])
-        log.info("restored weights of policy and reference from %s", restored)
+    meta = use_meta_init(cfg, backend)
+    policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
     reference = None if cfg.loss.reference_free else reference
-    policy = policy.to(backend.device)
-    reference = reference.to(backend.device) if reference is not None else None
+    models = [m for m in (policy, reference) if m is not None]
+    if not meta:
+        if cfg.checkpoint_manager_path:
+            restored = restore_weights(cfg.checkpoint_manager_path, models)
+            log.info("restored weights of policy and reference from %s", restored)
+        models = [m.to(backend.device) for m in models]
+    policy, reference = place_models(cfg, backend, *models, *([None] * (2 - len(models))))
+    if meta:
+        load_sharded_weights(cfg, backend, [m for m in (policy, reference) if m is not None])
+    return tokenizer, policy, reference
+
+
+def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
+                 reference: torch.nn.Module | None):
+    """Shard for the backend: SPMD annotations on XLA, FSDP2 under torchrun, else as is."""
     checkpoint_layers = cfg.model.fsdp_config.xla_fsdp_grad_ckpt
     if backend.kind == "xla":
         classes = fsdp.layer_classes(policy, cfg)
@@ -80,8 +100,31 @@ def load_models(cfg: DPOConfig, backend: Backend):
     elif backend.distributed:
         policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype, checkpoint_layers)
         if reference is not None:
-            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype)
-    return tokenizer, policy, reference
+            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype,
+                                   cpu_offload=cfg.reference.cpu_offload)
+    return policy, reference
+
+
+def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn.Module]) -> None:
+    """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
+    process reads only its shards; otherwise one process builds the starting weights once and
+    the others receive their shards from it."""
+    for model in models:
+        materialize(model, backend.device)
+    if cfg.checkpoint_manager_path:
+        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla")
+        log.info("restored weights of policy and reference from %s (each process its shards)",
+                 restored)
+        return
+    full = None
+    if backend.is_main or not backend.distributed:
+        full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict()
+    for model in models:
+        if backend.distributed:
+            fsdp.load_from_rank0(model, full)
+        else:
+            model.load_state_dict(full)
+    del full
 
 
 def padded_length(cfg: DPOConfig, backend: Backend) -> int | None:

@@ -41,7 +41,9 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Ten
     run = _checkpointed if torch.is_grad_enabled() and hidden.requires_grad else _chunk_logps
     parts = [run(flat[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], ignore)
              for i in range(0, flat.shape[0], chunk)]
-    return torch.cat(parts).view(rows, length, 2)
+    # A new tensor, not a view ([rows, T, 2] is small): FSDP2 cannot hook in-place ops on a
+    # view returned by the root module and warns on every forward.
+    return torch.cat(parts).view(rows, length, 2).clone()
 
 
 def _checkpointed(*args) -> torch.Tensor:

@@ -86,30 +86,48 @@ def attention_implementation(cfg: ModelConfig) -> str:
     return "sdpa" if cfg.flash_attention else "eager"
 
 
-def build_models(cfg: ModelConfig, seed: int = 0,
-                 for_xla: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _load_dtype(cfg: ModelConfig) -> torch.dtype:
+    # Load or initialise once in the wider dtype, then cast a copy for each role, so the
+    # lower-precision model is the rounding of the other and never a second, different init.
+    policy_dtype, reference_dtype = DTYPES[cfg.policy_dtype], DTYPES[cfg.reference_dtype]
+    return torch.float32 if torch.float32 in (policy_dtype, reference_dtype) else policy_dtype
+
+
+def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
+                  on_meta: bool = False) -> torch.nn.Module:
+    """The starting weights, once, in the wider of the two dtypes: pretrained, or freshly
+    initialised from `seed`. `on_meta`: the same modules with no storage (shapes only)."""
+    config = model_config(cfg)
+    dtype = _load_dtype(cfg)
+    attn = "eager" if for_xla else attention_implementation(cfg)
+    if on_meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn,
+                trust_remote_code=cfg.trust_remote_code)
+    if cfg.config_path:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, config=config, dtype=dtype, revision=cfg.revision,
+            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error("model", cfg.name_or_path, err) from None
+
+
+def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
+                 on_meta: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(policy, reference) with identical starting weights, on the CPU. `for_xla` rules out
     MoE implementations whose shapes depend on the routing, and uses eager attention (HF's
     sdpa path reads the attention mask on the host to choose a kernel, a sync that splits
-    the XLA graph)."""
-    config = model_config(cfg)
-    policy_dtype, reference_dtype = DTYPES[cfg.policy_dtype], DTYPES[cfg.reference_dtype]
-    # Load or initialise once in the wider dtype, then cast a copy for each role, so the
-    # lower-precision model is the rounding of the other and never a second, different init.
-    load_dtype = torch.float32 if torch.float32 in (policy_dtype, reference_dtype) else policy_dtype
-    attn = "eager" if for_xla else attention_implementation(cfg)
-    if cfg.config_path:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=load_dtype, attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, config=config, dtype=load_dtype, revision=cfg.revision,
-                attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise _hub_error("model", cfg.name_or_path, err) from None
+    the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding."""
+    model = initial_model(cfg, seed, for_xla, on_meta)
+    if on_meta and getattr(model.config, "tie_word_embeddings", False):
+        raise ModelLoadError(
+            f"model.meta_init=true: {type(model).__name__} ties its input and output "
+            "embeddings, which meta-device building does not restore; set model.meta_init=false")
     # Policy and reference always share the MoE implementation and capacity.
     moe = apply_moe_implementation(model, cfg.moe_implementation, cfg.capacity_factor,
                                    cfg.capacity_rounding, cfg.moe_ignore_padding,
@@ -118,12 +136,32 @@ def build_models(cfg: ModelConfig, seed: int = 0,
         log.info("MoE experts implementation: %s%s", moe,
                  f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"
                  if moe == "dropped" else "")
-    reference = copy.deepcopy(model).to(reference_dtype).eval().requires_grad_(False)
-    policy = model.to(policy_dtype).train()
+    reference = copy.deepcopy(model).to(DTYPES[cfg.reference_dtype]).eval().requires_grad_(False)
+    policy = model.to(DTYPES[cfg.policy_dtype]).train()
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
             chunked_head.enable(each, cfg.logps_chunk_size)
     return policy, reference
+
+
+def materialize(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """A meta-device model (sharded or not) -> uninitialised storage on `device`, with its
+    non-persistent buffers (rotary `inv_freq`) computed again: no checkpoint holds them, so
+    the module that owns them is built once more on the CPU to take its values."""
+    model.to_empty(device=device)
+    for name, module in model.named_modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)
+        except (AttributeError, TypeError) as err:
+            raise ModelLoadError(
+                f"model.meta_init=true: cannot rebuild the buffers of {name} "
+                f"({type(module).__name__}: {err}); set model.meta_init=false") from None
+        for buffer in module._non_persistent_buffers_set:
+            getattr(module, buffer).copy_(getattr(fresh, buffer))
+    return model
 
 
 def check_vocab(tokenizer, model: torch.nn.Module, source: str | Path | None = None) -> None:

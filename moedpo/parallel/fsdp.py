@@ -1,13 +1,19 @@
 """FSDP2 (`fully_shard`) for torch.distributed runs: each decoder layer, then the root.
 
 The model definition stays plain Hugging Face; this only wraps it. The reference model is
-sharded the same way and never trained.
+sharded the same way and never trained (optionally kept in host memory between uses).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from ..config import DTYPES, DPOConfig
 
@@ -19,9 +25,9 @@ def layer_classes(model: torch.nn.Module, cfg: DPOConfig) -> set[str]:
 
 
 def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
-          checkpoint_layers: bool = False) -> torch.nn.Module:
+          checkpoint_layers: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
     """fully_shard every decoder layer and the root; compute in `compute_dtype`, reduce
-    gradients in float32."""
+    gradients in float32. Works on a meta-device model too (materialise it afterwards)."""
     classes = layer_classes(model, cfg)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
@@ -30,7 +36,18 @@ def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
     if checkpoint_layers and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[compute_dtype], reduce_dtype=torch.float32)
+    # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
+    offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+               else OffloadPolicy())
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
     return model
+
+
+def load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Fill every rank's shards of a sharded `model` from the unsharded state dict that only
+    rank 0 holds (`None` elsewhere): one full copy of the weights in the whole job."""
+    # A copy: the call puts the sharded values back into the dict it is given.
+    set_model_state_dict(model, dict(full_state or {}), options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=True))

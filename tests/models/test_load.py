@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 
-from moedpo.config import ModelConfig
-from moedpo.models.load import ModelLoadError, build_models, load_tokenizer
+from moedpo.config import ModelConfig, resolve_model_json
+from moedpo.models.load import ModelLoadError, build_models, load_tokenizer, materialize
 
 TINY = dict(config_path="tiny-mixtral.json")
 
@@ -60,3 +62,31 @@ def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="cannot load .*no-such/model.*HF_TOKEN"):
         build_models(ModelConfig(name_or_path="no-such/model"))
+
+
+def test_meta_build_holds_no_storage_and_materializes_to_the_same_model(tiny_neox_dir):
+    """Meta-built, materialised, then given the real weights: the same logits as the normally
+    loaded model, which needs the rotary buffers (not in any state dict) rebuilt."""
+    for cfg in (ModelConfig(**TINY, policy_dtype="float32", reference_dtype="bfloat16"),
+                ModelConfig(name_or_path=str(tiny_neox_dir), policy_dtype="float32",
+                            reference_dtype="float32")):
+        policy, reference = build_models(cfg, seed=3)
+        meta_policy, meta_reference = build_models(cfg, seed=3, on_meta=True)
+        assert all(t.is_meta for t in [*meta_policy.parameters(), *meta_reference.buffers()])
+        assert meta_reference.dtype == reference.dtype and not meta_reference.training
+        ids = torch.randint(0, 500, (2, 11))
+        for plain, meta in ((policy, meta_policy), (reference, meta_reference)):
+            materialize(meta, "cpu")
+            buffers = [name for name, _ in plain.named_buffers()]
+            assert buffers and all(torch.equal(b, dict(meta.named_buffers())[n])
+                                   for n, b in plain.named_buffers())
+            meta.load_state_dict(plain.state_dict())
+            torch.testing.assert_close(meta(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                       rtol=0, atol=0)
+
+
+def test_meta_build_refuses_tied_embeddings(tmp_path):
+    config = json.loads((resolve_model_json("tiny-mixtral.json")).read_text())
+    (tmp_path / "tied.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ModelLoadError, match="model.meta_init=false"):
+        build_models(ModelConfig(config_path=str(tmp_path / "tied.json")), on_meta=True)

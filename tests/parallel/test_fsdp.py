@@ -7,7 +7,9 @@ import time
 import pytest
 
 from conftest import ROOT, assert_same_run, run_ok, wait_for
-from moedpo.checkpoint import COMPLETE
+from moedpo.checkpoint import COMPLETE, save_weights
+from moedpo.config import ModelConfig
+from moedpo.models.load import build_models
 
 COMMON = ["+experiment=demo", "max_steps=3", "dry_run=true", "shuffle=true",
           "eval_frequency=2", "data.static_shapes=true", "max_length=64",
@@ -29,6 +31,27 @@ def test_two_ranks_equal_one_process(tmp_path, moe):
     run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
     run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", out, "exp_name=two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
+    """checkpoint_manager_path under FSDP2: models built on the meta device, each rank reads
+    its shards, the reference lives in host memory between uses; same run as one process."""
+    policy, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                         policy_dtype="float32"), seed=5)
+    save_weights(policy, str(tmp_path / "weights"))
+    args = [*COMMON, f"checkpoint_manager_path={tmp_path / 'weights'}", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    two = torchrun(*args, "per_device_train_batch_size=2", "exp_name=two",
+                   "reference.cpu_offload=true")
+    log = subprocess.run(two, cwd=ROOT, capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr[-3000:]
+    assert "(each process its shards)" in log.stdout + log.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    seed_init = tmp_path / "seed"  # and the checkpoint's weights are what both trained from
+    run_ok(single(*COMMON, "per_device_train_batch_size=4", f"output_dir={tmp_path}",
+                  "exp_name=seed"))
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "one", seed_init, atol=1e-5)
 
 
 def test_two_rank_kill_and_resume(tmp_path):
