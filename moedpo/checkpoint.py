@@ -169,6 +169,7 @@ class Checkpointer:
     max_to_keep: int | None = 3
     rank: int = 0
     barrier: Callable[[], None] = lambda: None  # waits for every rank (no-op in one process)
+    xla: bool = False  # SPMD-sharded tensors: torch_xla's planners, each host its shards
 
     def step_path(self, step: int, tmp: bool = False) -> str:
         name = f"{STEP_PREFIX}{step:08d}"
@@ -211,7 +212,8 @@ class Checkpointer:
         try:
             fs.makedirs(_fs(tmp)[1], exist_ok=True)
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp))
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp),
+                     planner=_save_planner(self.xla))
             with fs.open(f"{_fs(tmp)[1]}/rank{self.rank}.json", "w") as f:
                 json.dump({"rng": rng_state(), **(rank_state or {})}, f)
             self.barrier()  # every rank's files are in place before the marker
@@ -261,7 +263,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, storage_reader=_reader(path))
+            dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
         except Exception as err:  # DCP wraps planner/storage errors in several types
             raise CheckpointError(f"resume={path}: cannot load it into this model and "
                                   f"optimizer: {_first_line(err)}") from None

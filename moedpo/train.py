@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer, restore_weights
-from .config import DPOConfig, validate
+from .config import ConfigError, DPOConfig, validate
 from .data import build_data, collate, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
@@ -62,9 +62,14 @@ class RunResult:
 def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
     """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
     SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
+    xla_without_weights = backend.kind == "xla" and not cfg.checkpoint_manager_path
+    if cfg.model.meta_init and xla_without_weights:
+        raise ConfigError("model.meta_init=true on XLA reads the weights shard by shard from "
+                          "checkpoint_manager_path; set it (`moedpo convert` makes one from a "
+                          "Hugging Face folder) or set model.meta_init=false")
     if cfg.model.meta_init is not None:
         return cfg.model.meta_init
-    return backend.distributed or (backend.kind == "xla" and bool(cfg.checkpoint_manager_path))
+    return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
 
 
 def load_models(cfg: DPOConfig, backend: Backend):
@@ -82,6 +87,8 @@ def load_models(cfg: DPOConfig, backend: Backend):
             restored = restore_weights(cfg.checkpoint_manager_path, models)
             log.info("restored weights of policy and reference from %s", restored)
         models = [m.to(backend.device) for m in models]
+    elif backend.kind == "xla":  # SPMD annotates device tensors: storage first (still empty)
+        models = [materialize(m, backend.device) for m in models]
     policy, reference = place_models(cfg, backend, *models, *([None] * (2 - len(models))))
     if meta:
         load_sharded_weights(cfg, backend, [m for m in (policy, reference) if m is not None])
@@ -109,8 +116,9 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
     """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
     process reads only its shards; otherwise one process builds the starting weights once and
     the others receive their shards from it."""
-    for model in models:
-        materialize(model, backend.device)
+    if backend.kind != "xla":  # FSDP2 allocates only each rank's shards
+        for model in models:
+            materialize(model, backend.device)
     if cfg.checkpoint_manager_path:
         restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla")
         log.info("restored weights of policy and reference from %s (each process its shards)",
@@ -164,8 +172,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
     if not backend.is_main:
         logging.getLogger("moedpo").setLevel(logging.WARNING)
-    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.rank,
-                                backend.barrier)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process,
+                                backend.barrier, xla=backend.kind == "xla")
     run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,

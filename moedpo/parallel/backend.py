@@ -30,6 +30,7 @@ class Backend:
     local_rank: int = 0
     devices: int = 1  # devices one forward's batch is split over (XLA SPMD: all of them)
     host: int = 0  # XLA: this host's index; only host 0 writes
+    hosts: int = 1  # XLA: processes (one per host), joined by a gloo group when > 1
     mesh: Any = None  # XLA SPMD device mesh
 
     @property
@@ -40,6 +41,11 @@ class Backend:
     def total_devices(self) -> int:
         """Devices the global batch is spread over (processes x devices per process)."""
         return self.world_size * self.devices
+
+    @property
+    def process(self) -> int:
+        """This process's index among all of them: torchrun rank, or XLA host."""
+        return self.rank if self.kind != "xla" else self.host
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +59,7 @@ class Backend:
             torch_xla.sync()
 
     def barrier(self) -> None:
-        if self.distributed:
+        if self.distributed or self.hosts > 1:
             dist.barrier()
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -93,8 +99,15 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
 
         torch_xla.backends.set_mat_mul_precision("highest")
     mesh = make_mesh(tensor_parallelism)
+    hosts = xr.process_count()
+    if hosts > 1 and not dist.is_initialized():
+        # Hosts agree on checkpoint plans (DCP) and barriers over gloo; torch_xla's xla://
+        # rendezvous takes the addresses from its own runtime, no launcher needed.
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
+
+        dist.init_process_group("gloo", init_method="xla://")
     return Backend("xla", torch_xla.device(), devices=xr.global_runtime_device_count(),
-                   host=xr.process_index(), mesh=mesh)
+                   host=xr.process_index(), hosts=hosts, mesh=mesh)
 
 
 def init_backend(requested: str = "auto", tensor_parallelism: int = 1,

@@ -78,3 +78,24 @@ def test_spmd_resume_equals_straight_run(tmp_path):
         shutil.rmtree(checkpoints / later)
     run_xla(*args, "exp_name=resumed")  # resume=auto picks step_00000002
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", atol=1e-6)
+
+
+def test_spmd_meta_init_reads_checkpoint_shards(tmp_path):
+    """checkpoint_manager_path on XLA: built on the meta device, sharded while still empty,
+    each shard read by torch_xla's planner; the same run as the CPU trainer from that file."""
+    weights = tmp_path / "weights"
+    save = ("from moedpo.config import ModelConfig; from moedpo.models.load import build_models;"
+            " from moedpo.checkpoint import save_weights;"
+            " p, _ = build_models(ModelConfig(config_path='tiny-mixtral.json',"
+            f" policy_dtype='float32'), seed=5); save_weights(p, '{weights}')")
+    run_ok([XLA_PYTHON, "-c", save])  # written by the older torch: the CPU run reads it too
+    args = [*COMMON, "max_steps=3", "model.moe_implementation=dense",
+            f"checkpoint_manager_path={weights}", f"output_dir={tmp_path}"]
+    run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "data.static_shapes=true",
+            "per_device_train_batch_size=8", "per_device_eval_batch_size=8", "exp_name=cpu"])
+    done = subprocess.run([XLA_PYTHON, "run_dpo_no_trainer.py", *args, "exp_name=xla",
+                           "per_device_train_batch_size=2", "per_device_eval_batch_size=2"],
+                          cwd=ROOT, env=xla_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(each process its shards)" in done.stdout + done.stderr
+    assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
