@@ -11,9 +11,11 @@ measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and w
     python benchmarks/throughput.py --size small   # hidden 1024, 8 layers
     python benchmarks/throughput.py --variants moedpo moedpo+group+precompute trl
 
-Variants of moedpo add its speed options: `+group` (data.group_by_length=true) and
-`+precompute` (reference.precompute=true: the one-time reference pass happens before step 0
-and is not in the step times; MFU then counts the policy's FLOPs only).
+Variants of moedpo add its speed options: `+group` (data.group_by_length=true),
+`+share` (data.share_prompt=true: the prompt runs once per pair; MFU still counts the FLOPs of
+the unshared work, so it reads as useful work per second) and `+precompute`
+(reference.precompute=true: the one-time reference pass happens before step 0 and is not in
+the step times; MFU then counts the policy's FLOPs only).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=
          "small": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
                        num_attention_heads=16, num_key_value_heads=8)}
 WARMUP = 2
-OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"]}
+OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"],
+           "share": ["data.share_prompt=true"]}
 
 
 def build_model(size: str, folder: Path) -> dict:

@@ -89,6 +89,8 @@ class DataConfig:
     strict: bool = False
     # Steps of similar-length pairs (less padding); see data/loader.py.
     group_by_length: bool = False
+    # One row per pair: the prompt once, both responses after it (README "Shared prompt").
+    share_prompt: bool = False
 
 
 @dataclass
@@ -327,6 +329,14 @@ def validate(cfg: DPOConfig) -> None:
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
+    _check(not cfg.data.share_prompt or (m.capacity_factor == 0 and m.moe_implementation
+                                         in ("auto", "dropless", "dense", "hf", "hf_eager")),
+           "data.share_prompt=true puts both responses in one row, which changes what the "
+           "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
+           "or data.share_prompt=false")
+    _check(not (cfg.data.share_prompt and cfg.data.static_shapes),
+           "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
+           "responses long); set data.static_shapes=false")
     _check(m.logps_chunk_size >= 0,
            f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):

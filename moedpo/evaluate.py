@@ -9,11 +9,12 @@ from collections.abc import Callable
 import torch
 
 from .config import DPOConfig
+from .data.collate import SEGMENT_PROMPT
 from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps, sequence_logps_from_tokens
 from .metrics import MeanMetrics
 from .models import chunked_head
 from .models.moe import moe_top_k
-from .models.router import router_losses
+from .models.router import record_router_logits, router_losses
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
@@ -21,15 +22,36 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
     """One forward over chosen and rejected together; router logits when asked (MoE only).
     With a chunked head (model.logps_chunk_size) the model returns token log-probs, never
     the full logits."""
-    extra = {"output_router_logits": True} if with_router else {}
+    extra = {}
+    segments = batch.get("segments")  # shared-prompt rows (data.share_prompt)
+    if segments is not None:
+        extra["position_ids"] = batch["position_ids"]
+        dtype = model.get_input_embeddings().weight.dtype
+        attention_mask = shared_prompt_mask(segments, dtype)
+    else:
+        attention_mask = batch["attention_mask"]
     chunked = chunked_head.is_enabled(model)
     scope = (chunked_head.labels_for(model, batch["labels"], label_pad) if chunked
              else contextlib.nullcontext())
-    with scope:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    routers = record_router_logits(model) if with_router else contextlib.nullcontext()
+    with scope, routers as router_logits:
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     use_cache=False, **extra)
     to_sums = sequence_logps_from_tokens if chunked else sequence_logps
-    return to_sums(out.logits, batch["labels"], label_pad), getattr(out, "router_logits", None)
+    return (to_sums(out.logits, batch["labels"], label_pad, segments),
+            tuple(router_logits) if with_router else None)
+
+
+def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, T] segments -> [rows, 1, T, T] additive attention mask: causal, and a position
+    sees the prompt and its own segment only (a response never sees the other one; padding
+    sees itself, so no row of the softmax is empty). Transformers takes a 4-D mask as given."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((key == SEGMENT_PROMPT) | (key == query))
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,

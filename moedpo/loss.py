@@ -26,29 +26,39 @@ class SequenceLogps:
         return values[:half], values[half:]
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
-                   label_pad: int = -100) -> SequenceLogps:
+def _sums(values: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """[rows, T-1] per-target values -> per-sequence sums: [rows], or with shared-prompt
+    `segments` ([rows, T], data.collate_shared) [2 x rows]: chosen sums, then rejected."""
+    if segments is None:
+        return values.sum(-1)
+    target = segments[:, 1:]  # position t predicts the token at t + 1
+    return torch.cat([(values * (target == 1)).sum(-1), (values * (target == 2)).sum(-1)])
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = -100,
+                   segments: torch.Tensor | None = None) -> SequenceLogps:
     """Sum of log p(label_t | tokens < t) over positions whose label is not `label_pad`."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != label_pad
     token_logps = -F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~mask, -100),
                                    ignore_index=-100, reduction="none")
-    n_tokens = mask.sum(-1)
+    n_tokens = _sums(mask.long(), segments)
     with torch.no_grad():
-        mean_logits = (logits.mean(-1) * mask).sum(-1) / n_tokens.clamp(min=1)
-    return SequenceLogps(token_logps.sum(-1), n_tokens, mean_logits)
+        mean_logits = _sums(logits.mean(-1) * mask, segments) / n_tokens.clamp(min=1)
+    return SequenceLogps(_sums(token_logps, segments), n_tokens, mean_logits)
 
 
 def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
-                                label_pad: int = -100) -> SequenceLogps:
+                                label_pad: int = -100,
+                                segments: torch.Tensor | None = None) -> SequenceLogps:
     """The same sums from models.chunked_head's [rows, T, 2] output (per position: log-prob
     of the next label, 0 where it is `label_pad`; mean logit)."""
     mask = labels[:, 1:] != label_pad
     values = token_values[:, :-1]
-    n_tokens = mask.sum(-1)
+    n_tokens = _sums(mask.long(), segments)
     with torch.no_grad():
-        mean_logits = (values[..., 1] * mask).sum(-1) / n_tokens.clamp(min=1)
-    return SequenceLogps(values[..., 0].sum(-1), n_tokens, mean_logits)
+        mean_logits = _sums(values[..., 1] * mask, segments) / n_tokens.clamp(min=1)
+    return SequenceLogps(_sums(values[..., 0], segments), n_tokens, mean_logits)
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,

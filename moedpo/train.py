@@ -25,7 +25,7 @@ from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer, restore_weights
 from .config import ConfigError, DPOConfig, validate
-from .data import build_data, collate, eval_indices, train_indices
+from .data import build_data, collate, collate_shared, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
@@ -147,9 +147,13 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend) -> Callable:
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
     pad_to = padded_length(cfg, backend)
+    if cfg.data.share_prompt and pad_to is not None:
+        raise ConfigError("data.share_prompt=true needs dynamic padding, which this backend "
+                          f"({backend.kind}) does not use; set data.share_prompt=false")
+    to_rows = collate_shared if cfg.data.share_prompt else collate
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
-        batch = collate(pairs, pad_id, cfg.label_pad_token_id, pad_to)
+        batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
         batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
         return spmd.shard_batch(batch, backend.mesh) if backend.kind == "xla" else batch
     return make

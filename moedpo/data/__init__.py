@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import DPOConfig
-from .collate import collate
+from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
 from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, load_pairs
 from .synthetic import synthetic_pairs
 from .tokenize import TokenizedPair, TruncationStats, tokenize_pairs
 
 __all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
-           "eval_indices", "train_indices"]
+           "collate_shared", "eval_indices", "train_indices"]
 
 DRY_RUN_BATCHES = 10
 

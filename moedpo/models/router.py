@@ -1,17 +1,46 @@
 """Router losses and statistics from the routers' logits.
 
-Everything here reads the per-layer router logits `[B*S, E]` that transformers returns with
-`output_router_logits=True`, plus the attention mask, so it serves every MoE implementation
-alike. Padding tokens never count.
+Everything here reads the per-layer router logits `[B*S, E]`, recorded from the model's
+router modules during its forward (`record_router_logits`), plus a [B, S] mask of real tokens,
+so it serves every MoE implementation alike. Padding tokens never count.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .moe import capacity, kept_slots
+
+
+@contextlib.contextmanager
+def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect each router's logits during a forward, in layer order. The same modules
+    transformers records for `output_router_logits=True` (its `_can_record_outputs`), but
+    without also running its load-balancing loss, which moedpo computes itself and which
+    cannot read the 4-D attention mask of shared-prompt batches."""
+    recorder = getattr(model, "_can_record_outputs", None) or {}
+    target = recorder.get("router_logits")
+    logits: list[torch.Tensor] = []
+    if target is None:
+        yield logits
+        return
+    target_class = getattr(target, "target_class", target)
+    index = getattr(target, "index", 0)
+
+    def keep(_module, _inputs, output) -> None:
+        logits.append(output[index] if isinstance(output, tuple) else output)
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules()
+             if isinstance(m, target_class)]
+    try:
+        yield logits
+    finally:  # gone before backward: activation checkpointing re-runs the forward
+        for hook in hooks:
+            hook.remove()
 
 
 @dataclass

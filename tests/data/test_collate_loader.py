@@ -1,6 +1,6 @@
 import torch
 
-from moedpo.data.collate import collate
+from moedpo.data.collate import collate, collate_shared
 from moedpo.data.loader import epoch_order, eval_indices, train_indices
 from moedpo.data.synthetic import synthetic_pairs
 from moedpo.data.tokenize import TokenizedPair
@@ -93,3 +93,19 @@ def test_length_grouping_keeps_every_pair_and_cuts_padding():
     # A resumed stream continues the same grouped order.
     resumed = take(train_indices(n, step, 3, True, start_step=per_epoch + 5, lengths=lengths), 10)
     assert resumed == grouped[per_epoch + 5:per_epoch + 15]
+
+
+def test_collate_shared_layout_by_hand():
+    """prompt [5 6 7], chosen [8 9], rejected [10]: one row `5 6 | 7 8 9 | 7 10 | pad`."""
+    batch = collate_shared([TokenizedPair([5, 6, 7], [8, 9], [10]),
+                            TokenizedPair([3], [4], [5, 6, 7])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 10], [3, 4, 3, 5, 6, 7, 0]]
+    # Each token's position in its own unshared sequence (pads 0).
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 0, 1, 2, 3, 0]]
+    P, C, R, X = 0, 1, 2, 3
+    assert batch["segments"].tolist() == [[P, P, C, C, C, R, R], [C, C, R, R, R, R, X]]
+    # Labels only on response tokens; a response's first token is predicted from its own
+    # copy of the last prompt token, never from the other response.
+    n = -100
+    assert batch["labels"].tolist() == [[n, n, n, 8, 9, n, 10], [n, 4, n, 5, 6, 7, n]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 6 + [0]]

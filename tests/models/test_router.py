@@ -55,3 +55,20 @@ def test_drop_statistics_follow_kept_slots():
     assert out.dropped_slots == (~kept & real).sum().item() > 0
     assert out.fully_dropped_tokens == (~kept.any(-1) & mask.bool()).sum().item()
     assert router_losses((logits,), mask, 2, capacity_factor=4.0).dropped_slots == 0
+
+
+def test_recorded_router_logits_are_transformers_own():
+    from moedpo.config import ModelConfig
+    from moedpo.models.load import build_models
+    from moedpo.models.router import record_router_logits
+
+    policy, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                         policy_dtype="float32", logps_chunk_size=0), seed=0)
+    ids = torch.randint(0, 500, (2, 9))
+    with record_router_logits(policy) as recorded:
+        out = policy(input_ids=ids, output_router_logits=True)
+    assert len(recorded) == len(out.router_logits) == policy.config.num_hidden_layers
+    for mine, theirs in zip(recorded, out.router_logits, strict=True):
+        assert torch.equal(mine, theirs)
+    policy(input_ids=ids)  # hooks are gone after the block
+    assert len(recorded) == policy.config.num_hidden_layers
