@@ -86,6 +86,9 @@ class LossConfig:
 class DataConfig:
     # null: true on XLA (pad to max_length, one compiled graph), false elsewhere.
     static_shapes: bool | None = None
+    # With static shapes: pad each batch to the shortest of these lengths that fits it
+    # (max_length always included), one compiled graph per length. null: max_length only.
+    length_buckets: list[int] | None = None
     strict: bool = False
     # Steps of similar-length pairs (less padding); see data/loader.py.
     group_by_length: bool = False
@@ -334,6 +337,10 @@ def validate(cfg: DPOConfig) -> None:
            "data.share_prompt=true puts both responses in one row, which changes what the "
            "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
            "or data.share_prompt=false")
+    buckets = cfg.data.length_buckets or []
+    _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
+           f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
+           f"({cfg.max_length}), e.g. [128,256]")
     _check(not (cfg.data.share_prompt and cfg.data.static_shapes),
            "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
            "responses long); set data.static_shapes=false")

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .config import DPOConfig
 from .data import DataBundle, TokenizedPair, eval_indices
+from .data.collate import PadTo
 from .evaluate import batch_logps
 
 log = logging.getLogger("moedpo")
@@ -55,7 +56,7 @@ def data_digest(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: int | None) -> dict:
+def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo) -> dict:
     m = cfg.model
     return {
         "train_pairs": data_digest(data.train), "eval_pairs": data_digest(data.eval),
@@ -123,7 +124,7 @@ def attach(pairs: list[TokenizedPair], values: torch.Tensor) -> list[TokenizedPa
 
 
 def precompute(cfg: DPOConfig, data: DataBundle, reference: torch.nn.Module, to_batch,
-               pad_to: int | None, backend, progress=None) -> DataBundle:
+               pad_to: PadTo, backend, progress=None) -> DataBundle:
     """`data` with every pair's reference log-probs attached, from the cache when it holds
     them, else computed now (and cached by the main process)."""
     fields = cache_fields(cfg, data, pad_to)

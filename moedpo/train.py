@@ -135,10 +135,15 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
     del full
 
 
-def padded_length(cfg: DPOConfig, backend: Backend) -> int | None:
-    """max_length with static shapes (by default on XLA), else None: each batch's longest."""
+def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
+    """With static shapes (by default on XLA): max_length, or the length buckets up to it;
+    else None: each batch's longest."""
     static = cfg.data.static_shapes
-    return cfg.max_length if (static if static is not None else backend.kind == "xla") else None
+    if not (static if static is not None else backend.kind == "xla"):
+        return None
+    if cfg.data.length_buckets:
+        return sorted({*cfg.data.length_buckets, cfg.max_length})
+    return cfg.max_length
 
 
 def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend) -> Callable:

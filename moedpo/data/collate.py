@@ -11,6 +11,8 @@ after it, each response attending only to the prompt and itself (see `SEGMENT_*`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .tokenize import TokenizedPair
@@ -27,15 +29,21 @@ def _reference_logps(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
                                             + [p.reference[1] for p in pairs])}
 
 
-def _padded_length(longest: int, pad_to: int | None) -> int:
-    length = longest if pad_to is None else pad_to
-    if longest > length:
-        raise ValueError(f"a sequence of {longest} tokens does not fit pad_to={length}")
-    return length
+PadTo = int | Sequence[int] | None
+
+
+def _padded_length(longest: int, pad_to: PadTo) -> int:
+    """None: the longest sequence; an int: exactly that; lengths: the shortest that fits."""
+    if pad_to is None:
+        return longest
+    fitting = [n for n in ([pad_to] if isinstance(pad_to, int) else pad_to) if n >= longest]
+    if not fitting:
+        raise ValueError(f"a sequence of {longest} tokens does not fit pad_to={pad_to}")
+    return min(fitting)
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
-            pad_to: int | None = None) -> dict[str, torch.Tensor]:
+            pad_to: PadTo = None) -> dict[str, torch.Tensor]:
     sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     length = _padded_length(max(len(prompt) + len(resp) for prompt, resp in sequences), pad_to)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -51,7 +59,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
 
 
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
-                   pad_to: int | None = None) -> dict[str, torch.Tensor]:
+                   pad_to: PadTo = None) -> dict[str, torch.Tensor]:
     """Rows `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected | pad`, with the position
     ids each token has in its own unshared sequence and a `segments` map from which the
     model's attention mask is built (models.shared_prompt). A response's first token is

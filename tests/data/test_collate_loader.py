@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moedpo.data.collate import collate, collate_shared
@@ -109,3 +110,12 @@ def test_collate_shared_layout_by_hand():
     n = -100
     assert batch["labels"].tolist() == [[n, n, n, 8, 9, n, 10], [n, 4, n, 5, 6, 7, n]]
     assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 6 + [0]]
+
+
+def test_collate_pads_to_the_shortest_bucket_that_fits():
+    short, long_ = TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([1] * 5, [2] * 4, [3])
+    assert collate([short], 0, pad_to=[4, 8, 16])["input_ids"].shape == (2, 4)
+    assert collate([short, long_], 0, pad_to=[4, 8, 16])["input_ids"].shape == (4, 16)
+    assert collate([short], 0, pad_to=[16, 4])["input_ids"].shape == (2, 4)  # any order
+    with pytest.raises(ValueError, match="does not fit"):
+        collate([long_], 0, pad_to=[4, 8])
