@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.collate import SEGMENT_CHOSEN, SEGMENT_REJECTED
+
 
 @dataclass
 class SequenceLogps:
@@ -32,7 +34,8 @@ def _sums(values: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
     if segments is None:
         return values.sum(-1)
     target = segments[:, 1:]  # position t predicts the token at t + 1
-    return torch.cat([(values * (target == 1)).sum(-1), (values * (target == 2)).sum(-1)])
+    return torch.cat([(values * (target == SEGMENT_CHOSEN)).sum(-1),
+                      (values * (target == SEGMENT_REJECTED)).sum(-1)])
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = -100,

@@ -81,17 +81,19 @@ def load_models(cfg: DPOConfig, backend: Backend):
     policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
     reference = None if cfg.loss.reference_free else reference
-    models = [m for m in (policy, reference) if m is not None]
+    models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
     if not meta:
         if cfg.checkpoint_manager_path:
             restored = restore_weights(cfg.checkpoint_manager_path, models)
             log.info("restored weights of policy and reference from %s", restored)
-        models = [m.to(backend.device) for m in models]
+        for model in models:
+            model.to(backend.device)
     elif backend.kind == "xla":  # SPMD annotates device tensors: storage first (still empty)
-        models = [materialize(m, backend.device) for m in models]
-    policy, reference = place_models(cfg, backend, *models, *([None] * (2 - len(models))))
+        for model in models:
+            materialize(model, backend.device)
+    policy, reference = place_models(cfg, backend, policy, reference)
     if meta:
-        load_sharded_weights(cfg, backend, [m for m in (policy, reference) if m is not None])
+        load_sharded_weights(cfg, backend, models)
     return tokenizer, policy, reference
 
 
@@ -124,15 +126,13 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
         log.info("restored weights of policy and reference from %s (each process its shards)",
                  restored)
         return
-    full = None
-    if backend.is_main or not backend.distributed:
-        full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict()
+    full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict() \
+        if backend.is_main else None
     for model in models:
         if backend.distributed:
             fsdp.load_from_rank0(model, full)
         else:
             model.load_state_dict(full)
-    del full
 
 
 def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:

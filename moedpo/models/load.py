@@ -8,6 +8,7 @@ from the same weights, each cast to its own dtype; the reference is frozen in ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -100,15 +101,13 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     config = model_config(cfg)
     dtype = _load_dtype(cfg)
     attn = "eager" if for_xla else attention_implementation(cfg)
-    if on_meta:
-        with torch.device("meta"):
+    if on_meta or cfg.config_path:
+        if cfg.config_path:
+            torch.manual_seed(seed)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
             return AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn,
                 trust_remote_code=cfg.trust_remote_code)
-    if cfg.config_path:
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype, revision=cfg.revision,
