@@ -56,16 +56,18 @@ def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                batch: dict[str, torch.Tensor], cfg: DPOConfig) -> DPOOutput:
+    # The reference runs first: its forward's temporaries are gone before the policy's
+    # activations, kept for the backward, are made.
+    reference_logps = None
+    if reference is not None and "reference_logps" not in batch:
+        with torch.no_grad():
+            reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
     top_k = moe_top_k(policy)
     policy_logps, router_logits = batch_logps(policy, batch, cfg.label_pad_token_id,
                                               with_router=top_k is not None)
-    reference_logps = None
     if "reference_logps" in batch:  # precomputed (reference.precompute=true)
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))
-    elif reference is not None:
-        with torch.no_grad():
-            reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
     out = dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,
                    cfg.loss.label_smoothing, cfg.aux_nll_loss_coef)
     if router_logits:

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..config import ConfigError
+from .grouped_mlp import routed_expert_mlp
 
 log = logging.getLogger(__name__)
 
@@ -65,33 +66,28 @@ def _expert_mlp(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(experts._apply_gate(gate_up), experts.down_proj.transpose(1, 2))
 
 
-def _grouped_mlp(experts: nn.Module, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Expert MLPs on rows of `x` sorted by expert, `counts[e]` rows for expert e."""
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate_up = F.grouped_mm(x, experts.gate_up_proj.transpose(1, 2), offs=offsets)
-        return F.grouped_mm(experts._apply_gate(gate_up), experts.down_proj.transpose(1, 2),
-                            offs=offsets)
-    # Elsewhere one matmul per expert is as fast as grouped_mm (measured on CPU) and works
-    # for every dtype; the split sizes cost one host sync per layer.
-    # unbind, not indexing: the backward of E index ops would build E full-size zero grads.
-    gate_up, down = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
-    outs = []
-    for e, chunk in enumerate(x.split(counts.tolist())):
-        if chunk.shape[0]:
-            outs.append(F.linear(experts._apply_gate(F.linear(chunk, gate_up[e])), down[e]))
-    return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
-
-
 def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
     num_experts = experts.gate_up_proj.shape[0]
     flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)  # routing slots sorted by expert
     counts = torch.bincount(flat, minlength=num_experts)
-    out_sorted = _grouped_mlp(experts, hidden[order // top_k], counts)
-    out_sorted = out_sorted * top_k_weights.reshape(-1)[order, None].to(out_sorted.dtype)
+    slot_token = order // top_k
+    slot_weight = top_k_weights.reshape(-1)[order].to(hidden.dtype)
+    if hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 \
+            and hasattr(F, "grouped_mm"):
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate_up = F.grouped_mm(hidden[slot_token], experts.gate_up_proj.transpose(1, 2),
+                               offs=offsets)
+        out_sorted = F.grouped_mm(experts._apply_gate(gate_up),
+                                  experts.down_proj.transpose(1, 2), offs=offsets)
+        out_sorted = out_sorted * slot_weight[:, None]
+    else:
+        # One matmul per expert is as fast as grouped_mm on CPU (measured) and works for
+        # every dtype; the split sizes cost one host sync per layer.
+        out_sorted = routed_expert_mlp(hidden, slot_token, slot_weight, counts.tolist(),
+                                       experts)
     # Back to (token, rank) order and summed over ranks, as HF does: deterministic, and the
     # same accumulation order in bf16.
     out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)

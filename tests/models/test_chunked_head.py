@@ -39,8 +39,10 @@ def test_chunked_equals_full_logits(tiny_policy, chunk):
     torch.testing.assert_close(chunked.logps, plain.logps, rtol=0, atol=1e-5)
     assert torch.equal(chunked.n_tokens, plain.n_tokens)
     torch.testing.assert_close(chunked.mean_logits, plain.mean_logits, rtol=0, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in plain_grads.items():  # fp32 rounding scales with the gradient's size
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6 * scale,
+                                   msg=name)
 
 
 def test_head_is_plain_outside_labels_and_names_unchanged(tiny_policy):

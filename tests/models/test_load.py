@@ -1,10 +1,20 @@
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from moedpo.config import ModelConfig, resolve_model_json
-from moedpo.models.load import ModelLoadError, build_models, load_tokenizer, materialize
+from moedpo.models.load import (
+    ModelLoadError,
+    build_models,
+    initial_model,
+    load_tokenizer,
+    materialize,
+)
 
 TINY = dict(config_path="tiny-mixtral.json")
 
@@ -49,6 +59,31 @@ def test_pretrained_folder_loads_with_dropout_off(tiny_neox_dir):
     policy.train()
     torch.testing.assert_close(policy(input_ids=ids).logits, policy(input_ids=ids).logits)
     torch.testing.assert_close(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("folder", ["tiny_neox_dir", "tiny_mixtral_dir"])
+def test_loaded_weights_own_their_memory_and_the_file_is_unmapped(folder, request):
+    """from_pretrained leaves the tensors it did not convert inside the memory-mapped
+    safetensors file, which keeps every page it read resident; initial_model copies them."""
+    folder = request.getfixturevalue(folder)
+    weights = folder / "model.safetensors"
+    cfg = ModelConfig(name_or_path=str(folder), policy_dtype="float32",
+                      reference_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    mapped = [t for t in model.state_dict().values() if not t.untyped_storage().resizable()]
+    assert mapped, "transformers no longer maps the file: own_storage has nothing to do"
+    del model, mapped
+    gc.collect()
+
+    model = initial_model(cfg)
+    gc.collect()
+    assert str(weights) not in Path("/proc/self/maps").read_text()
+    assert all(t.untyped_storage().resizable() for t in model.state_dict().values())
+    on_disk = load_file(weights)
+    for name, tensor in model.state_dict().items():
+        if name in on_disk:
+            assert torch.equal(tensor, on_disk[name]), name
 
 
 def test_tokenizer_sources(tiny_neox_dir):
