@@ -90,7 +90,10 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
                                        experts)
     # Back to (token, rank) order and summed over ranks, as HF does: deterministic, and the
     # same accumulation order in bf16.
-    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+    # index_select's backward keeps only the index (index_copy's would keep `out_sorted`).
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    out = out_sorted.index_select(0, position)
     return out.view(tokens, top_k, -1).sum(1).to(hidden.dtype)
 
 
