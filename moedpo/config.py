@@ -65,6 +65,13 @@ class ModelConfig:
     # Build on the meta device and fill only each process's shards (README "Loading at
     # scale"); null: on under FSDP2 and, with checkpoint_manager_path, under SPMD.
     meta_init: bool | None = None
+    # Recompute each decoder layer's forward in the backward: a layer's activations are kept
+    # only at its input, for about a third more compute. null: as
+    # fsdp_config.xla_fsdp_grad_ckpt when sharded (FSDP2, XLA), off on one process.
+    activation_checkpointing: bool | None = None
+    # With activation checkpointing: every n-th decoder layer only (1: all), trading back
+    # speed for memory.
+    activation_checkpointing_every: int = 1
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -320,6 +327,9 @@ def validate(cfg: DPOConfig) -> None:
         _check(m.policy_dtype == "float32" and m.reference_dtype == "float32",
                f"full_precision=true needs float32 models, got model.policy_dtype="
                f"{m.policy_dtype} model.reference_dtype={m.reference_dtype}")
+    _check(m.activation_checkpointing_every >= 1,
+           f"model.activation_checkpointing_every={m.activation_checkpointing_every}: must be "
+           ">= 1 (1 checkpoints every decoder layer)")
     _check(m.capacity_factor >= 0,
            f"model.capacity_factor={m.capacity_factor}: must be >= 0 (0 = dropless)")
     _check(m.moe_implementation in MOE_IMPLEMENTATIONS,

@@ -25,7 +25,7 @@ def layer_classes(model: torch.nn.Module, cfg: DPOConfig) -> set[str]:
 
 
 def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
-          checkpoint_layers: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
+          cpu_offload: bool = False) -> torch.nn.Module:
     """fully_shard every decoder layer and the root; compute in `compute_dtype`, reduce
     gradients in float32. Works on a meta-device model too (materialise it afterwards)."""
     classes = layer_classes(model, cfg)
@@ -33,8 +33,6 @@ def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
     if not layers:
         raise ValueError(f"model.fsdp_config.transformer_layer_cls_to_wrap={sorted(classes)}: "
                          f"no such layer in {type(model).__name__}")
-    if checkpoint_layers and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[compute_dtype], reduce_dtype=torch.float32)
     # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
     offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload

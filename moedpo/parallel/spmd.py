@@ -63,9 +63,9 @@ def partition_spec(name: str, param: torch.Tensor) -> tuple | None:
 
 
 def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
-                checkpoint_layers: bool = False) -> torch.nn.Module:
+                checkpoint_every: int = 0) -> torch.nn.Module:
     """Annotate `model` (already on the XLA device) for SPMD: weights by the table, logits on
-    "fsdp", decoder layers checkpointed when asked."""
+    "fsdp", every `checkpoint_every`-th decoder layer checkpointed (0: none)."""
     import torch_xla.distributed.spmd as xs
     from torch_xla.distributed.fsdp import checkpoint_module
 
@@ -73,11 +73,12 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
         spec = partition_spec(name, param)
         if spec is not None:
             xs.mark_sharding(param, mesh, spec)
-    if checkpoint_layers:
-        for module in model.modules():
-            for child_name, child in module.named_children():
-                if type(child).__name__ in layer_classes:
-                    module.register_module(child_name, checkpoint_module(child))
+    if checkpoint_every:
+        layers = [(parent, name, child) for parent in model.modules()
+                  for name, child in parent.named_children()
+                  if type(child).__name__ in layer_classes]
+        for parent, name, child in layers[::checkpoint_every]:
+            parent.register_module(name, checkpoint_module(child))
 
     def shard_logits(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
         xs.mark_sharding(output, mesh, ("fsdp",) + (None,) * (output.dim() - 1))
