@@ -15,7 +15,9 @@ Variants of moedpo add its speed options: `+group` (data.group_by_length=true),
 `+share` (data.share_prompt=true: the prompt runs once per pair; MFU still counts the FLOPs of
 the unshared work, so it reads as useful work per second) and `+precompute`
 (reference.precompute=true: the one-time reference pass happens before step 0 and is not in
-the step times; MFU then counts the policy's FLOPs only).
+the step times; MFU then counts the policy's FLOPs only) and `+ckpt`
+(model.activation_checkpointing=true: less memory, the policy's forward runs twice; MFU counts
+the FLOPs without the recompute).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=
                        num_attention_heads=16, num_key_value_heads=8)}
 WARMUP = 2
 OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"],
-           "share": ["data.share_prompt=true"]}
+           "share": ["data.share_prompt=true"], "ckpt": ["model.activation_checkpointing=true"],
+           "compile": ["model.compile=true"]}
 
 
 def build_model(size: str, folder: Path) -> dict:

@@ -72,6 +72,8 @@ class ModelConfig:
     # With activation checkpointing: every n-th decoder layer only (1: all), trading back
     # speed for memory.
     activation_checkpointing_every: int = 1
+    # torch.compile each decoder layer (CPU and CUDA; XLA compiles the whole step anyway).
+    compile: bool = False
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
 
 

@@ -33,7 +33,7 @@ from .models.moe import experts_modules, moe_top_k
 from .optim import build_optimizer, build_scheduler, step_if_finite
 from .parallel import fsdp, spmd
 from .parallel.backend import Backend, init_backend, shutdown
-from .parallel.checkpointing import checkpoint_decoder_layers
+from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 
@@ -101,13 +101,16 @@ def load_models(cfg: DPOConfig, backend: Backend):
 def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
                  reference: torch.nn.Module | None):
     """Shard for the backend: SPMD annotations on XLA, FSDP2 under torchrun, else as is;
-    the policy's decoder layers activation-checkpointed when configured."""
+    before that, the decoder layers checkpointed (policy) and compiled, when configured."""
     checkpoint_layers = cfg.model.activation_checkpointing
     if checkpoint_layers is None:
         checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
                              and (backend.kind == "xla" or backend.distributed))
     if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
-        classes = fsdp.layer_classes(policy, cfg)
+        if cfg.model.compile:
+            raise ConfigError("model.compile=true: on XLA every step is compiled whole "
+                              "already; set model.compile=false")
+        classes = layer_classes(policy, cfg)
         every = cfg.model.activation_checkpointing_every if checkpoint_layers else 0
         policy = spmd.shard_model(policy, backend.mesh, classes, every)
         if reference is not None:
@@ -115,6 +118,10 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         return policy, reference
     if checkpoint_layers:
         checkpoint_decoder_layers(policy, cfg.model.activation_checkpointing_every)
+    if cfg.model.compile:
+        for model in (policy, reference):
+            if model is not None:
+                compile_decoder_layers(model, cfg)
     if backend.distributed:
         policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype)
         if reference is not None:

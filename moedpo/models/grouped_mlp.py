@@ -72,6 +72,10 @@ def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
             for e, (n, end) in enumerate(zip(counts, ends, strict=True)) if n]
 
 
+# Left out of torch.compile (model.compile): the graph would be specialised on every
+# expert's row count, so each batch and layer would compile again; per-expert matmuls have
+# nothing to fuse.
+@torch.compiler.disable
 def routed_expert_mlp(hidden: torch.Tensor, slot_token: torch.Tensor, slot_weight: torch.Tensor,
                       counts: list[int], experts: torch.nn.Module) -> torch.Tensor:
     """Routing slots sorted by expert (`counts[e]` slots for expert e), slot i reading token

@@ -22,25 +22,39 @@ def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]
     transformers records for `output_router_logits=True` (its `_can_record_outputs`), but
     without also running its load-balancing loss, which moedpo computes itself and which
     cannot read the 4-D attention mask of shared-prompt batches."""
-    recorder = getattr(model, "_can_record_outputs", None) or {}
-    target = recorder.get("router_logits")
+    sink = _router_sink(model)
     logits: list[torch.Tensor] = []
-    if target is None:
+    sink["logits"] = logits
+    try:
         yield logits
-        return
+    finally:  # closed before backward: activation checkpointing re-runs the forward
+        sink["logits"] = None
+
+
+def _router_sink(model: torch.nn.Module) -> dict:
+    """Forward hooks on the router modules, registered once per model, appending to
+    `sink["logits"]` while a recording is open. Registered once (not per forward) and run
+    outside torch.compile's graphs, so compiled layers see the same hooks on every call and
+    are not recompiled."""
+    if hasattr(model, "_moedpo_router_sink"):
+        return model._moedpo_router_sink
+    sink: dict = {"logits": None}
+    model._moedpo_router_sink = sink
+    target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if target is None:
+        return sink
     target_class = getattr(target, "target_class", target)
     index = getattr(target, "index", 0)
 
+    @torch.compiler.disable
     def keep(_module, _inputs, output) -> None:
-        logits.append(output[index] if isinstance(output, tuple) else output)
+        if sink["logits"] is not None:
+            sink["logits"].append(output[index] if isinstance(output, tuple) else output)
 
-    hooks = [m.register_forward_hook(keep) for m in model.modules()
-             if isinstance(m, target_class)]
-    try:
-        yield logits
-    finally:  # gone before backward: activation checkpointing re-runs the forward
-        for hook in hooks:
-            hook.remove()
+    for module in model.modules():
+        if isinstance(module, target_class):
+            module.register_forward_hook(keep)
+    return sink
 
 
 @dataclass

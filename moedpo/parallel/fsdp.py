@@ -16,23 +16,14 @@ from torch.distributed.fsdp import (
 )
 
 from ..config import DTYPES, DPOConfig
-
-
-def layer_classes(model: torch.nn.Module, cfg: DPOConfig) -> set[str]:
-    """`model.fsdp_config.transformer_layer_cls_to_wrap`, else the model's own decoder layer."""
-    names = cfg.model.fsdp_config.transformer_layer_cls_to_wrap
-    return set(names or getattr(model, "_no_split_modules", None) or [])
+from .layers import decoder_layers
 
 
 def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
           cpu_offload: bool = False) -> torch.nn.Module:
     """fully_shard every decoder layer and the root; compute in `compute_dtype`, reduce
     gradients in float32. Works on a meta-device model too (materialise it afterwards)."""
-    classes = layer_classes(model, cfg)
-    layers = [m for m in model.modules() if type(m).__name__ in classes]
-    if not layers:
-        raise ValueError(f"model.fsdp_config.transformer_layer_cls_to_wrap={sorted(classes)}: "
-                         f"no such layer in {type(model).__name__}")
+    layers = decoder_layers(model, cfg)
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[compute_dtype], reduce_dtype=torch.float32)
     # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
     offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
