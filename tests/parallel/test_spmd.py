@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_same_run, run_ok
+from conftest import ROOT, assert_same_run, compose_cfg, run_ok
+from moedpo.data import build_data, collate, train_indices
+from moedpo.models.load import load_tokenizer
 
 XLA_PYTHON = os.environ.get("MOEDPO_XLA_PYTHON")
 pytestmark = pytest.mark.skipif(not XLA_PYTHON, reason="MOEDPO_XLA_PYTHON not set: run "
@@ -58,6 +60,37 @@ def test_spmd_equals_cpu_and_compiles_once(tmp_path, tp, moe):
     # Step 0 compiles the step without optimizer state, step 1 with it; then nothing new,
     # though the eval at step 3 ran in between and the learning rate changed every step.
     assert compiles[1:] == [compiles[1]] * 5, compiles
+
+
+def test_length_buckets_compile_one_step_graph_per_bucket(tmp_path):
+    """data.length_buckets on XLA: each batch is padded to the shortest bucket that fits, a
+    graph per bucket is compiled the first time it is needed and reused after; the run equals
+    the CPU trainer padding to the same buckets."""
+    buckets = [64, 96, 128]
+    args = [*COMMON, "max_steps=8", "max_length=128", "max_prompt_length=64",
+            "data.length_buckets=[64,96]", "do_first_eval=false", "eval_frequency=1000",
+            "model.moe_implementation=dense", f"output_dir={tmp_path}"]
+    run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "data.static_shapes=true",
+            "per_device_train_batch_size=8", "per_device_eval_batch_size=8", "exp_name=cpu"])
+    run_xla(*args, "per_device_train_batch_size=2", "per_device_eval_batch_size=2",
+            "exp_name=xla")
+    assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
+
+    # Each step's bucket, from the same pairs on the host.
+    cfg = compose_cfg(*args, "per_device_train_batch_size=2")
+    data = build_data(cfg, load_tokenizer(cfg.model), 10**6, DEVICES)
+    stream = train_indices(len(data.train), 2 * DEVICES, cfg.seed, cfg.shuffle)
+    lengths = [collate([data.train[i] for i in next(stream)], 0, -100, buckets)
+               ["input_ids"].shape[1] for _ in range(8)]
+    assert len(set(lengths)) > 1 and lengths[-1] in lengths[1:-1]  # the data does vary
+    # One graph for step 0 (no optimizer state yet), then one per bucket with state.
+    graphs = [len({(lengths[0], False)} | {(n, True) for n in lengths[1:step + 1]})
+              for step in range(8)]
+    rows = [json.loads(line) for line in (tmp_path / "xla/metrics.jsonl").read_text().splitlines()
+            if '"train/' in line]
+    compiles = [r["train/xla_compiles"] for r in rows]
+    assert [n - compiles[0] for n in compiles] == [n - graphs[0] for n in graphs], \
+        (lengths, compiles)
 
 
 def test_xla_rejects_dropless(tmp_path):
