@@ -47,12 +47,15 @@ def _router_sink(model: torch.nn.Module) -> dict:
     index = getattr(target, "index", 0)
 
     @torch.compiler.disable
-    def keep(_module, _inputs, output) -> None:
-        if sink["logits"] is not None:
-            sink["logits"].append(output[index] if isinstance(output, tuple) else output)
+    def keep(module, _inputs, output) -> None:
+        # The sink is read from the module, so a deep copy of the model records into its own.
+        logits = module._moedpo_router_sink["logits"]
+        if logits is not None:
+            logits.append(output[index] if isinstance(output, tuple) else output)
 
     for module in model.modules():
         if isinstance(module, target_class):
+            module._moedpo_router_sink = sink
             module.register_forward_hook(keep)
     return sink
 

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -70,5 +71,11 @@ def test_recorded_router_logits_are_transformers_own():
     assert len(recorded) == len(out.router_logits) == policy.config.num_hidden_layers
     for mine, theirs in zip(recorded, out.router_logits, strict=True):
         assert torch.equal(mine, theirs)
-    policy(input_ids=ids)  # hooks are gone after the block
+    policy(input_ids=ids)  # nothing is recorded outside the block
     assert len(recorded) == policy.config.num_hidden_layers
+    twin = copy.deepcopy(policy)  # records into its own list, not the original's
+    other = torch.randint(0, 500, (2, 5))
+    with record_router_logits(policy) as again, record_router_logits(twin) as copied:
+        twin(input_ids=other)
+    assert again == [] and len(copied) == policy.config.num_hidden_layers
+    assert copied[0].shape[0] == other.numel()
