@@ -43,9 +43,15 @@ class RoutedExpertMLP(torch.autograd.Function):
         hidden, slot_weight, gate_up_proj, down_proj, slot_token, *gate_ups = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden) if need[0] else None
-        grad_weight = torch.zeros_like(slot_weight) if need[1] else None
-        grad_gate_up = torch.zeros_like(gate_up_proj) if need[2] else None
-        grad_down = torch.zeros_like(down_proj) if need[3] else None
+        # Every slot and every routed expert's weights are written below; only the experts
+        # nobody chose need zeros.
+        grad_weight = torch.empty_like(slot_weight) if need[1] else None
+        grad_gate_up = torch.empty_like(gate_up_proj) if need[2] else None
+        grad_down = torch.empty_like(down_proj) if need[3] else None
+        idle = [e for e, n in enumerate(ctx.counts) if n == 0]
+        for grad in (grad_gate_up, grad_down):
+            if grad is not None and idle:
+                grad[idle] = 0
         for (e, rows), gate_up in zip(_expert_rows(ctx.counts), gate_ups, strict=True):
             go, weight, tokens = grad_out[rows], slot_weight[rows, None], slot_token[rows]
             with torch.enable_grad():

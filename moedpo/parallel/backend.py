@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .host_memory import keep_freed_host_memory
+
 log = logging.getLogger("moedpo")
 BACKENDS = ("auto", "cpu", "cuda", "xla")
 
@@ -127,6 +129,7 @@ def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        keep_freed_host_memory()  # activations and gradients live in host memory
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return Backend(kind, device, rank, world, local_rank)
