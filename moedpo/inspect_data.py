@@ -38,8 +38,8 @@ def histogram(values: list[int], max_length: int, bins: int = 10) -> list[str]:
 
 
 def show_pair(tokenizer, pair) -> list[str]:
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids).replace("\n", "\\n")
+    def text(ids) -> str:
+        return tokenizer.decode(list(ids)).replace("\n", "\\n")
     return [f"  [prompt]   {text(pair.prompt)}", f"  [chosen]   {text(pair.chosen)}",
             f"  [rejected] {text(pair.rejected)}"]
 

@@ -51,7 +51,7 @@ def _weights_stamp(path: str | None) -> list | None:
 def data_digest(pairs: list[TokenizedPair]) -> str:
     digest = hashlib.sha256()
     for pair in pairs:
-        ids = pair.prompt + [-1] + pair.chosen + [-2] + pair.rejected + [-3]
+        ids = [*pair.prompt, -1, *pair.chosen, -2, *pair.rejected, -3]
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
     return digest.hexdigest()
 

@@ -258,7 +258,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             write_samples(step)
         return values
 
-    sample_prompts = [p.prompt for p in data.eval[:cfg.n_eval_model_samples]]
+    sample_prompts = [list(p.prompt) for p in data.eval[:cfg.n_eval_model_samples]]
 
     def write_samples(step: int) -> None:
         """Greedy samples for fixed eval prompts: run_dir/samples.jsonl and TensorBoard."""

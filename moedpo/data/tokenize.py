@@ -9,7 +9,9 @@ Labels (built in the collator) are the ids with prompt positions masked.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .sources import Pair, SkipLog
@@ -19,11 +21,22 @@ TOKENIZE_BATCH = 1024
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    prompt: list[int]
-    chosen: list[int]  # response tokens only
-    rejected: list[int]
+    """Token ids are kept as int32 arrays (given as any sequence of ints): 4 bytes a token,
+    where a list of Python ints takes 36. The data set lives in every process for the whole
+    run: the bundled demo set (60 tokens a pair) went from 37 to 16 bytes a token with the
+    pairs' own overhead; HH's 160k pairs at ~300 tokens hold ~0.25 GB instead of ~1.8 GB."""
+
+    prompt: Sequence[int]
+    chosen: Sequence[int]  # response tokens only
+    rejected: Sequence[int]
     # (chosen, rejected) summed reference log-probs, when precomputed (moedpo.reference)
     reference: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "chosen", "rejected"):
+            ids = getattr(self, name)
+            if not isinstance(ids, array):
+                object.__setattr__(self, name, array("i", ids))
 
     @property
     def length(self) -> int:

@@ -1,7 +1,10 @@
 """Truncation rules against hand-worked examples (ids are symbolic integers)."""
 
+from array import array
+from dataclasses import replace
+
 from moedpo.data.sources import Pair, SkipLog
-from moedpo.data.tokenize import TruncationStats, tokenize_pairs, truncate
+from moedpo.data.tokenize import TokenizedPair, TruncationStats, tokenize_pairs, truncate
 
 P = list(range(100, 110))  # 10 prompt tokens
 C = [1, 2, 3, 4, 5, 6]  # chosen, 6 tokens
@@ -42,10 +45,20 @@ def test_tokenize_appends_eos_once_and_excludes_special_tokens(tokenizer):
     pairs = [Pair("\n\nHuman: hi\n\nAssistant:", "Hello!", "Bye" + eos, "t:1")]
     (out,) = tokenize_pairs(pairs, tokenizer, 64, 32, "keep_end", SkipLog())
     expect_prompt = tokenizer("\n\nHuman: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]
-    assert out.prompt == expect_prompt
-    assert out.chosen == tokenizer("Hello!")["input_ids"] + [tokenizer.eos_token_id]
+    assert list(out.prompt) == expect_prompt
+    assert list(out.chosen) == tokenizer("Hello!")["input_ids"] + [tokenizer.eos_token_id]
     assert out.rejected.count(tokenizer.eos_token_id) == 1
     assert out.rejected[-1] == tokenizer.eos_token_id
+
+
+def test_token_ids_are_stored_as_int32_arrays():
+    """4 bytes a token: the tokenised data set stays in memory for the whole run."""
+    pair = TokenizedPair([5, 70000, 3], (9,), range(4))
+    for ids, expected in ((pair.prompt, [5, 70000, 3]), (pair.chosen, [9]),
+                          (pair.rejected, [0, 1, 2, 3])):
+        assert isinstance(ids, array) and ids.itemsize == 4 and list(ids) == expected
+    assert pair.length == 7 and pair.n_tokens == 11
+    assert list(replace(pair, reference=(1.0, 2.0)).prompt) == [5, 70000, 3]
 
 
 def test_long_rows_are_truncated_to_max_length(tokenizer):
