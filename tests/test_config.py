@@ -1,9 +1,11 @@
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from moedpo.config import ConfigError, resolve_model_json, validate
+from conftest import ROOT
+from moedpo.config import ConfigError, DPOConfig, resolve_model_json, validate
 
 
 def test_defaults_are_the_originals(make_cfg):
@@ -74,3 +76,24 @@ def test_cli_validation_error_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "moedpo: error: optimizer=Nope: not a torch.optim optimizer")
+
+
+def config_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_every_config_key_is_documented_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    keys = config_keys(DPOConfig)
+    assert "model.activation_checkpointing" in keys and len(keys) > 50
+    # A dict-valued key is documented by its entries (`dataset_dir.hh`).
+    missing = [k for k in keys if f"`{k}`" not in readme and f"`{k}." not in readme]
+    assert not missing, f"document these in README's config reference: {missing}"
