@@ -10,6 +10,7 @@ measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and w
     python benchmarks/throughput.py                # tiny model (hidden 256, 4 layers, 8x top-2)
     python benchmarks/throughput.py --size small   # hidden 1024, 8 layers
     python benchmarks/throughput.py --variants moedpo moedpo+group+precompute trl
+    python benchmarks/throughput.py --device cuda --dtype bfloat16 --size medium  # on a GPU
 
 Variants of moedpo add its speed options: `+group` (data.group_by_length=true),
 `+share` (data.share_prompt=true: the prompt runs once per pair; MFU still counts the FLOPs of
@@ -38,14 +39,18 @@ import torch
 SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4),
          "small": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
-                       num_attention_heads=16, num_key_value_heads=8)}
+                       num_attention_heads=16, num_key_value_heads=8),
+         # ~1.3B active of 4.6B parameters: the GPU configuration of issue 6
+         "medium": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP = 2
 OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"],
            "share": ["data.share_prompt=true"], "ckpt": ["model.activation_checkpointing=true"],
            "compile": ["model.compile=true"]}
 
 
-def build_model(size: str, folder: Path) -> dict:
+def build_model(size: str, folder: Path, dtype: str = "float32") -> dict:
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
     from moedpo.models.load import EMBEDDED_TOKENIZER
@@ -56,7 +61,7 @@ def build_model(size: str, folder: Path) -> dict:
                            pad_token_id=tokenizer.pad_token_id, **SIZES[size])
     torch.manual_seed(0)
     model = MixtralForCausalLM(config)
-    model.save_pretrained(folder)
+    model.to(DTYPES[dtype]).save_pretrained(folder)  # initialised in float32, as HF does
     tokenizer.save_pretrained(folder)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -80,8 +85,9 @@ def run_moedpo(args: argparse.Namespace) -> dict:
 
     register_schema()
     out = tempfile.mkdtemp()
-    overrides = [f"model.name_or_path={args.model_dir}", "model.policy_dtype=float32",
-                 "model.reference_dtype=float32", "use_synthetic_data=false", "datasets=demo",
+    overrides = [f"model.name_or_path={args.model_dir}", f"model.policy_dtype={args.dtype}",
+                 f"model.reference_dtype={args.dtype}", f"parallel.backend={args.device}",
+                 "use_synthetic_data=false", "datasets=demo",
                  f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
                  f"max_prompt_length={args.max_length // 2}", "optimizer=AdamW", "lr=5e-4",
                  "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
@@ -113,11 +119,14 @@ def run_trl(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - self.start)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    # Weights in the benchmark's dtype, as moedpo holds them (bf16: pure bf16 training).
+    dtype = DTYPES[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        max_length=args.max_length, learning_rate=5e-4, max_steps=args.steps,
-                       logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                       logging_steps=1, report_to=[], use_cpu=args.device == "cpu",
+                       bf16=args.dtype == "bfloat16",
                        save_strategy="no", precompute_ref_log_probs=False, beta=0.1,
                        lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
     data = datasets.Dataset.from_list(demo_pairs()[:args.batch * 10])
@@ -130,13 +139,22 @@ def run_trl(args: argparse.Namespace) -> dict:
 def worker(args: argparse.Namespace) -> None:
     result = run_moedpo(args) if args.variant.startswith("moedpo") else run_trl(args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def matmul_peak(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
+def matmul_peak(device: str, dtype: str) -> float:
+    """Best of a square matmul in the benchmark's dtype: 2048 on a CPU, 8192 on a GPU."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
+
+    def matmul() -> None:
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+    matmul()
+    best = min(_timed(matmul) for _ in range(5 if device == "cpu" else 20))
     return 2 * n**3 / best / 1e9
 
 
@@ -149,7 +167,7 @@ def _timed(fn) -> float:
 def launch(name: str, args: argparse.Namespace, model_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", name, "--model-dir", str(model_dir),
            "--steps", str(args.steps), "--batch", str(args.batch),
-           "--max-length", str(args.max_length)]
+           "--max-length", str(args.max_length), "--device", args.device, "--dtype", args.dtype]
     done = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -165,6 +183,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     parser.add_argument("--variants", nargs="+", default=["moedpo", "trl"],
                         help="trl, moedpo, or moedpo+OPTION[+OPTION] with OPTION in "
@@ -177,8 +197,8 @@ def main() -> None:
         return worker(args)
 
     folder = Path(tempfile.mkdtemp()) / "model"
-    params = build_model(args.size, folder)
-    peak = matmul_peak()
+    params = build_model(args.size, folder, args.dtype)
+    peak = matmul_peak(args.device, args.dtype)
     for name in args.variants:
         if name != "trl" and (not name.startswith("moedpo") or any(
                 o not in OPTIONS for o in name.split("+")[1:])):
@@ -194,6 +214,8 @@ def main() -> None:
         median = statistics.median(steps)
         summary[name] = {"median_step_s": median, "pairs_per_s": args.batch / median,
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+        if args.device == "cuda":
+            summary[name]["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in results)
     for name in summary:
         # Real tokens per step; TRL trains on the same pairs as plain moedpo.
         source = name if name != "trl" else next((n for n in runs if n.startswith("moedpo")),
@@ -206,30 +228,35 @@ def main() -> None:
         flops = (6 if "precompute" in name else 8) * params["active_params"] * tokens
         summary[name]["tokens_per_s"] = tokens / summary[name]["median_step_s"]
         summary[name]["mfu"] = flops / summary[name]["median_step_s"] / (peak * 1e9)
+    # The memory that limits the run: the process's on a CPU, the GPU's on a GPU.
+    memory, memory_label = (("peak_gpu_mb", "peak GPU memory") if args.device == "cuda"
+                            else ("peak_rss_mb", "peak RSS"))
     ratio = {}
     if "trl" in summary:
         for name in summary:
             if name != "trl":
                 ratio[name] = {
                     "pairs_per_s": summary[name]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
-                    "peak_rss": summary[name]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+                    "peak_memory": summary[name][memory] / summary["trl"][memory]}
     lines = [f"{args.size} model ({params['total_params'] / 1e6:.1f}M parameters, "
              f"{params['active_params'] / 1e6:.1f}M active), batch {args.batch}, max_length "
-             f"{args.max_length}, fp32, live reference; matmul peak {peak:.0f} GFLOP/s",
-             "", "| trainer | step (s) | pairs/s | tokens/s | peak RSS (MB) | MFU |",
+             f"{args.max_length}, {args.dtype} on {args.device}, live reference; matmul peak "
+             f"{peak:.0f} GFLOP/s",
+             "", f"| trainer | step (s) | pairs/s | tokens/s | {memory_label} (MB) | MFU |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['pairs_per_s']:.1f} | "
-                     f"{s.get('tokens_per_s', 0):.0f} | {s['peak_rss_mb']:.0f} | "
+                     f"{s.get('tokens_per_s', 0):.0f} | {s[memory]:.0f} | "
                      f"{100 * s.get('mfu', 0):.0f}% |")
     lines.append("")
     for name, r in ratio.items():
-        lines.append(f"{name} / TRL: pairs/s {r['pairs_per_s']:.2f}x, peak RSS "
-                     f"{r['peak_rss']:.2f}x  ")
+        lines.append(f"{name} / TRL: pairs/s {r['pairs_per_s']:.2f}x, {memory_label} "
+                     f"{r['peak_memory']:.2f}x  ")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "params": params, "peak_gflops": peak,
+    args.out.write_text(json.dumps({"size": args.size, "device": args.device, "dtype": args.dtype,
+                                    "params": params, "peak_gflops": peak,
                                     "machine": platform.machine(), "torch": torch.__version__,
                                     "summary": summary, "ratio": ratio, "runs": runs}, indent=2))
     args.out.with_suffix(".md").write_text(table + "\n")
