@@ -75,24 +75,25 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    tmp = Path(tempfile.mkdtemp())
-    params = build_model("small", tmp / "model")
-    checkpoint = tmp / "weights"
-    subprocess.run([sys.executable, "-m", "moedpo.cli", "convert", str(tmp / "model"),
-                    str(checkpoint)], check=True, capture_output=True)
-    weights_mb = params["total_params"] * 4 / 2**20
-    rows = {}
-    for way in WAYS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(args.ranks), __file__, "--worker", "--way", way, "--model-dir",
-               str(tmp / "model"), "--checkpoint", str(checkpoint)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        results = [json.loads(x.removeprefix("RESULT ")) for x in done.stdout.splitlines()
-                   if x.startswith("RESULT ")]
-        if done.returncode != 0 or len(results) != args.ranks:
-            raise RuntimeError(f"{way} failed:\n{done.stderr[-3000:]}")
-        rows[way] = sorted(results, key=lambda r: r["rank"])
-        print(f"{way} done", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:  # two small models' files, GBs
+        tmp = Path(scratch)
+        params = build_model("small", tmp / "model")
+        checkpoint = tmp / "weights"
+        subprocess.run([sys.executable, "-m", "moedpo.cli", "convert", str(tmp / "model"),
+                        str(checkpoint)], check=True, capture_output=True)
+        weights_mb = params["total_params"] * 4 / 2**20
+        rows = {}
+        for way in WAYS:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(args.ranks), __file__, "--worker", "--way", way,
+                   "--model-dir", str(tmp / "model"), "--checkpoint", str(checkpoint)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            results = [json.loads(x.removeprefix("RESULT ")) for x in done.stdout.splitlines()
+                       if x.startswith("RESULT ")]
+            if done.returncode != 0 or len(results) != args.ranks:
+                raise RuntimeError(f"{way} failed:\n{done.stderr[-3000:]}")
+            rows[way] = sorted(results, key=lambda r: r["rank"])
+            print(f"{way} done", flush=True)
 
     lines = [f"Loading policy + reference, small Mixtral ({params['total_params'] / 1e6:.0f}M "
              f"params, {weights_mb:.0f} MB per model in float32), {args.ranks} CPU ranks",

@@ -84,24 +84,25 @@ def run_moedpo(args: argparse.Namespace) -> dict:
     from moedpo.train import run
 
     register_schema()
-    out = tempfile.mkdtemp()
-    overrides = [f"model.name_or_path={args.model_dir}", f"model.policy_dtype={args.dtype}",
-                 f"model.reference_dtype={args.dtype}", f"parallel.backend={args.device}",
-                 "use_synthetic_data=false", "datasets=demo",
-                 f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
-                 f"max_prompt_length={args.max_length // 2}", "optimizer=AdamW", "lr=5e-4",
-                 "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
-                 "eval_frequency=1000000", "dry_run=true", "loggers=[]", f"output_dir={out}",
-                 "resume=false"]
-    overrides += [o for option in args.variant.split("+")[1:] for o in OPTIONS[option]]
-    with initialize_config_module("moedpo.conf", version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    result = run(cfg)
-    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "train/examples_per_second" in r][WARMUP:]
-    return {"step_seconds": [args.batch / r["train/examples_per_second"] for r in rows],
-            "tokens_per_step": [r["train/tokens_per_second"] * args.batch
-                                / r["train/examples_per_second"] for r in rows]}
+    # Gone once read: a small-model run leaves a ~5 GB final checkpoint behind.
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [f"model.name_or_path={args.model_dir}", f"model.policy_dtype={args.dtype}",
+                     f"model.reference_dtype={args.dtype}", f"parallel.backend={args.device}",
+                     "use_synthetic_data=false", "datasets=demo",
+                     f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
+                     f"max_prompt_length={args.max_length // 2}", "optimizer=AdamW", "lr=5e-4",
+                     "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
+                     "eval_frequency=1000000", "dry_run=true", "loggers=[]", f"output_dir={out}",
+                     "resume=false"]
+        overrides += [o for option in args.variant.split("+")[1:] for o in OPTIONS[option]]
+        with initialize_config_module("moedpo.conf", version_base=None):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        result = run(cfg)
+        rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "train/examples_per_second" in r][WARMUP:]
+        return {"step_seconds": [args.batch / r["train/examples_per_second"] for r in rows],
+                "tokens_per_step": [r["train/tokens_per_second"] * args.batch
+                                    / r["train/examples_per_second"] for r in rows]}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -123,16 +124,17 @@ def run_trl(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                       max_length=args.max_length, learning_rate=5e-4, max_steps=args.steps,
-                       logging_steps=1, report_to=[], use_cpu=args.device == "cpu",
-                       bf16=args.dtype == "bfloat16",
-                       save_strategy="no", precompute_ref_log_probs=False, beta=0.1,
-                       lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
-    data = datasets.Dataset.from_list(demo_pairs()[:args.batch * 10])
-    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data,
-                         processing_class=tokenizer, callbacks=[Timer()])
-    trainer.train()
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch,
+                           max_length=args.max_length, learning_rate=5e-4, max_steps=args.steps,
+                           logging_steps=1, report_to=[], use_cpu=args.device == "cpu",
+                           bf16=args.dtype == "bfloat16",
+                           save_strategy="no", precompute_ref_log_probs=False, beta=0.1,
+                           lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
+        data = datasets.Dataset.from_list(demo_pairs()[:args.batch * 10])
+        trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data,
+                             processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
     return {"step_seconds": times[WARMUP:]}
 
 
@@ -195,19 +197,31 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-
-    folder = Path(tempfile.mkdtemp()) / "model"
-    params = build_model(args.size, folder, args.dtype)
-    peak = matmul_peak(args.device, args.dtype)
     for name in args.variants:
         if name != "trl" and (not name.startswith("moedpo") or any(
                 o not in OPTIONS for o in name.split("+")[1:])):
             parser.error(f"--variants: unknown {name}")
+
+    with tempfile.TemporaryDirectory() as scratch:  # the model folder (GBs at --size medium)
+        folder = Path(scratch) / "model"
+        params = build_model(args.size, folder, args.dtype)
+        runs = measure(args, folder)
+    report(args, params, matmul_peak(args.device, args.dtype), runs)
+
+
+def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[dict]]:
+    """Every variant `args.rounds` times, alternating, each in its own process."""
     runs: dict[str, list[dict]] = {name: [] for name in args.variants}
     for round_ in range(args.rounds):
         for name in runs:
             runs[name].append(launch(name, args, folder))
             print(f"round {round_ + 1}: {name} done", flush=True)
+    return runs
+
+
+def report(args: argparse.Namespace, params: dict, peak: float,
+           runs: dict[str, list[dict]]) -> None:
+    """Summary, ratios to TRL and MFU; a Markdown table printed and written, and JSON."""
     summary = {}
     for name, results in runs.items():
         steps = [s for r in results for s in r["step_seconds"]]
