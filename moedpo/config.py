@@ -103,6 +103,12 @@ class DataConfig:
     group_by_length: bool = False
     # One row per pair: the prompt once, both responses after it (README "Shared prompt").
     share_prompt: bool = False
+    # The tokenizer's BOS at the start of each prompt. auto: where the tokenizer adds it by
+    # default (Llama, Mistral, Mixtral), as TRL and the model's pretraining do.
+    add_bos: str = "auto"
+    # Leave out pairs whose chosen and rejected responses are the same tokens (after
+    # truncation): they add nothing but noise to the loss. Counted at start-up either way.
+    skip_identical: bool = False
 
 
 @dataclass
@@ -349,6 +355,8 @@ def validate(cfg: DPOConfig) -> None:
            "data.share_prompt=true puts both responses in one row, which changes what the "
            "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
            "or data.share_prompt=false")
+    _check(str(cfg.data.add_bos).lower() in ("auto", "true", "false"),
+           f"data.add_bos={cfg.data.add_bos}: use auto, true or false")
     buckets = cfg.data.length_buckets or []
     _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
            f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "

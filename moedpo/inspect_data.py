@@ -49,7 +49,7 @@ def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg, tokenizer, vocab_size=len(tokenizer))
-    stats, skipped = data.truncated, data.skipped
+    stats, skipped = data.tokenized, data.skipped
     n_pairs = len(stats.lengths["prompt"])
     longer = [p + max(c, r) for p, c, r in zip(*stats.lengths.values(), strict=True)]
     lines = [f"data report: datasets={cfg.datasets} max_length={cfg.max_length} "
@@ -67,6 +67,11 @@ def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
                                      f"{cfg.max_length - cfg.max_prompt_length} tokens")):
         count = stats.counts.get(rule, 0)
         lines.append(f"truncated: {what}: {count} pairs ({100 * count / max(n_pairs, 1):.1f}%)")
+    lines.append(f"identical responses: {stats.identical} pairs"
+                 + (" (skipped)" if cfg.data.skip_identical else ""))
+    if stats.boundary:
+        lines.append(f"prompt ids not a prefix of prompt+response: {stats.boundary} pairs; "
+                     f"first: {stats.boundary_example}")
     whole = int(np.percentile(longer, 99)) if longer else 0
     lines.append(f"max_length={whole} would keep 99% of pairs whole")
     lines.append(f"first {n_examples} training pairs as the model sees them:")

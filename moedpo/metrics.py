@@ -102,6 +102,9 @@ class MeanMetrics:
             out["moe/dropped_fraction"] = self.routing["dropped"] / max(self.routing["slots"], 1)
             out["moe/fully_dropped_fraction"] = (self.routing["fully_dropped"]
                                                  / max(self.routing["tokens"], 1))
+            # The denominator of the routing shares: one token's choice moves a load by
+            # about num_experts / routed_tokens.
+            out["moe/routed_tokens"] = self.routing["tokens"]
             # Load of each expert relative to a perfect balance (1.0 = its fair share).
             load = self.expert_counts / self.expert_counts.sum(-1, keepdim=True).clamp(min=1)
             load = load * load.shape[-1]

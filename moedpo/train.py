@@ -390,8 +390,17 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
     if data.skipped.total:
         log.warning("skipped %d rows: %s; first: %s", data.skipped.total,
                     dict(data.skipped.counts), "; ".join(data.skipped.examples))
-    if data.truncated.counts:
-        log.info("truncated: %s", dict(data.truncated.counts))
+    stats = data.tokenized
+    if stats.counts:
+        log.info("truncated: %s", dict(stats.counts))
+    if stats.boundary:
+        log.warning("%d pairs: the prompt's ids are not a prefix of prompt+response's (tokens "
+                    "merge across the boundary); the response starts where they diverge. "
+                    "First: %s", stats.boundary, stats.boundary_example)
+    if stats.identical:
+        log.warning("identical responses: %d pairs have the same chosen and rejected tokens%s",
+                    stats.identical, " (skipped: data.skip_identical=true)"
+                    if cfg.data.skip_identical else "; data.skip_identical=true leaves them out")
     devices = backend.total_devices
     log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
              n_steps, cfg.per_device_train_batch_size * devices * cfg.gradient_accumulation_steps,

@@ -9,7 +9,7 @@ from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
 from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, load_pairs
 from .synthetic import synthetic_pairs
-from .tokenize import TokenizedPair, TruncationStats, tokenize_pairs
+from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_pairs
 
 __all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
            "collate_shared", "eval_indices", "train_indices"]
@@ -22,8 +22,19 @@ class DataBundle:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     skipped: SkipLog = field(default_factory=SkipLog)
-    truncated: TruncationStats = field(default_factory=TruncationStats)
+    tokenized: TokenizeStats = field(default_factory=TokenizeStats)
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
+
+
+def bos_wanted(setting: str, tokenizer) -> bool:
+    """`data.add_bos` (auto, true, false) for this tokenizer."""
+    setting = str(setting).lower()
+    if setting == "auto":
+        return adds_bos(tokenizer)
+    if setting == "true" and tokenizer.bos_token_id is None:
+        raise DataError("data.add_bos=true: the tokenizer defines no bos_token; set "
+                        "data.add_bos=auto or false")
+    return setting == "true"
 
 
 def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) -> DataBundle:
@@ -37,6 +48,7 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
             sources={"synthetic": (n_train, eval_step * 2)},
         )
     bundle = DataBundle(train=[], eval=[], skipped=SkipLog(strict=cfg.data.strict))
+    add_bos = bos_wanted(cfg.data.add_bos, tokenizer)
     for name in cfg.dataset_list:
         train = load_pairs(name, "train", cfg.dataset_dir, bundle.skipped, cfg.num_proc)
         test = load_pairs(name, "test", cfg.dataset_dir, bundle.skipped,
@@ -44,7 +56,8 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
         if cfg.dry_run:  # no need to tokenise rows a dry run never sees
             train, test = train[:DRY_RUN_BATCHES * train_step], test[:DRY_RUN_BATCHES * eval_step]
         tokenized = [tokenize_pairs(split, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                    cfg.truncation_mode, bundle.skipped, bundle.truncated)
+                                    cfg.truncation_mode, bundle.skipped, bundle.tokenized,
+                                    add_bos, cfg.data.skip_identical)
                      for split in (train, test)]
         bundle.train += tokenized[0]
         bundle.eval += tokenized[1]

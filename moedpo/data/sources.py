@@ -70,14 +70,22 @@ def _text(row: dict, key: str) -> str:
 
 
 def _response(text: str, which: str) -> str:
-    text = text.strip()
-    if not text:
+    """The response as written: its leading space is part of its first token on byte-level
+    BPE tokenizers (" Sure" is one token; "Sure" after a stripped boundary is others)."""
+    if not text.strip():
         raise RowError(f"empty {which} response")
     return text
 
 
+def _spaced(text: str) -> str:
+    """A reply after a template's "Assistant:" or "TL;DR:": one space between, as the
+    original DPO recipe wrote its SHP and TL;DR pairs."""
+    return text if text[:1].isspace() else " " + text
+
+
 def parse_hh(row: dict) -> tuple[str, str, str]:
-    """Prompt = shared prefix up to its last '\\n\\nAssistant:'; responses = the stripped rest."""
+    """Prompt = shared prefix up to its last '\\n\\nAssistant:'; responses = the rest, as
+    written (" Sure...")."""
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT)
@@ -106,7 +114,7 @@ def parse_shp(row: dict) -> tuple[str, str, str]:
     if label not in (0, 1):
         raise RowError(f"field 'labels' must be 0 or 1, got {label!r}")
     chosen, rejected = (a, b) if label == 1 else (b, a)
-    return prompt, _response(chosen, "chosen"), _response(rejected, "rejected")
+    return prompt, _spaced(_response(chosen, "chosen")), _spaced(_response(rejected, "rejected"))
 
 
 CNNDM_BATCHES = {"batch0_cnndm", "cnndm0", "cnndm2"}
@@ -125,8 +133,8 @@ def parse_os(row: dict) -> tuple[str, str, str]:
     if not (isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1)):
         raise RowError("needs 'summaries' (two of them) and 'choice' (0 or 1)")
     texts = [_text(s, "text") if isinstance(s, dict) else "" for s in summaries]
-    return ("\n\nHuman: " + template + ASSISTANT, _response(texts[choice], "chosen"),
-            _response(texts[1 - choice], "rejected"))
+    return ("\n\nHuman: " + template + ASSISTANT, _spaced(_response(texts[choice], "chosen")),
+            _spaced(_response(texts[1 - choice], "rejected")))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
-"""Tokenisation and truncation of preference pairs, by the original trainer's rules.
+"""Tokenisation and truncation of preference pairs.
 
-Prompt, chosen and rejected are tokenised separately without special tokens; EOS is appended
-to each response unless already last. If prompt + longer response exceeds `max_length`, the
-prompt keeps `max_prompt_length` tokens (its end with `keep_end`, its start with
-`keep_start`); if still too long, both responses are cut to `max_length - max_prompt_length`.
-Labels (built in the collator) are the ids with prompt positions masked.
+TRL's rule, so that ids (and results) are comparable: the prompt is tokenised alone and
+together with each response, as written (a response keeps its leading space: on byte-level
+BPE tokenizers " Sure" is one token, "Sure" after a stripped boundary is two others); the
+response's ids are what follows the longest run of ids the prompt alone and prompt+response
+share (a merge across the boundary moves the split into the prompt). The tokenizer's BOS
+starts the prompt where it adds one by default (Llama, Mistral, Mixtral; `data.add_bos`),
+and EOS ends each response unless already last. If prompt + longer response exceeds
+`max_length`, the prompt keeps `max_prompt_length` tokens (its end with `keep_end`, its
+start with `keep_start`); if still too long, both responses are cut to
+`max_length - max_prompt_length`. Labels (built in the collator) are the ids with prompt
+positions masked.
 """
 
 from __future__ import annotations
@@ -50,21 +56,28 @@ class TokenizedPair:
 
 
 @dataclass
-class TruncationStats:
-    """Pairs cut by each rule ("prompt", "responses"), and token lengths before any cut."""
+class TokenizeStats:
+    """Pairs cut by each truncation rule ("prompt", "responses"), token lengths before any
+    cut, pairs whose prompt ids are not a prefix of prompt+response's (`boundary`, the first
+    one kept as `boundary_example`) and pairs with identical responses (`identical`)."""
 
     counts: Counter = field(default_factory=Counter)
+    boundary: int = 0
+    boundary_example: str = ""
+    identical: int = 0
     lengths: dict[str, list[int]] = field(
         default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
              max_prompt_length: int, mode: str = "keep_end",
-             stats: TruncationStats | None = None) -> tuple[list[int], list[int], list[int]]:
+             stats: TokenizeStats | None = None) -> tuple[list[int], list[int], list[int]]:
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
         if len(prompt) > max_prompt_length:
             keep_end = mode == "keep_end"
-            prompt = prompt[-max_prompt_length:] if keep_end else prompt[:max_prompt_length]
+            # Not prompt[-max_prompt_length:]: at 0 that keeps the whole prompt.
+            prompt = (prompt[len(prompt) - max_prompt_length:] if keep_end
+                      else prompt[:max_prompt_length])
             if stats is not None:
                 stats.counts["prompt"] += 1
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
@@ -79,27 +92,62 @@ def _with_eos(ids: list[int], eos: int) -> list[int]:
     return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
+def shared_length(prompt: list[int], full: list[int]) -> int:
+    """How many leading ids `full` shares with `prompt` (all of them, almost always)."""
+    if full[:len(prompt)] == prompt:  # one C-level comparison for the common case
+        return len(prompt)
+    n = 0
+    for a, b in zip(prompt, full, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its BOS by default (what `tokenizer(text)`
+    and so TRL and the model's pretraining do): Llama, Mistral and Mixtral do; GPT-NeoX,
+    GPT-2 and Qwen, which define no BOS or do not add it, do not."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
-                   truncation_mode: str, log: SkipLog,
-                   stats: TruncationStats | None = None) -> list[TokenizedPair]:
+                   truncation_mode: str, log: SkipLog, stats: TokenizeStats | None = None,
+                   add_bos: bool = False, skip_identical: bool = False) -> list[TokenizedPair]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
+    stats = stats if stats is not None else TokenizeStats()
+    bos = [tokenizer.bos_token_id] if add_bos else []
     out = []
     for start in range(0, len(pairs), TOKENIZE_BATCH):
         chunk = pairs[start:start + TOKENIZE_BATCH]
-        # Batched calls: the fast tokenizer parallelises a list in Rust.
-        prompts = tokenizer([p.prompt for p in chunk], add_special_tokens=False)["input_ids"]
-        chosen = tokenizer([p.chosen for p in chunk], add_special_tokens=False)["input_ids"]
-        rejected = tokenizer([p.rejected for p in chunk], add_special_tokens=False)["input_ids"]
-        for pair, p, c, r in zip(chunk, prompts, chosen, rejected, strict=True):
-            c, r = _with_eos(c, eos), _with_eos(r, eos)
-            if stats is not None:
-                for key, ids in (("prompt", p), ("chosen", c), ("rejected", r)):
-                    stats.lengths[key].append(len(ids))
+
+        def ids(texts: list[str]) -> list[list[int]]:
+            # Batched calls: the fast tokenizer parallelises a list in Rust.
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        prompts = ids([p.prompt for p in chunk])
+        chosen = ids([p.prompt + p.chosen for p in chunk])
+        rejected = ids([p.prompt + p.rejected for p in chunk])
+        for pair, p, pc, pr in zip(chunk, prompts, chosen, rejected, strict=True):
+            n = min(shared_length(p, pc), shared_length(p, pr))
+            if n < len(p):
+                if not stats.boundary:
+                    stats.boundary_example = f"{pair.origin}: {tokenizer.decode(p[n:])!r}"
+                stats.boundary += 1
+            p, c, r = bos + p[:n], _with_eos(pc[n:], eos), _with_eos(pr[n:], eos)
+            for key, values in (("prompt", p), ("chosen", c), ("rejected", r)):
+                stats.lengths[key].append(len(values))
             p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats)
             if not c or not r:
                 log.skip(pair.origin, "no response tokens left after truncation")
                 continue
+            if c == r:
+                stats.identical += 1
+                if skip_identical:
+                    log.skip(pair.origin, "identical chosen and rejected responses "
+                                          "(data.skip_identical=true)")
+                    continue
             out.append(TokenizedPair(p, c, r))
     return out

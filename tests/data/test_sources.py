@@ -22,7 +22,8 @@ HH_ROW = {
 def test_hh_prompt_is_shared_prefix_up_to_last_assistant():
     prompt, chosen, rejected = parse_hh(HH_ROW)
     assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:"
-    assert (chosen, rejected) == ("It is 4.", "No idea.")
+    # As written, leading space kept (TRL's rule): " It" is one byte-level BPE token.
+    assert (chosen, rejected) == (" It is 4.", "  No idea. ")
 
 
 def test_hh_prompt_cut_inside_shared_text():
@@ -30,7 +31,7 @@ def test_hh_prompt_cut_inside_shared_text():
     # the last Assistant marker, and both responses keep their own full text.
     row = {"chosen": "\n\nHuman: q\n\nAssistant: It is 4.",
            "rejected": "\n\nHuman: q\n\nAssistant: It is 5."}
-    assert parse_hh(row) == ("\n\nHuman: q\n\nAssistant:", "It is 4.", "It is 5.")
+    assert parse_hh(row) == ("\n\nHuman: q\n\nAssistant:", " It is 4.", " It is 5.")
 
 
 @pytest.mark.parametrize("row, reason", [
@@ -48,8 +49,8 @@ def test_shp_row_format():
     row = {"history": "Why is the sky blue?", "human_ref_A": " Rayleigh scattering. ",
            "human_ref_B": "Magic.", "labels": 1, "score_A": 10, "score_B": 2}
     assert parse_shp(row) == ("\n\nHuman: Why is the sky blue?\n\nAssistant:",
-                              "Rayleigh scattering.", "Magic.")
-    assert parse_shp({**row, "labels": 0})[1:] == ("Magic.", "Rayleigh scattering.")
+                              " Rayleigh scattering. ", " Magic.")
+    assert parse_shp({**row, "labels": 0})[1:] == (" Magic.", " Rayleigh scattering. ")
 
 
 def test_os_row_formats():
@@ -60,11 +61,11 @@ def test_os_row_formats():
     prompt, chosen, rejected = parse_os(reddit)
     assert prompt == ("\n\nHuman: SUBREDDIT: r/pets\n\nTITLE: Lost cat\n\nPOST: My cat ran off."
                       "\n\nTL;DR:\n\nAssistant:")
-    assert (chosen, rejected) == ("cat lost", "dog")
+    assert (chosen, rejected) == (" cat lost ", " dog")
     news = {**reddit, "batch": "cnndm0", "choice": 1,
             "info": {"article": "Rain today.", "post": None, "title": None, "subreddit": None}}
     assert parse_os(news) == ("\n\nHuman: Article:\nRain today.\n\nTL;DR:\n\nAssistant:",
-                              "dog", "cat lost")
+                              " dog", " cat lost ")
 
 
 def test_local_folder_skips_and_counts_bad_lines_with_locations(tmp_path):
@@ -73,7 +74,7 @@ def test_local_folder_skips_and_counts_bad_lines_with_locations(tmp_path):
         good, "{not json", "[1, 2]", {"prompt": "p", "chosen": "", "rejected": "x"}, HH_ROW])
     log = SkipLog()
     pairs = load_pairs(str(tmp_path), "train", {}, log)
-    assert [p.chosen for p in pairs] == ["yes", "It is 4."]
+    assert [p.chosen for p in pairs] == ["yes", " It is 4."]
     assert log.total == 3
     assert log.examples[0].startswith(f"{tmp_path}/train.jsonl.gz:2: malformed JSON")
     assert log.examples[1].endswith(":3: line is not a JSON object")
@@ -91,7 +92,7 @@ def test_dataset_dir_reads_hub_layout_and_validation_alias(tmp_path):
            "summaries": [{"text": "a"}, {"text": "b"}], "choice": 1}
     write_jsonl_gz(tmp_path / "validation.jsonl.gz", [row, row])
     pairs = load_pairs("os", "test", {"os": str(tmp_path)}, SkipLog())
-    assert len(pairs) == 2 and pairs[0].chosen == "b"
+    assert len(pairs) == 2 and pairs[0].chosen == " b"
     assert pairs[1].origin == f"{tmp_path}/validation.jsonl.gz:2"
 
 
@@ -133,7 +134,7 @@ def test_hub_source_goes_through_datasets_with_the_hub_split(monkeypatch):
     log = SkipLog()
     pairs = load_pairs("os", "test", {"os": None}, log)
     assert calls == [("openai/summarize_from_feedback", "comparisons", "validation")]
-    assert [p.chosen for p in pairs] == ["x"]
+    assert [p.chosen for p in pairs] == [" x"]
     assert pairs[0].origin == "openai/summarize_from_feedback[validation] row 0"
     assert log.examples == ["openai/summarize_from_feedback[validation] row 1: needs "
                             "'summaries' (two of them) and 'choice' (0 or 1)"]

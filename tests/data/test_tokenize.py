@@ -4,7 +4,7 @@ from array import array
 from dataclasses import replace
 
 from moedpo.data.sources import Pair, SkipLog
-from moedpo.data.tokenize import TokenizedPair, TruncationStats, tokenize_pairs, truncate
+from moedpo.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs, truncate
 
 P = list(range(100, 110))  # 10 prompt tokens
 C = [1, 2, 3, 4, 5, 6]  # chosen, 6 tokens
@@ -28,7 +28,7 @@ def test_keep_start_prompt_truncation():
 
 def test_responses_cut_to_budget_after_prompt():
     # 10 + 6 > 9: prompt -> last 5; 5 + 6 > 9 still: both responses cut to 9 - 5 = 4.
-    stats = TruncationStats()
+    stats = TokenizeStats()
     p, c, r = truncate(P, C, R, max_length=9, max_prompt_length=5, stats=stats)
     assert (p, c, r) == (P[-5:], C[:4], R)
     assert stats.counts == {"prompt": 1, "responses": 1}
@@ -65,3 +65,31 @@ def test_long_rows_are_truncated_to_max_length(tokenizer):
     pairs = [Pair("\n\nHuman: " + "word " * 200 + "\n\nAssistant:", "yes " * 100, "no", "t:1")]
     (out,) = tokenize_pairs(pairs, tokenizer, 48, 16, "keep_end", SkipLog())
     assert len(out.prompt) == 16 and len(out.chosen) == 32 and out.length == 48
+
+
+def test_max_prompt_length_zero_drops_the_prompt():
+    # prompt[-0:] would keep all 10 prompt tokens and exceed max_length.
+    p, c, r = truncate(P, C, R, max_length=6, max_prompt_length=0)
+    assert (p, c, r) == ([], C, R)
+    p, _, _ = truncate(P, C, R, max_length=6, max_prompt_length=0, mode="keep_start")
+    assert p == []
+
+
+def test_identical_responses_are_counted_and_can_be_skipped(tokenizer):
+    prompt = "Q:"
+    shared = len(tokenizer(prompt + " a long", add_special_tokens=False)["input_ids"])
+    pairs = [Pair(prompt, " same", " same", "t:1"),
+             Pair(prompt, " a long answer", " a long other", "t:2"),
+             Pair(prompt, " yes", " no", "t:3")]
+    stats, log = TokenizeStats(), SkipLog()
+    # Responses cut to what follows the prompt in "Q: a long": the second pair's become equal.
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    kept = tokenize_pairs(pairs, tokenizer, shared, n_prompt, "keep_end", log, stats)
+    assert len(kept) == 3 and stats.identical == 2
+    assert list(kept[1].chosen) == list(kept[1].rejected)
+    kept = tokenize_pairs(pairs, tokenizer, shared, n_prompt, "keep_end", log, TokenizeStats(),
+                          skip_identical=True)
+    assert [list(p.rejected) for p in kept] == [
+        tokenizer(" no", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert log.counts == {"identical chosen and rejected responses "
+                          "(data.skip_identical=true)": 2}
