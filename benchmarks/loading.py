@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from moedpo.config import register_schema
     from moedpo.parallel.backend import init_backend, shutdown
-    from moedpo.train import load_models
+    from moedpo.placement import load_models
 
     register_schema()
     overrides = [f"model.name_or_path={args.model_dir}", "model.policy_dtype=float32",

@@ -154,7 +154,8 @@ def convert_command(argv: list[str]) -> None:
         if not (args.model or args.config_path):
             fail("convert --to-hf needs --model NAME_OR_PATH or --config-path JSON")
         model = ModelConfig(name_or_path=args.model or "", config_path=args.config_path,
-                            policy_dtype=args.dtype, reference_dtype=args.dtype)
+                            policy_dtype=args.dtype, reference_dtype=args.dtype,
+                            mixed_precision=False)
         dcp_to_hf(args.source, Path(args.out), model)
     print(f"wrote {args.out}")
 

@@ -51,6 +51,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     policy_dtype: str = "bfloat16"
     reference_dtype: str = "bfloat16"
+    # With a bfloat16/float16 policy_dtype: float32 master weights, gradients and optimizer
+    # state, forward and backward in policy_dtype (README "Precision"). false: pure
+    # low-precision parameters and optimizer state (half the memory; DPO-sized updates
+    # round away).
+    mixed_precision: bool = True
     flash_attention: bool = True
     capacity_factor: float = 0.0
     # auto: dropped when capacity_factor > 0, else dropless. README "MoE implementations".

@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import COMPLETE, Checkpointer, CheckpointError, restore_weights, save_weights
-from .config import DPOConfig, ModelConfig
+from .config import DTYPES, DPOConfig, ModelConfig
 from .models.load import build_models, load_tokenizer
+from .models.precision import cast_parameters
 
 log = logging.getLogger("moedpo")
 
@@ -51,13 +52,15 @@ def export(source: Path, out: Path) -> str:
     cfg, checkpoint = find_checkpoint(source)
     policy, _ = build_models(cfg.model, cfg.seed)
     restore_weights(checkpoint, [policy])
-    save_hf(policy, load_tokenizer(cfg.model), out)
+    # In the dtype the policy computed in (mixed precision trains float32 masters).
+    save_hf(cast_parameters(policy, DTYPES[cfg.model.policy_dtype]), load_tokenizer(cfg.model),
+            out)
     return checkpoint
 
 
 def hf_to_dcp(model_dir: str, out: str, dtype: str = "float32") -> None:
     model, _ = build_models(ModelConfig(name_or_path=model_dir, policy_dtype=dtype,
-                                        reference_dtype=dtype))
+                                        reference_dtype=dtype, mixed_precision=False))
     save_weights(model, out)
 
 

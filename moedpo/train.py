@@ -23,17 +23,17 @@ from omegaconf import OmegaConf
 
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
-from .checkpoint import Checkpointer, restore_weights
+from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig, validate
 from .data import build_data, collate, collate_shared, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
-from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
 from .models.moe import experts_modules, moe_top_k
+from .models.precision import compute_copies, is_mixed, policy_compute_dtype
 from .optim import build_optimizer, build_scheduler, step_if_finite
-from .parallel import fsdp, spmd
+from .parallel import spmd
 from .parallel.backend import Backend, init_backend, shutdown
-from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
+from .placement import load_models
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 
@@ -58,97 +58,6 @@ class RunResult:
     policy: torch.nn.Module
     run_dir: Path
     preempted: bool = False
-
-
-def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
-    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
-    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
-    xla_without_weights = backend.kind == "xla" and not cfg.checkpoint_manager_path
-    if cfg.model.meta_init and xla_without_weights:
-        raise ConfigError("model.meta_init=true on XLA reads the weights shard by shard from "
-                          "checkpoint_manager_path; set it (`moedpo convert` makes one from a "
-                          "Hugging Face folder) or set model.meta_init=false")
-    if cfg.model.meta_init is not None:
-        return cfg.model.meta_init
-    return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
-
-
-def load_models(cfg: DPOConfig, backend: Backend):
-    """(tokenizer, policy, reference) placed for `backend` (FSDP2- or SPMD-sharded); reference
-    is None for reference-free DPO. With meta init the models are sharded while still
-    weightless, then each process fills only its own shards (README "Loading at scale")."""
-    tokenizer = load_tokenizer(cfg.model)
-    meta = use_meta_init(cfg, backend)
-    policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta)
-    check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
-    reference = None if cfg.loss.reference_free else reference
-    models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
-    if not meta:
-        if cfg.checkpoint_manager_path:
-            restored = restore_weights(cfg.checkpoint_manager_path, models)
-            log.info("restored weights of policy and reference from %s", restored)
-        for model in models:
-            model.to(backend.device)
-    elif backend.kind == "xla":  # SPMD annotates device tensors: storage first (still empty)
-        for model in models:
-            materialize(model, backend.device)
-    policy, reference = place_models(cfg, backend, policy, reference)
-    if meta:
-        load_sharded_weights(cfg, backend, models)
-    return tokenizer, policy, reference
-
-
-def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
-                 reference: torch.nn.Module | None):
-    """Shard for the backend: SPMD annotations on XLA, FSDP2 under torchrun, else as is;
-    before that, the decoder layers checkpointed (policy) and compiled, when configured."""
-    checkpoint_layers = cfg.model.activation_checkpointing
-    if checkpoint_layers is None:
-        checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
-                             and (backend.kind == "xla" or backend.distributed))
-    if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
-        if cfg.model.compile:
-            raise ConfigError("model.compile=true: on XLA every step is compiled whole "
-                              "already; set model.compile=false")
-        classes = layer_classes(policy, cfg)
-        every = cfg.model.activation_checkpointing_every if checkpoint_layers else 0
-        policy = spmd.shard_model(policy, backend.mesh, classes, every)
-        if reference is not None:
-            reference = spmd.shard_model(reference, backend.mesh, classes)
-        return policy, reference
-    if checkpoint_layers:
-        checkpoint_decoder_layers(policy, cfg.model.activation_checkpointing_every)
-    if cfg.model.compile:
-        for model in (policy, reference):
-            if model is not None:
-                compile_decoder_layers(model, cfg)
-    if backend.distributed:
-        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype)
-        if reference is not None:
-            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype,
-                                   cpu_offload=cfg.reference.cpu_offload)
-    return policy, reference
-
-
-def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn.Module]) -> None:
-    """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
-    process reads only its shards; otherwise one process builds the starting weights once and
-    the others receive their shards from it."""
-    if backend.kind != "xla":  # FSDP2 allocates only each rank's shards
-        for model in models:
-            materialize(model, backend.device)
-    if cfg.checkpoint_manager_path:
-        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla")
-        log.info("restored weights of policy and reference from %s (each process its shards)",
-                 restored)
-        return
-    full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict() \
-        if backend.is_main else None
-    for model in models:
-        if backend.distributed:
-            fsdp.load_from_rank0(model, full)
-        else:
-            model.load_state_dict(full)
 
 
 def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
@@ -216,6 +125,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         reference = None
         gc.collect()
 
+    # Mixed precision on one process and XLA: forward and backward on a bf16 copy of the
+    # float32 masters (FSDP2 casts in its own hooks).
+    computing = partial(compute_copies, policy,
+                        policy_compute_dtype(cfg.model, backend.distributed))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer, n_steps)
@@ -248,8 +161,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         batches = ((to_batch([data.eval[i] for i in idx]), valid) for idx, valid in
                    eval_indices(len(data.eval), eval_batch, backend.rank, world))
         n_batches = -(-len(data.eval) // (eval_batch * world))
-        metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
-                           backend.sync)
+        with computing():
+            metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
+                               backend.sync)
         metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
@@ -262,8 +176,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
 
     def write_samples(step: int) -> None:
         """Greedy samples for fixed eval prompts: run_dir/samples.jsonl and TensorBoard."""
-        answers = {"policy": generate(policy, tokenizer, sample_prompts,
-                                      cfg.sample_max_new_tokens)}
+        with computing():
+            answers = {"policy": generate(policy, tokenizer, sample_prompts,
+                                          cfg.sample_max_new_tokens)}
         if cfg.sample_reference and reference is not None:
             answers["reference"] = generate(reference, tokenizer, sample_prompts,
                                             cfg.sample_max_new_tokens)
@@ -287,8 +202,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             for start in range(0, step_size, micro * world):  # this rank's share of each
                 mine = start + backend.rank * micro  # micro-batch of the step
                 chunk = pairs[mine:mine + micro]
-                out = batch_loss(policy, reference, to_batch(chunk), cfg)
-                (out.loss / cfg.gradient_accumulation_steps).backward()
+                with computing():
+                    out = batch_loss(policy, reference, to_batch(chunk), cfg)
+                    (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 window_tokens += sum(p.n_tokens for p in chunk)
             norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
@@ -377,8 +293,9 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         per_expert = sum(p.numel() for m in experts for p in m.parameters())
         active -= per_expert * (1 - top_k / experts[0].gate_up_proj.shape[0])
     source = cfg.model.config_path or cfg.model.name_or_path
-    log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s, reference %s",
-             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype,
+    precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
+    log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
+             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision,
              cfg.model.reference_dtype)
     log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
              backend.world_size, backend.devices, backend.device)

@@ -10,37 +10,102 @@ activation checkpointing: only one chunk's logits exist at a time, in forward an
 The head module is not replaced (its forward is wrapped on the instance), so parameter
 names, checkpoints, exports, FSDP wrapping and generation are unchanged; outside
 `labels_for` it is the plain lm_head.
+
+Some models transform the head's output before it is a logit: Granite divides by
+`logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2/3 soft-cap it with
+`final_logit_softcapping`. The chunks apply the same transform (`LogitTransform.of`). A model
+whose forward does something else to its logits after the head (found by reading the
+forward's source, the one place that says) keeps full logits, with one log line: a wrong
+log-prob is worse than a slower one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+log = logging.getLogger(__name__)
+# The transforms applied here, by the config key (or model attribute) the model's forward
+# reads, with the value that makes the forward's own transform do nothing: while the head
+# returns log-probs, the forward must not scale or cap them again. A forward line after the
+# head that touches `logits` and names none of these (nor is a tanh or a float cast) is an
+# unknown transform.
+NEUTRAL = {"logits_scaling": 1.0, "logit_scale": 1.0, "final_logit_softcapping": None}
+KNOWN_KEYS = tuple(NEUTRAL)
+_LOGITS_LINE = re.compile(r"^\s*logits\s*(=|\*=|/=)")
+_PLAIN = re.compile(r"torch\.tanh\(logits\)|logits\.float\(\)|logits\.to\(torch\.float32\)")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits -> softcap * tanh(scale * logits / softcap) (no cap: scale * logits)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> LogitTransform:
+        scale = 1.0
+        if getattr(config, "logits_scaling", None):  # Granite, GraniteMoE(-Shared/-Hybrid)
+            scale /= config.logits_scaling
+        if getattr(config, "logit_scale", None) is not None:  # Cohere, Cohere2
+            scale *= config.logit_scale
+        return cls(scale, getattr(config, "final_logit_softcapping", None) or None)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def unknown_transform(model: nn.Module) -> str | None:
+    """The first line of the model's forward after its output head that changes the logits
+    in a way LogitTransform does not know; None if there is none (or no source to read)."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    parts = re.split(r"logits\s*=\s*self\.\w+\(", source, maxsplit=1)
+    if len(parts) < 2:
+        return None
+    for line in parts[1].split("loss", 1)[0].splitlines()[1:]:
+        if _LOGITS_LINE.match(line) and not _PLAIN.search(line) and not any(
+                key in line for key in KNOWN_KEYS):
+            return line.strip()
+    return None
+
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor, ignore: int) -> torch.Tensor:
+                 targets: torch.Tensor, ignore: int,
+                 transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     """[N, H] hidden, [N] targets -> [N, 2]: log p(target) (0 where ignored), mean logit."""
-    logits = F.linear(hidden, weight, bias).float()
+    logits = transform(F.linear(hidden, weight, bias).float())
     logps = -F.cross_entropy(logits, targets, ignore_index=ignore, reduction="none")
     return torch.stack([logps, logits.detach().mean(-1)], dim=-1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                        ignore: int, chunk: int) -> torch.Tensor:
+                        ignore: int, chunk: int,
+                        transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     """[rows, T, H] last hidden states -> [rows, T, 2]: at position t, log p(labels[t+1]) and
     the mean logit; position T-1 (no next label) and ignored labels give log-prob 0."""
     rows, length, width = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), ignore)], dim=1).reshape(-1)
     flat = hidden.reshape(-1, width)
     run = _checkpointed if torch.is_grad_enabled() and hidden.requires_grad else _chunk_logps
-    parts = [run(flat[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], ignore)
-             for i in range(0, flat.shape[0], chunk)]
+    parts = [run(flat[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], ignore,
+                 transform) for i in range(0, flat.shape[0], chunk)]
     # A new tensor, not a view ([rows, T, 2] is small): FSDP2 cannot hook in-place ops on a
     # view returned by the root module and warns on every forward.
     return torch.cat(parts).view(rows, length, 2).clone()
@@ -54,22 +119,31 @@ def _checkpointed(*args) -> torch.Tensor:
     return checkpoint(_chunk_logps, *args, use_reentrant=False)
 
 
-def enable(model: nn.Module, chunk: int) -> None:
-    """Wrap the output head of `model` (idempotent)."""
+def enable(model: nn.Module, chunk: int) -> bool:
+    """Wrap the output head of `model` (idempotent); False (and full logits) for a model
+    whose logits are transformed in a way the chunks cannot reproduce."""
+    unknown = unknown_transform(model)
+    if unknown is not None:
+        log.info("%s transforms its logits after the head (`%s`); log-probs from full logits "
+                 "(model.logps_chunk_size has no effect)", type(model).__name__, unknown)
+        return False
     head = model.get_output_embeddings()
+    head.moedpo_transform = LogitTransform.of(model.config)
     if getattr(head, "moedpo_chunk", None) is not None:
         head.moedpo_chunk = chunk
-        return
+        return True
     plain_forward = head.forward
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         labels = head.moedpo_labels
         if labels is None:
             return plain_forward(hidden)
-        return chunked_token_logps(hidden, head, labels, head.moedpo_ignore, head.moedpo_chunk)
+        return chunked_token_logps(hidden, head, labels, head.moedpo_ignore, head.moedpo_chunk,
+                                   head.moedpo_transform)
 
     head.moedpo_chunk, head.moedpo_labels, head.moedpo_ignore = chunk, None, -100
     head.forward = forward
+    return True
 
 
 def is_enabled(model: nn.Module) -> bool:
@@ -78,10 +152,17 @@ def is_enabled(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def labels_for(model: nn.Module, labels: torch.Tensor, ignore: int) -> Iterator[None]:
-    """Within this block the model's "logits" output is [rows, T, 2] token log-probs."""
+    """Within this block the model's "logits" output is [rows, T, 2] token log-probs (the
+    model's own logit transform, applied in the chunks, is switched off in its forward)."""
     head = model.get_output_embeddings()
     head.moedpo_labels, head.moedpo_ignore = labels, ignore
+    switched = [(owner, key, getattr(owner, key)) for owner in (model, model.config)
+                for key in NEUTRAL if getattr(owner, key, None) is not None]
+    for owner, key, _ in switched:
+        setattr(owner, key, NEUTRAL[key])
     try:
         yield
     finally:
         head.moedpo_labels = None
+        for owner, key, value in switched:
+            setattr(owner, key, value)

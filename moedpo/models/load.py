@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
 from . import chunked_head
 from .moe import apply_moe_implementation
+from .precision import cast_parameters, storage_dtype
 
 log = logging.getLogger(__name__)
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer"
@@ -91,7 +92,7 @@ def attention_implementation(cfg: ModelConfig) -> str:
 def _load_dtype(cfg: ModelConfig) -> torch.dtype:
     # Load or initialise once in the wider dtype, then cast a copy for each role, so the
     # lower-precision model is the rounding of the other and never a second, different init.
-    policy_dtype, reference_dtype = DTYPES[cfg.policy_dtype], DTYPES[cfg.reference_dtype]
+    policy_dtype, reference_dtype = storage_dtype(cfg), DTYPES[cfg.reference_dtype]
     return torch.float32 if torch.float32 in (policy_dtype, reference_dtype) else policy_dtype
 
 
@@ -133,7 +134,9 @@ def own_storage(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                  on_meta: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(policy, reference) with identical starting weights, on the CPU. `for_xla` rules out
+    """(policy, reference) with identical starting weights, on the CPU; the policy's
+    parameters in its storage dtype (float32 under mixed precision), the reference's in
+    `model.reference_dtype`. `for_xla` rules out
     MoE implementations whose shapes depend on the routing, and uses eager attention (HF's
     sdpa path reads the attention mask on the host to choose a kernel, a sync that splits
     the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding."""
@@ -150,8 +153,11 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
         log.info("MoE experts implementation: %s%s", moe,
                  f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"
                  if moe == "dropped" else "")
-    reference = copy.deepcopy(model).to(DTYPES[cfg.reference_dtype]).eval().requires_grad_(False)
-    policy = model.to(DTYPES[cfg.policy_dtype]).train()
+    # Parameters only: buffers (rotary inv_freq) stay float32, as from_pretrained leaves them.
+    reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
+    reference.eval().requires_grad_(False)
+    # A mixed-precision policy keeps float32 masters (models/precision.py).
+    policy = cast_parameters(model, storage_dtype(cfg)).train()
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
             chunked_head.enable(each, cfg.logps_chunk_size)

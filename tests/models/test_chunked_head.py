@@ -69,3 +69,65 @@ def test_policy_and_reference_heads_use_their_own_weights():
         a, _ = batch_logps(policy, batch, -100)
         b, _ = batch_logps(reference, batch, -100)
     assert not torch.allclose(a.logps, b.logps)
+
+
+def family(name: str):
+    """Tiny models of the families whose logits are transformed after the head, built from
+    their transformers config classes, with the transform made large enough to matter."""
+    import transformers as tf
+
+    small = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    configs = {
+        "granite": lambda: tf.GraniteConfig(**small, logits_scaling=8.0),
+        "granitemoe": lambda: tf.GraniteMoeConfig(**small, logits_scaling=8.0, num_local_experts=4,
+                                                  num_experts_per_tok=2),
+        "gemma2": lambda: tf.Gemma2Config(**small, head_dim=8, final_logit_softcapping=0.5),
+        "gemma3": lambda: tf.Gemma3TextConfig(**small, head_dim=8, final_logit_softcapping=0.5),
+        "cohere": lambda: tf.CohereConfig(**small, logit_scale=4.0),
+        "cohere2": lambda: tf.Cohere2Config(**small, logit_scale=4.0),
+    }
+    torch.manual_seed(0)
+    config = configs[name]()
+    config.tie_word_embeddings = False
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # logits far from uniform, so a missing transform shows
+        model.get_output_embeddings().weight.normal_(0, 2.0)
+    return model.float()
+
+
+@pytest.mark.parametrize("name", ["granite", "granitemoe", "gemma2", "gemma3", "cohere",
+                                  "cohere2"])
+def test_chunked_applies_the_models_logit_transform(name):
+    model = family(name)
+    batch = collate(random_pairs(4, seed=1), pad_id=0)
+    plain, plain_grads = logps_and_grads(model, batch)
+    chunked_model = copy.deepcopy(model)
+    assert chunked_head.enable(chunked_model, 7)
+    assert chunked_head.LogitTransform.of(model.config) != chunked_head.LogitTransform()
+    chunked, chunked_grads = logps_and_grads(chunked_model, batch)
+    torch.testing.assert_close(chunked.logps, plain.logps, rtol=1e-5, atol=1e-4)
+    for key, grad in plain_grads.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(chunked_grads[key], grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=key)
+
+
+def test_an_unknown_logit_transform_keeps_full_logits(caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Tempered(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = out.last_hidden_state
+            logits = self.lm_head(hidden)
+            logits = logits * 3.0 + 1.0
+            return type("Out", (), {"logits": logits})()
+
+    model = Tempered(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4))
+    with caplog.at_level("INFO"):
+        assert not chunked_head.enable(model, 7)
+    assert not chunked_head.is_enabled(model)
+    assert "logits * 3.0 + 1.0" in caplog.text
+    assert chunked_head.unknown_transform(family("gemma2")) is None

@@ -12,7 +12,7 @@ from moedpo.data import collate
 from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
 from moedpo.parallel.backend import Backend
-from moedpo.train import place_models
+from moedpo.placement import place_models
 
 CPU = Backend("cpu", torch.device("cpu"))
 

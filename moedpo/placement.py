@@ -1,0 +1,111 @@
+"""The models of a run, for its backend: the tokenizer, policy and reference built (on the
+meta device when sharded), sharded by FSDP2 or SPMD annotations, checkpointed and compiled
+per layer as configured, and filled with their starting weights. `train.py` is the loop that
+uses them; what parallelism and adapters add to a model is applied here, in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .checkpoint import restore_weights
+from .config import ConfigError, DPOConfig
+from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
+from .parallel import fsdp, spmd
+from .parallel.backend import Backend
+from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
+
+log = logging.getLogger("moedpo")
+
+
+def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
+    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
+    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
+    xla_without_weights = backend.kind == "xla" and not cfg.checkpoint_manager_path
+    if cfg.model.meta_init and xla_without_weights:
+        raise ConfigError("model.meta_init=true on XLA reads the weights shard by shard from "
+                          "checkpoint_manager_path; set it (`moedpo convert` makes one from a "
+                          "Hugging Face folder) or set model.meta_init=false")
+    if cfg.model.meta_init is not None:
+        return cfg.model.meta_init
+    return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
+
+
+def load_models(cfg: DPOConfig, backend: Backend):
+    """(tokenizer, policy, reference) placed for `backend` (FSDP2- or SPMD-sharded); reference
+    is None for reference-free DPO. With meta init the models are sharded while still
+    weightless, then each process fills only its own shards (README "Loading at scale")."""
+    tokenizer = load_tokenizer(cfg.model)
+    meta = use_meta_init(cfg, backend)
+    policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta)
+    check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
+    reference = None if cfg.loss.reference_free else reference
+    models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
+    if not meta:
+        if cfg.checkpoint_manager_path:
+            restored = restore_weights(cfg.checkpoint_manager_path, models)
+            log.info("restored weights of policy and reference from %s", restored)
+        for model in models:
+            model.to(backend.device)
+    elif backend.kind == "xla":  # SPMD annotates device tensors: storage first (still empty)
+        for model in models:
+            materialize(model, backend.device)
+    policy, reference = place_models(cfg, backend, policy, reference)
+    if meta:
+        load_sharded_weights(cfg, backend, models)
+    return tokenizer, policy, reference
+
+
+def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
+                 reference: torch.nn.Module | None):
+    """Shard for the backend: SPMD annotations on XLA, FSDP2 under torchrun, else as is;
+    before that, the decoder layers checkpointed (policy) and compiled, when configured."""
+    checkpoint_layers = cfg.model.activation_checkpointing
+    if checkpoint_layers is None:
+        checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
+                             and (backend.kind == "xla" or backend.distributed))
+    if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
+        if cfg.model.compile:
+            raise ConfigError("model.compile=true: on XLA every step is compiled whole "
+                              "already; set model.compile=false")
+        classes = layer_classes(policy, cfg)
+        every = cfg.model.activation_checkpointing_every if checkpoint_layers else 0
+        policy = spmd.shard_model(policy, backend.mesh, classes, every)
+        if reference is not None:
+            reference = spmd.shard_model(reference, backend.mesh, classes)
+        return policy, reference
+    if checkpoint_layers:
+        checkpoint_decoder_layers(policy, cfg.model.activation_checkpointing_every)
+    if cfg.model.compile:
+        for model in (policy, reference):
+            if model is not None:
+                compile_decoder_layers(model, cfg)
+    if backend.distributed:
+        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype)
+        if reference is not None:
+            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype,
+                                   cpu_offload=cfg.reference.cpu_offload)
+    return policy, reference
+
+
+def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn.Module]) -> None:
+    """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
+    process reads only its shards; otherwise one process builds the starting weights once and
+    the others receive their shards from it."""
+    if backend.kind != "xla":  # FSDP2 allocates only each rank's shards
+        for model in models:
+            materialize(model, backend.device)
+    if cfg.checkpoint_manager_path:
+        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla")
+        log.info("restored weights of policy and reference from %s (each process its shards)",
+                 restored)
+        return
+    full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict() \
+        if backend.is_main else None
+    for model in models:
+        if backend.distributed:
+            fsdp.load_from_rank0(model, full)
+        else:
+            model.load_state_dict(full)
