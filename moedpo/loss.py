@@ -100,7 +100,8 @@ def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float
     """`reference=None` is reference-free DPO (the reference log-ratio taken as 0).
 
     IPO scores length-normalised log-probs (mean per response token), as TRL does; the
-    others use sums, as the DPO paper does. Rewards use the same quantities as the loss.
+    others use sums, as the DPO paper does. Rewards are beta x the summed log-ratios for every
+    loss, as TRL reports them, so the reward metrics of two losses compare.
     """
     def scored(logps: SequenceLogps) -> torch.Tensor:
         return logps.logps / logps.n_tokens.clamp(min=1) if name == "ipo" else logps.logps
@@ -121,6 +122,10 @@ def dpo_loss(policy: SequenceLogps, reference: SequenceLogps | None, beta: float
     if aux_nll_loss_coef > 0:
         loss = loss + aux_nll_loss_coef * nll.mean()
 
+    if name == "ipo":  # the loss saw per-token means; the rewards are of sums
+        pi_c, pi_r = chosen_logps, rejected_logps
+        ref_c, ref_r = ((torch.zeros_like(pi_c), torch.zeros_like(pi_r)) if reference is None
+                        else reference.halves(reference.logps.to(pi_c.dtype)))
     chosen_rewards = beta * (pi_c - ref_c).detach()
     rejected_rewards = beta * (pi_r - ref_r).detach()
     logits_c, logits_r = policy.halves(policy.mean_logits)

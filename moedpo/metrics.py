@@ -18,7 +18,7 @@ log = logging.getLogger("moedpo")
 
 class MeanMetrics:
     """Running means over a window: per-pair values averaged over pairs, per-step values
-    (grad norm, lr, router losses) over steps, MoE routing counts summed."""
+    (grad norm, lr) over steps, router losses over tokens, MoE routing counts summed."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -26,6 +26,10 @@ class MeanMetrics:
         self.scalars: dict[str, list[float]] = defaultdict(list)
         self.expert_counts: torch.Tensor | None = None  # [layers, experts]
         self.routing = defaultdict(float)
+        # Training time and real tokens in the window: its throughput. Part of the state, so
+        # a resumed window's examples/s divides its restored pairs by its restored seconds.
+        self.seconds = 0.0
+        self.tokens = 0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         n = next(iter(values.values())).numel()
@@ -43,11 +47,13 @@ class MeanMetrics:
         router = out.router
         if router is None:
             return
-        self.add_scalars({"router/aux_loss": float(router.aux_loss.detach()),
-                          "router/z_loss": float(router.z_loss.detach())})
         counts = router.expert_counts.cpu().float()
         self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         tokens = float(router.real_tokens)
+        # Router losses are means over a batch's tokens: weighted by them, the window's value
+        # is the mean over all its tokens, whatever the batches' sizes.
+        self.routing["aux_loss"] += float(router.aux_loss.detach()) * tokens
+        self.routing["z_loss"] += float(router.z_loss.detach()) * tokens
         self.routing["slots"] += tokens * router.top_k
         self.routing["tokens"] += tokens
         self.routing["dropped"] += float(router.dropped_slots)
@@ -56,7 +62,7 @@ class MeanMetrics:
     def state(self) -> dict:
         """JSON-able, for checkpoints: a resumed run continues the same report window."""
         return {"sums": dict(self.sums), "count": self.count, "scalars": dict(self.scalars),
-                "routing": dict(self.routing),
+                "routing": dict(self.routing), "seconds": self.seconds, "tokens": self.tokens,
                 "expert_counts": None if self.expert_counts is None
                 else self.expert_counts.tolist()}
 
@@ -67,6 +73,7 @@ class MeanMetrics:
         metrics.count = state["count"]
         metrics.scalars.update({k: list(v) for k, v in state["scalars"].items()})
         metrics.routing.update(state["routing"])
+        metrics.seconds, metrics.tokens = state.get("seconds", 0.0), state.get("tokens", 0)
         if state["expert_counts"] is not None:
             metrics.expert_counts = torch.tensor(state["expert_counts"])
         return metrics
@@ -99,6 +106,8 @@ class MeanMetrics:
         out.update({key: sum(v) / len(v) for key, v in self.scalars.items()})
         out["num_examples"] = self.count
         if self.expert_counts is not None:
+            for key in ("aux_loss", "z_loss"):
+                out[f"router/{key}"] = self.routing[key] / max(self.routing["tokens"], 1)
             out["moe/dropped_fraction"] = self.routing["dropped"] / max(self.routing["slots"], 1)
             out["moe/fully_dropped_fraction"] = (self.routing["fully_dropped"]
                                                  / max(self.routing["tokens"], 1))

@@ -5,11 +5,15 @@ DPO's reference term depends only on the frozen reference model and the data, so
 keeps its two summed log-probs, and training never runs (or holds) the reference again.
 
 The cache file is named by a hash of everything the values depend on: the tokenised pairs
-themselves (which covers the data, the tokenizer and every truncation setting), where the
-reference weights come from (model id and revision, or JSON config and seed, or
-checkpoint_manager_path; sizes and modification times of local weight files), its dtype,
-attention, MoE implementation and capacity, and the padding. A changed setting gives a new
-name, so a stale cache is never read. Files are safetensors (no pickle), written atomically.
+themselves (which covers the data, the tokenizer and every truncation setting), the
+reference's weights and architecture by content where that is cheap (the model JSON's and
+`config.json`'s contents, the hub revision resolved to its commit in the local cache; for
+weight files, too large to hash at every start, their names, sizes and modification
+times), the JSON model's init seed, `checkpoint_manager_path`, its dtype, attention, MoE
+implementation and capacity, and the padding; with the dropped MoE and dynamic padding also
+the batch geometry (a sequence's capacity follows its batch's padded length). A changed
+setting gives a new name, so a stale cache is never read. Files are safetensors (no
+pickle), written atomically.
 """
 
 from __future__ import annotations
@@ -33,19 +37,57 @@ from .data.collate import PadTo
 from .evaluate import batch_logps
 
 log = logging.getLogger("moedpo")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".distcp", ".metadata")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", ".gguf")
 
 
-def _weights_stamp(path: str | None) -> list | None:
-    """(file, size, mtime) of the weight files under a local folder, so retrained weights in
-    the same folder change the key; None for hub ids and remote paths."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _folder_stamp(path: str | Path | None) -> list | None:
+    """A local model or checkpoint folder (or file): each weight file's name, size and
+    modification time (retrained weights in place change the key), every other file's
+    contents hashed (config.json, generation and tokenizer files); None for hub ids and
+    remote paths."""
     if not path or not Path(path).exists():
         return None
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*")
-                                                 if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    return [[str(p.relative_to(root)) if p != root else p.name, p.stat().st_size,
-             p.stat().st_mtime_ns] for p in files]
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    stamp = []
+    for p in files:
+        name = str(p.relative_to(root)) if p != root else p.name
+        if p.suffix in WEIGHT_SUFFIXES or p.stat().st_size > 64 << 20:
+            stamp.append([name, p.stat().st_size, p.stat().st_mtime_ns])
+        else:
+            stamp.append([name, _sha256(p)])
+    return stamp
+
+
+def _hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The local hub-cache folder of `name` at `revision` (its name is the commit), looked
+    up offline; None when `name` is not a cached hub model."""
+    if Path(name).exists() or "://" in name:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached, not a repo id: nothing to stamp
+        return None
+
+
+def _model_fields(cfg: DPOConfig) -> dict:
+    """Where the reference's starting weights come from, by content where that is cheap."""
+    from .config import resolve_model_json
+
+    m = cfg.model
+    if m.config_path:
+        return {"config_json": _sha256(resolve_model_json(m.config_path)),
+                "init_seed": cfg.seed}
+    snapshot = _hub_snapshot(m.name_or_path, m.revision)
+    return {"model": m.name_or_path, "revision": m.revision,
+            "commit": snapshot.name if snapshot else None,
+            "model_files": _folder_stamp(snapshot or m.name_or_path)}
 
 
 def data_digest(pairs: list[TokenizedPair]) -> str:
@@ -56,15 +98,17 @@ def data_digest(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo) -> dict:
+def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, devices: int = 1) -> dict:
     m = cfg.model
+    dropped = m.capacity_factor > 0 and m.moe_implementation in ("auto", "dropped")
     return {
         "train_pairs": data_digest(data.train), "eval_pairs": data_digest(data.eval),
-        "model": m.config_path or m.name_or_path, "revision": m.revision,
-        "init_seed": cfg.seed if m.config_path else None,
-        "model_files": _weights_stamp(None if m.config_path else m.name_or_path),
+        **_model_fields(cfg),
         "checkpoint_manager_path": cfg.checkpoint_manager_path,
-        "checkpoint_files": _weights_stamp(cfg.checkpoint_manager_path),
+        "checkpoint_files": _folder_stamp(cfg.checkpoint_manager_path),
+        # The dropped MoE's capacity depends on each batch's padded length, so on which
+        # pairs share a batch: the precompute batch and how many devices split it.
+        "batch": [cfg.eval_batch_size, devices] if dropped and pad_to is None else None,
         "dtype": m.reference_dtype, "flash_attention": m.flash_attention,
         "moe": [m.moe_implementation, m.capacity_factor, m.capacity_rounding,
                 m.moe_ignore_padding],
@@ -127,7 +171,7 @@ def precompute(cfg: DPOConfig, data: DataBundle, reference: torch.nn.Module, to_
                pad_to: PadTo, backend, progress=None) -> DataBundle:
     """`data` with every pair's reference log-probs attached, from the cache when it holds
     them, else computed now (and cached by the main process)."""
-    fields = cache_fields(cfg, data, pad_to)
+    fields = cache_fields(cfg, data, pad_to, backend.total_devices)
     path = cache_path(cfg, fields)
     values = _read(path, fields, len(data.train), len(data.eval))
     # Every rank must agree, or some would wait in a collective the others skip.

@@ -187,7 +187,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 for i, prompt in enumerate(sample_prompts)]
         writer.write_samples(step, rows)
 
-    train_seconds, window_tokens, saved_at = 0.0, 0, start_step if resume_from else None
+    saved_at = start_step if resume_from else None
     with StopSignal(backend) as stop, progress:
         for step in range(start_step, n_steps):
             if should_eval(step, cfg):
@@ -206,7 +206,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                     out = batch_loss(policy, reference, to_batch(chunk), cfg)
                     (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
-                window_tokens += sum(p.n_tokens for p in chunk)
+                window.tokens += sum(p.n_tokens for p in chunk)
             norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
             losses = torch.stack([out.loss.detach() for out in outputs]).sum()
             if backend.kind == "xla":  # decided on the device: no host read inside the step
@@ -226,25 +226,25 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             with warnings.catch_warnings():  # torch warns when a skipped update precedes it
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
-            train_seconds += time.perf_counter() - started
+            window.seconds += time.perf_counter() - started
             if progress.enabled:  # this rank's window so far, no collective needed
                 progress.step({**window.means(),
-                               "examples_per_second": window.count / max(train_seconds, 1e-9),
-                               "tokens_per_second": window_tokens / max(train_seconds, 1e-9)})
+                               "examples_per_second": window.count / max(window.seconds, 1e-9),
+                               "tokens_per_second": window.tokens / max(window.seconds, 1e-9)})
 
             # ---- report: means since the last report; throughput excludes eval time
             if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
                 reduced = window.reduced(backend)
-                tokens = float(backend.all_reduce_sum(torch.tensor([float(window_tokens)]))[0])
-                extra = {"examples_per_second": reduced.count / max(train_seconds, 1e-9),
-                         "tokens_per_second": tokens / max(train_seconds, 1e-9),
+                tokens = float(backend.all_reduce_sum(torch.tensor([float(window.tokens)]))[0])
+                extra = {"examples_per_second": reduced.count / max(window.seconds, 1e-9),
+                         "tokens_per_second": tokens / max(window.seconds, 1e-9),
                          "nonfinite_steps": nonfinite["total"]}
                 if backend.kind == "xla":  # flat after warm-up: one graph per step shape
                     extra["xla_compiles"] = spmd.compile_count()
                 row = writer.write(step, (step + 1) * step_size, "train", reduced, extra)
                 log.info(console_line(step, n_steps, "train",
                                       {k.removeprefix("train/"): v for k, v in row.items()}))
-                window, train_seconds, window_tokens = MeanMetrics(), 0.0, 0
+                window = MeanMetrics()
 
             # ---- checkpoint: every save_frequency steps, and when asked to stop
             every = cfg.checkpoint.save_frequency

@@ -97,6 +97,9 @@ def test_ipo_scores_mean_per_token_logps():
     out = dpo_loss(policy, ref, beta=0.5, name="ipo")
     # pair 0: (-4/2) - (-6/3) = 0 -> (0 - 1)^2; pair 1: 0 -> 1
     assert out.loss.item() == pytest.approx(1.0)
+    # Rewards of summed log-ratios, as TRL reports them for every loss: 0.5 * (-4 - 0).
+    assert out.metrics["rewards/chosen"].tolist() == [-2.0, -1.0]
+    assert out.metrics["rewards/margins"].tolist() == [1.0, 0.0]
 
 
 def test_aux_nll_adds_mean_per_pair_length_normalised_nll():

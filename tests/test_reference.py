@@ -1,6 +1,7 @@
 """reference.precompute: the cached reference log-probs give the same training as the live
 reference model, and the cache is reused only when nothing it depends on has changed."""
 
+import json
 import logging
 
 import pytest
@@ -74,3 +75,73 @@ def test_collate_carries_reference_in_row_order():
 def test_precompute_conflicts_with_reference_free(make_cfg):
     with pytest.raises(ConfigError, match="reference.precompute=true with loss.reference_free"):
         validate(make_cfg("reference.precompute=true", "loss.reference_free=true"))
+
+
+def key_of(cfg, pad_to=None, devices=1):
+    from moedpo.data import DataBundle
+
+    data = DataBundle(train=random_pairs(3), eval=random_pairs(2, seed=1))
+    return reference_lib.cache_path(cfg, reference_lib.cache_fields(cfg, data, pad_to, devices))
+
+
+def test_cache_key_follows_the_model_json_contents_not_its_path(make_cfg, tmp_path):
+    from moedpo.config import MODEL_JSON_DIR
+
+    config = tmp_path / "model.json"
+    config.write_text((MODEL_JSON_DIR / "tiny-mixtral.json").read_text())
+    cfg = make_cfg("model=tiny", f"model.config_path={config}")
+    before = key_of(cfg)
+    fields = json.loads(config.read_text())
+    config.write_text(json.dumps({**fields, "rope_theta": 1234.0}))  # edited in place
+    assert key_of(cfg) != before
+
+
+def test_cache_key_follows_a_local_folders_config_tokenizer_and_weights(make_cfg, tmp_path,
+                                                                        tiny_neox_dir):
+    import os
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_neox_dir, folder)
+    cfg = make_cfg("model=pythia", f"model.name_or_path={folder}")
+    keys = [key_of(cfg)]
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rotary_pct": 0.5}))
+    keys.append(key_of(cfg))
+    (folder / "tokenizer_config.json").write_text(
+        (folder / "tokenizer_config.json").read_text().replace("2048", "1024"))
+    keys.append(key_of(cfg))
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    keys.append(key_of(cfg))
+    assert len(set(keys)) == 4
+    assert key_of(cfg) == keys[-1]  # and nothing else moves it
+
+
+def test_cache_key_names_the_hub_commit(make_cfg, tmp_path, monkeypatch):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text('{"n": 1}')
+    (repo / "refs").mkdir()
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = make_cfg("model=pythia", "model.name_or_path=org/tiny")
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert reference_lib._model_fields(cfg)["commit"] == "a" * 40
+    before = key_of(cfg)
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on: another model
+    assert key_of(cfg) != before
+
+
+def test_cache_key_holds_the_batch_geometry_only_where_it_changes_values(make_cfg):
+    dropped = make_cfg(*tiny_train_overrides(), "model.capacity_factor=1.0")
+    dropless = make_cfg(*tiny_train_overrides())
+    for cfg, changes in ((dropped, True), (dropless, False)):
+        base = key_of(cfg)
+        other_batch = key_of(make_cfg(*tiny_train_overrides(), "per_device_eval_batch_size=3",
+                                      *(["model.capacity_factor=1.0"] if changes else [])))
+        assert (other_batch != base) == changes
+        assert (key_of(cfg, devices=2) != base) == changes
+    assert key_of(dropped, pad_to=64) == key_of(dropped, pad_to=64, devices=2)  # static shapes

@@ -59,9 +59,13 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def _without_dropout(config: PretrainedConfig) -> PretrainedConfig:
-    # DPO compares log-probs of two models; dropout would add noise to both for no gain.
+    # DPO compares log-probs of two models; dropout would add noise to both for no gain, and
+    # router jitter (Mixtral's router_jitter_noise, multiplicative noise on the router's
+    # input in train mode) noise to the policy alone: at step 0 it would differ from the
+    # reference.
     for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+        noise = "dropout" in key or key.endswith("_pdrop") or "jitter" in key
+        if isinstance(value, float) and noise:
             setattr(config, key, 0.0)
     return config
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 def capacity(seq_len: int, top_k: int, num_experts: int, factor: float,
              rounding: str = "floor") -> int:
     """Slots per expert per sequence. `floor` is the original's int(S*k/E*cf) (can be 0);
-    `ceil` rounds up and keeps at least one slot, as MaxText does now."""
-    exact = seq_len * top_k / num_experts * factor
+    `ceil` rounds up and keeps at least one slot, as MaxText does now: in exact rational
+    arithmetic (the factor as written in decimal), since in floating point 400*2/8*1.1 is
+    110.00000000000001 and would round up to 111."""
     if rounding == "ceil":
+        exact = Fraction(seq_len * top_k, num_experts) * Fraction(repr(float(factor)))
         return max(1, math.ceil(exact))
-    return int(exact)
+    return int(seq_len * top_k / num_experts * factor)
 
 
 def claim_places(top_k_index: torch.Tensor, num_experts: int,

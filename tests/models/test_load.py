@@ -125,3 +125,19 @@ def test_meta_build_refuses_tied_embeddings(tmp_path):
     (tmp_path / "tied.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     with pytest.raises(ModelLoadError, match="model.meta_init=false"):
         build_models(ModelConfig(config_path=str(tmp_path / "tied.json")), on_meta=True)
+
+
+def test_router_jitter_is_off_so_the_policy_starts_as_the_reference(tmp_path):
+    """Mixtral's router_jitter_noise multiplies the router input by noise in train mode: the
+    policy (training) would route differently from the reference (eval) at step 0."""
+    from moedpo.config import MODEL_JSON_DIR
+
+    fields = json.loads((MODEL_JSON_DIR / "tiny-mixtral.json").read_text())
+    path = tmp_path / "jittery.json"
+    path.write_text(json.dumps({**fields, "router_jitter_noise": 0.5}))
+    policy, reference = build_models(ModelConfig(config_path=str(path), policy_dtype="float32",
+                                                 reference_dtype="float32"))
+    assert policy.config.router_jitter_noise == 0.0
+    ids = torch.randint(3, 500, (2, 9))
+    policy.train()
+    torch.testing.assert_close(policy(input_ids=ids).logits, reference(input_ids=ids).logits)

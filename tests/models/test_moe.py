@@ -35,6 +35,9 @@ def test_claim_places_token_major_and_padding_claims_nothing():
 def test_capacity_rounding():
     assert capacity(10, 2, 8, 1.0) == 2 and capacity(10, 2, 8, 1.0, "ceil") == 3
     assert capacity(3, 1, 8, 1.0) == 0 and capacity(3, 1, 8, 1.0, "ceil") == 1
+    # 400 * 2 / 8 * 1.1 is exactly 110 (110.00000000000001 in floating point).
+    assert capacity(400, 2, 8, 1.1, "ceil") == 110 and capacity(401, 2, 8, 1.1, "ceil") == 111
+    assert capacity(400, 2, 8, 1.1) == int(400 * 2 / 8 * 1.1)  # floor keeps the original's
 
 
 class Model(torch.nn.Module):
