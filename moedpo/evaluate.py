@@ -4,22 +4,23 @@ the evaluation pass."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 
 import torch
 
-from .config import DPOConfig
+from .config import ConfigError, DPOConfig
 from .data.collate import SEGMENT_PROMPT
 from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps, sequence_logps_from_tokens
 from .metrics import MeanMetrics
 from .models import chunked_head
 from .models.moe import moe_top_k
-from .models.router import record_router_logits, router_losses
+from .models.router import RouterRecord, record_router_logits, router_losses
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
-                with_router: bool = False) -> tuple[SequenceLogps, tuple | None]:
-    """One forward over chosen and rejected together; router logits when asked (MoE only).
+                with_router: bool = False) -> tuple[SequenceLogps, RouterRecord | None]:
+    """One forward over chosen and rejected together; the routers' record when asked (MoE).
     With a chunked head (model.logps_chunk_size) the model returns token log-probs, never
     the full logits."""
     extra = {}
@@ -27,31 +28,68 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
     if segments is not None:
         extra["position_ids"] = batch["position_ids"]
         dtype = model.get_input_embeddings().weight.dtype
-        attention_mask = shared_prompt_mask(segments, dtype)
+        attention_mask = shared_prompt_attention(model, segments, batch["position_ids"], dtype)
     else:
         attention_mask = batch["attention_mask"]
     chunked = chunked_head.is_enabled(model)
     scope = (chunked_head.labels_for(model, batch["labels"], label_pad) if chunked
              else contextlib.nullcontext())
     routers = record_router_logits(model) if with_router else contextlib.nullcontext()
-    with scope, routers as router_logits:
+    with scope, routers as record:
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     use_cache=False, **extra)
     to_sums = sequence_logps_from_tokens if chunked else sequence_logps
     return (to_sums(out.logits, batch["labels"], label_pad, segments),
-            tuple(router_logits) if with_router else None)
+            record if with_router else None)
 
 
-def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype,
+                       positions: torch.Tensor | None = None,
+                       window: int | None = None) -> torch.Tensor:
     """[rows, T] segments -> [rows, 1, T, T] additive attention mask: causal, and a position
     sees the prompt and its own segment only (a response never sees the other one; padding
-    sees itself, so no row of the softmax is empty). Transformers takes a 4-D mask as given."""
+    sees itself, so no row of the softmax is empty). Transformers takes a 4-D mask as given.
+    With a sliding `window`, a query also sees only keys whose position (`positions`, the
+    unshared sequence's) is less than `window` before its own, as transformers' sliding
+    mask does."""
     length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
     query, key = segments[:, :, None], segments[:, None, :]
     allowed = causal & ((key == SEGMENT_PROMPT) | (key == query))
+    if window is not None:
+        allowed &= (positions[:, :, None] - positions[:, None, :]) < window
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sliding_window(config) -> tuple[int | None, bool]:
+    """(window, mixed): the sliding window of a model's attention layers (None: none), and
+    whether only some layers use it (`layer_types`, as Gemma 2/3, Qwen2 and gpt-oss have)."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or [])
+    if not window or (types and "sliding_attention" not in types):
+        return None, False
+    return window, bool(types - {"sliding_attention"})
+
+
+def shared_prompt_attention(model: torch.nn.Module, segments: torch.Tensor,
+                            positions: torch.Tensor, dtype: torch.dtype):
+    """The shared-prompt mask as the model takes it: one 4-D mask, windowed where every layer
+    slides (Mistral), or for models whose layers mix full and sliding attention the mapping
+    of both by layer type that their forward accepts in place of a mask."""
+    window, mixed = sliding_window(model.config)
+    full = shared_prompt_mask(segments, dtype)
+    if window is None:
+        return full
+    windowed = shared_prompt_mask(segments, dtype, positions, window)
+    if not mixed:
+        return windowed
+    if "causal_mask_mapping := attention_mask, dict" not in inspect.getsource(
+            type(model.base_model).forward):
+        raise ConfigError(f"data.share_prompt=true: {type(model).__name__} mixes sliding and "
+                          "full attention layers and takes no mask per layer type; set "
+                          "data.share_prompt=false")
+    return {"full_attention": full, "sliding_attention": windowed}
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -63,17 +101,18 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         with torch.no_grad():
             reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
     top_k = moe_top_k(policy)
-    policy_logps, router_logits = batch_logps(policy, batch, cfg.label_pad_token_id,
-                                              with_router=top_k is not None)
+    policy_logps, routers = batch_logps(policy, batch, cfg.label_pad_token_id,
+                                        with_router=top_k is not None)
     if "reference_logps" in batch:  # precomputed (reference.precompute=true)
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))
     out = dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,
                    cfg.loss.label_smoothing, cfg.aux_nll_loss_coef)
-    if router_logits:
+    if routers is not None and routers.logits:
         m = cfg.model
-        out.router = router_losses(router_logits, batch["attention_mask"], top_k,
-                                   m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding)
+        out.router = router_losses(routers.logits, batch["attention_mask"], top_k,
+                                   m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
+                                   routers.choices)
         out.loss = (out.loss + m.router_aux_loss_coef * out.router.aux_loss
                     + m.router_z_loss_coef * out.router.z_loss)
     return out

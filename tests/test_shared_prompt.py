@@ -63,3 +63,33 @@ def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path):
 def test_shared_prompt_refuses_dropped_moe_and_static_shapes(make_cfg, extra):
     with pytest.raises(ConfigError, match="data.share_prompt=true"):
         validate(make_cfg("data.share_prompt=true", *extra))
+
+
+def windowed_model(name: str):
+    """Tiny models whose attention slides over 4 tokens: in every layer (Mistral), or in
+    some (Qwen2 with max_window_layers, Gemma 2 alternating)."""
+    import transformers as tf
+
+    small = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = {
+        "mistral": lambda: tf.MistralConfig(**small, sliding_window=4),
+        "qwen2": lambda: tf.Qwen2Config(**small, use_sliding_window=True, sliding_window=4,
+                                        max_window_layers=1),
+        "gemma2": lambda: tf.Gemma2Config(**small, head_dim=8, sliding_window=4),
+    }[name]()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
+def test_shared_prompt_keeps_the_models_sliding_window(name):
+    from moedpo.evaluate import sliding_window
+
+    model = windowed_model(name)
+    window, mixed = sliding_window(model.config)
+    assert window == 4 and mixed == (name != "mistral")
+    pairs = random_pairs(6, seed=2)  # up to 11 + 11 tokens: well past the window
+    plain, _ = batch_logps(model, collate(pairs, pad_id=0), -100)
+    shared, _ = batch_logps(model, collate_shared(pairs, pad_id=0), -100)
+    torch.testing.assert_close(shared.logps, plain.logps, rtol=0, atol=1e-5)

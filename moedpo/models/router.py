@@ -9,36 +9,56 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .moe import capacity, kept_slots
 
 
+@dataclass
+class RouterRecord:
+    """One forward's routers, in layer order: their logits, and the top-k experts each
+    token went to as the router chose them (its own rule: softmax top-k, or sigmoid scores
+    plus a correction bias within the best groups as DeepSeek-V3 and GLM-4-MoE do); None
+    for a router that does not return its choice."""
+
+    logits: list[torch.Tensor] = field(default_factory=list)
+    choices: list[torch.Tensor | None] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def record_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect each router's logits during a forward, in layer order. The same modules
-    transformers records for `output_router_logits=True` (its `_can_record_outputs`), but
-    without also running its load-balancing loss, which moedpo computes itself and which
-    cannot read the 4-D attention mask of shared-prompt batches."""
+def record_router_logits(model: torch.nn.Module) -> Iterator[RouterRecord]:
+    """Collect each router's logits and choices during a forward, in layer order. The same
+    modules transformers records for `output_router_logits=True` (its
+    `_can_record_outputs`), but without also running its load-balancing loss, which moedpo
+    computes itself and which cannot read the 4-D attention mask of shared-prompt batches."""
     sink = _router_sink(model)
-    logits: list[torch.Tensor] = []
-    sink["logits"] = logits
+    record = RouterRecord()
+    sink["record"] = record
     try:
-        yield logits
+        yield record
     finally:  # closed before backward: activation checkpointing re-runs the forward
-        sink["logits"] = None
+        sink["record"] = None
+
+
+def _chosen_experts(output) -> torch.Tensor | None:
+    """transformers' routers return (logits, top-k weights, top-k indices)."""
+    if isinstance(output, tuple) and len(output) >= 3 and torch.is_tensor(output[2]) \
+            and not output[2].is_floating_point():
+        return output[2]
+    return None
 
 
 def _router_sink(model: torch.nn.Module) -> dict:
     """Forward hooks on the router modules, registered once per model, appending to
-    `sink["logits"]` while a recording is open. Registered once (not per forward) and run
+    `sink["record"]` while a recording is open. Registered once (not per forward) and run
     outside torch.compile's graphs, so compiled layers see the same hooks on every call and
     are not recompiled."""
     if hasattr(model, "_moedpo_router_sink"):
         return model._moedpo_router_sink
-    sink: dict = {"logits": None}
+    sink: dict = {"record": None}
     model._moedpo_router_sink = sink
     target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
     if target is None:
@@ -49,9 +69,10 @@ def _router_sink(model: torch.nn.Module) -> dict:
     @torch.compiler.disable
     def keep(module, _inputs, output) -> None:
         # The sink is read from the module, so a deep copy of the model records into its own.
-        logits = module._moedpo_router_sink["logits"]
-        if logits is not None:
-            logits.append(output[index] if isinstance(output, tuple) else output)
+        record = module._moedpo_router_sink["record"]
+        if record is not None:
+            record.logits.append(output[index] if isinstance(output, tuple) else output)
+            record.choices.append(_chosen_experts(output))
 
     for module in model.modules():
         if isinstance(module, target_class):
@@ -72,23 +93,27 @@ class RouterOutput:
     top_k: int
 
 
-def router_losses(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
+def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor,
                   top_k: int, capacity_factor: float = 0.0, rounding: str = "floor",
-                  ignore_padding: bool = True) -> RouterOutput:
+                  ignore_padding: bool = True,
+                  choices: Sequence[torch.Tensor | None] | None = None) -> RouterOutput:
     """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
     of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
-    mean router probability, averaged over layers (HF pools the layers' counts instead; with
-    one layer the two agree). z-loss: mean squared logsumexp of the router logits (ST-MoE)."""
+    mean router probability (softmax of the logits), averaged over layers (HF pools the
+    layers' counts instead; with one layer the two agree). z-loss: mean squared logsumexp of
+    the router logits (ST-MoE). Assignments, counts and drops are the router's own `choices`
+    (its top-k indices) where given, else the softmax top-k of the logits."""
     batch, seq_len = attention_mask.shape
     mask = attention_mask.reshape(-1).bool()
     n_real = mask.sum().clamp(min=1)
     aux, z, counts = [], [], []
     dropped = fully = torch.zeros((), device=attention_mask.device)
-    for logits in router_logits:
+    choices = choices or [None] * len(router_logits)
+    for logits, chosen in zip(router_logits, choices, strict=True):
         logits = logits.float()
         probs = logits.softmax(-1)
         num_experts = probs.shape[-1]
-        top = probs.topk(top_k, dim=-1).indices
+        top = chosen.long() if chosen is not None else probs.topk(top_k, dim=-1).indices
         weight = mask.float()
         assigned = torch.zeros(num_experts, device=logits.device).index_add_(
             0, top.reshape(-1), weight.repeat_interleave(top_k))

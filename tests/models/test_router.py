@@ -68,14 +68,48 @@ def test_recorded_router_logits_are_transformers_own():
     ids = torch.randint(0, 500, (2, 9))
     with record_router_logits(policy) as recorded:
         out = policy(input_ids=ids, output_router_logits=True)
-    assert len(recorded) == len(out.router_logits) == policy.config.num_hidden_layers
-    for mine, theirs in zip(recorded, out.router_logits, strict=True):
+    assert len(recorded.logits) == len(out.router_logits) == policy.config.num_hidden_layers
+    for mine, theirs in zip(recorded.logits, out.router_logits, strict=True):
         assert torch.equal(mine, theirs)
     policy(input_ids=ids)  # nothing is recorded outside the block
-    assert len(recorded) == policy.config.num_hidden_layers
+    assert len(recorded.logits) == policy.config.num_hidden_layers
     twin = copy.deepcopy(policy)  # records into its own list, not the original's
     other = torch.randint(0, 500, (2, 5))
     with record_router_logits(policy) as again, record_router_logits(twin) as copied:
         twin(input_ids=other)
-    assert again == [] and len(copied) == policy.config.num_hidden_layers
-    assert copied[0].shape[0] == other.numel()
+    assert again.logits == [] and len(copied.logits) == policy.config.num_hidden_layers
+    assert copied.logits[0].shape[0] == other.numel()
+
+
+def test_statistics_count_the_routers_own_choice_deepseek_v3():
+    """DeepSeek-V3 routes by sigmoid scores plus a correction bias, within the best groups:
+    not the softmax top-k of its logits. Counts and drops follow what it chose."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from moedpo.models.router import record_router_logits
+
+    config = DeepseekV3Config(vocab_size=512, hidden_size=32, intermediate_size=64,
+                              moe_intermediate_size=16, num_hidden_layers=2,
+                              first_k_dense_replace=0, num_attention_heads=4,
+                              num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                              n_group=2, topk_group=1, kv_lora_rank=8, q_lora_rank=8,
+                              qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).eval()
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV3TopkRouter":
+            torch.nn.init.normal_(module.weight, std=0.5)
+            module.e_score_correction_bias.copy_(torch.linspace(1.0, -1.0, 8))
+    chosen = []  # what each router returned, seen by a hook of the test's own
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV3TopkRouter":
+            module.register_forward_hook(lambda m, i, out: chosen.append(out[2]))
+    ids = torch.randint(0, 512, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad(), record_router_logits(model) as record:
+        model(input_ids=ids)
+    expected = torch.stack([torch.bincount(c.reshape(-1), minlength=8).float() for c in chosen])
+    out = router_losses(record.logits, mask, 2, choices=record.choices)
+    torch.testing.assert_close(out.expert_counts, expected)
+    softmax_pick = router_losses(record.logits, mask, 2).expert_counts
+    assert not torch.equal(softmax_pick, expected)  # the old statistics counted other experts
