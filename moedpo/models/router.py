@@ -8,8 +8,7 @@ so it serves every MoE implementation alike. Padding tokens never count.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
