@@ -213,6 +213,26 @@ def assert_same_run(a, b, atol: float, rel: float = 0.0, routing_atol: float = 0
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
 
 
+def assert_same_update(a: Path, b: Path, seed: int = 0, min_cosine: float = 0.95) -> None:
+    """Two mixed-precision runs of the demo's tiny Mixtral from the same start: run b saved
+    float32 master weights, took nearly every update (pure bf16 would round most of them
+    away at a DPO learning rate), and moved the weights the way run a did (bf16 compute
+    rounds their gradients differently, so not to the bit)."""
+    from moedpo.config import ModelConfig
+    from moedpo.models.load import build_models
+
+    initial, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                          policy_dtype="float32"), seed=seed)
+    start = {f"model.{k}": v for k, v in initial.state_dict().items()}
+    wa, wb = final_weights(a / "checkpoints"), final_weights(b / "checkpoints")
+    assert {v.dtype for v in wb.values()} == {torch.float32}
+    moved_a = torch.cat([(wa[k] - start[k]).flatten() for k in wa])
+    moved_b = torch.cat([(wb[k] - start[k]).flatten() for k in wa])
+    assert (moved_b != 0).float().mean() > 0.9
+    cosine = float(torch.nn.functional.cosine_similarity(moved_a, moved_b, dim=0))
+    assert cosine > min_cosine, cosine
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_same_run, run_ok, wait_for
+from conftest import ROOT, assert_same_run, assert_same_update, run_ok, wait_for
 from moedpo.checkpoint import COMPLETE, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
@@ -68,3 +68,15 @@ def test_two_rank_kill_and_resume(tmp_path):
     time.sleep(0.5)
     run_ok(cmd)
     assert_same_run(tmp_path / "straight", tmp_path / "killed", atol=1e-6)
+
+
+def test_bf16_policy_under_fsdp2_trains_float32_masters(tmp_path):
+    """A bf16 policy on 2 ranks: FSDP2 keeps float32 sharded masters (saved as such) and
+    computes in bf16; at a DPO learning rate its update is the one-process mixed-precision
+    update (both differ from it only by bf16 rounding of the gradients)."""
+    args = [*COMMON, "max_steps=2", "lr=5e-6", "sched.warmup_steps=0", "eval_frequency=100",
+            "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16",
+            f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_update(tmp_path / "one", tmp_path / "two")

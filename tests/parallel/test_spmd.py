@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_same_run, compose_cfg, run_ok
+from conftest import ROOT, assert_same_run, assert_same_update, compose_cfg, run_ok
 from moedpo.data import build_data, collate, train_indices
 from moedpo.models.load import load_tokenizer
 
@@ -132,3 +132,16 @@ def test_spmd_meta_init_reads_checkpoint_shards(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(each process its shards)" in done.stdout + done.stderr
     assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
+
+
+def test_bf16_policy_on_spmd_trains_float32_masters(tmp_path):
+    """Mixed precision on XLA: float32 master weights sharded over the mesh, the step
+    computed on their bf16 copy inside the one graph; the update is the CPU trainer's."""
+    args = [*COMMON, "max_steps=2", "lr=5e-6", "sched.warmup_steps=0", "eval_frequency=100",
+            "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16",
+            "model.moe_implementation=dense", f"output_dir={tmp_path}"]
+    run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "data.static_shapes=true",
+            "per_device_train_batch_size=8", "per_device_eval_batch_size=8", "exp_name=cpu"])
+    run_xla(*args, "per_device_train_batch_size=2", "per_device_eval_batch_size=2",
+            "exp_name=xla")
+    assert_same_update(tmp_path / "cpu", tmp_path / "xla")
