@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -35,6 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 log = logging.getLogger("moedpo")
+# DCP's own failure (a full disk, a torn file) is a BaseException, not an Exception: every
+# clause that turns a storage failure into a user-facing error names it too.
+STORAGE_ERRORS = (OSError, RuntimeError, ValueError, CheckpointException)
 COMPLETE = "COMPLETE"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -123,7 +127,7 @@ def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False)
         state = {"model": model.state_dict()}
         try:
             dcp.load(state, storage_reader=_reader(checkpoint), planner=_load_planner(xla))
-        except Exception as err:  # DCP wraps planner/storage errors in several types
+        except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
         model.load_state_dict(state["model"])
@@ -225,7 +229,7 @@ class Checkpointer:
                 if fs.exists(_fs(final)[1]):
                     fs.rm(_fs(final)[1], recursive=True)
                 fs.mv(_fs(tmp)[1], _fs(final)[1], recursive=True)
-        except (OSError, RuntimeError) as err:
+        except STORAGE_ERRORS as err:
             if self.rank == 0 and fs.exists(_fs(tmp)[1]):
                 fs.rm(_fs(tmp)[1], recursive=True)
             last = self.latest()
@@ -260,22 +264,53 @@ class Checkpointer:
         if not fs.exists(f"{root}/{COMPLETE}"):
             raise CheckpointError(f"resume={path}: not a complete moedpo checkpoint (no "
                                   f"{COMPLETE} marker)")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        try:
-            dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
-        except Exception as err:  # DCP wraps planner/storage errors in several types
-            raise CheckpointError(f"resume={path}: cannot load it into this model and "
-                                  f"optimizer: {_first_line(err)}") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
-        with fs.open(f"{root}/trainer_state.json") as f:
-            trainer_state = json.load(f)
         rank_file = f"{root}/rank{self.rank}.json"
         if not fs.exists(rank_file):
             raise CheckpointError(f"resume={path}: has no state for rank {self.rank}; resume "
                                   "on as many processes as the run that saved it")
-        with fs.open(rank_file) as f:
-            rank_state = json.load(f)
+        try:
+            with fs.open(f"{root}/trainer_state.json") as f:
+                trainer_state = json.load(f)
+            with fs.open(rank_file) as f:
+                rank_state = json.load(f)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"resume={path}: its state files are unreadable "
+                                  f"({_first_line(err)})") from None
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"],
+                           options=StateDictOptions(strict=True))
+        except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
+            n_params = sum(p.numel() for p in model.parameters())
+            raise CheckpointError(
+                f"resume={path}: cannot load it into this model ({type(model).__name__}, "
+                f"{n_params / 1e6:.2f}M parameters) and optimizer "
+                f"({type(optimizer).__name__}): {_first_line(err)}") from None
         set_rng_state(rank_state.pop("rng"))
         return trainer_state, rank_state
+
+    def load_newest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+        """The newest complete checkpoint that loads (resume=auto): one that is torn (a
+        truncated .distcp, a bad .metadata, an empty state file) is passed over with a
+        warning for the one before it. If none loads, the newest one's error is raised: a
+        checkpoint of another model or optimizer fails alike at every step. None if there
+        is no checkpoint."""
+        steps = self.complete_steps()
+        first_error = None
+        for step in reversed(steps):
+            path = self.step_path(step)
+            try:
+                trainer_state, rank_state = self.load(path, model, optimizer)
+            except CheckpointError as err:
+                first_error = first_error or err
+                log.warning("cannot resume from %s (%s); trying the checkpoint before it",
+                            path, err)
+                continue
+            return path, trainer_state, rank_state
+        if first_error is not None:
+            raise first_error
+        return None

@@ -18,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import CheckpointError
 from .config import ConfigError, DPOConfig, register_schema, schema_keys, suggest_key
 from .data import DataError
+from .metrics import MetricsError
 from .models.load import ModelLoadError
 from .train import NonFiniteError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError,
+               MetricsError)
 GROUPS = ("model", "sched", "experiment")
 USAGE = """usage: moedpo COMMAND ...
 
@@ -48,9 +50,9 @@ def check_override_keys(overrides: list[str]) -> None:
     """Unknown keys get a one-line error with the closest known key, before Hydra starts."""
     known = set(schema_keys())
     for item in overrides:
-        if item.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in item:
+        if item.startswith(("-", "~", "hydra.", "hydra/")) or "=" not in item:
             continue
-        key = item.split("=", 1)[0]
+        key = item.split("=", 1)[0].lstrip("+")  # `+key=` adds a key: a typo all the same
         if key in GROUPS or key.startswith("dataset_dir."):
             continue
         if key not in known:

@@ -279,6 +279,10 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
 
 def validate(cfg: DPOConfig) -> None:
     """Raise ConfigError (one line, naming the key) for the first mistake found."""
+    name = str(cfg.exp_name)
+    _check(name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+           f"exp_name={cfg.exp_name}: must be a plain folder name (the run lives in "
+           "output_dir/exp_name); put the path in output_dir")
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                 "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
     for key in positive:

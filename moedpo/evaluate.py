@@ -147,12 +147,15 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]],
     model.eval()
     device = next(model.parameters()).device
     texts = []
-    for ids in prompts:
-        input_ids = torch.tensor([ids], device=device)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+        else tokenizer.eos_token_id
+    for ids in prompts:  # an empty prompt starts from BOS (or EOS): generate needs a token
+        input_ids = torch.tensor([list(ids) or [start]], dtype=torch.long, device=device)
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
                              pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
-        texts.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+        texts.append(tokenizer.decode(out[0, input_ids.shape[1]:],
+                                      skip_special_tokens=True).strip())
     model.train(was_training)
     return texts

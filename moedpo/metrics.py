@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -124,6 +125,37 @@ class MeanMetrics:
         return out
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read; the message names the file and line."""
+
+
+def strict(value):
+    """NaN and infinities as null: metrics.jsonl is strict JSON, readable by any parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [strict(v) for v in value]
+    return value
+
+
+def read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows. A torn last line (a crash or a full disk mid-write) is dropped
+    with a warning; a bad line elsewhere is an error naming it."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise MetricsError(f"{path}:{number}: not a JSON row; fix or delete the "
+                                   "line") from None
+            log.warning("%s:%d: dropping a torn last line (an interrupted write)", path, number)
+    return rows
+
+
 class MetricWriter:
     """metrics.jsonl (always) and the configured trackers; only rank 0 writes."""
 
@@ -145,7 +177,7 @@ class MetricWriter:
         if not self.enabled:
             return row
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({k: strict(v) for k, v in row.items()}, allow_nan=False) + "\n")
         scalars = {k: v for k, v in row.items()
                    if k not in ("step", "examples") and isinstance(v, int | float)}
         for tracker in self.trackers:

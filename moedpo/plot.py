@@ -8,13 +8,14 @@ dots on a dashed line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import read_rows  # noqa: E402
 
 PANELS = [
     ("loss", "DPO loss", ["loss"]),
@@ -32,7 +33,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a moedpo run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

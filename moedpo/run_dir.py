@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer, CheckpointError
 from .config import DPOConfig
+from .metrics import read_rows
 from .parallel.backend import Backend
 
 log = logging.getLogger("moedpo")
@@ -51,11 +52,12 @@ def trim_metrics(run_dir: Path, start_step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if r.strip() and json.loads(r)["step"] < start_step]
-    if len(kept) != len(rows):
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)  # a torn last line is dropped
+    kept = [row for row in rows if row["step"] < start_step]
+    if len(kept) != len(lines):
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(path)
 
 

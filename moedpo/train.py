@@ -135,7 +135,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
     if resume_from:
-        state, own = checkpointer.load(resume_from, policy, optimizer)
+        if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
+            resume_from, state, own = checkpointer.load_newest(policy, optimizer)
+        else:
+            state, own = checkpointer.load(resume_from, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
         window = MeanMetrics.from_state(own["window"])
@@ -258,9 +261,12 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                             "resume (resume=auto)", stop.name, step)
                 return RunResult({}, policy, run_dir, preempted=True)
 
-    final = eval_row(n_steps)
-    if saved_at != n_steps:
-        save(n_steps)
+        # ---- the end: the last step's checkpoint before the final eval, still under the
+        # signal guard, so a stop or an error in that eval loses nothing trained (a rerun
+        # resumes at the end and only evaluates again)
+        if saved_at != n_steps:
+            save(n_steps)
+        final = eval_row(n_steps)
     writer.close()
     log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
     return RunResult(final, policy, run_dir)

@@ -71,6 +71,17 @@ def test_cli_typo_is_one_line_with_suggestion():
                                      "'lr'?); see README 'Config reference'")
 
 
+@pytest.mark.parametrize("item", ["+lrr=1e-3", "++lrr=1e-3", "+model.polcy_dtype=float32"])
+def test_added_keys_are_checked_like_others(item, capsys):
+    from moedpo.cli import check_override_keys
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_override_keys([item])
+    assert exit_info.value.code == 2
+    assert "unknown config key" in capsys.readouterr().err
+    check_override_keys(["+experiment=demo", "+lr=1e-3"])  # groups and real keys pass
+
+
 def test_cli_validation_error_exit_code(tmp_path):
     result = run_cli(f"output_dir={tmp_path}", "optimizer=Nope")
     assert result.returncode == 2
@@ -97,3 +108,11 @@ def test_every_config_key_is_documented_in_readme():
     # A dict-valued key is documented by its entries (`dataset_dir.hh`).
     missing = [k for k in keys if f"`{k}`" not in readme and f"`{k}." not in readme]
     assert not missing, f"document these in README's config reference: {missing}"
+
+
+@pytest.mark.parametrize("name", ["/abs/run", "../up", "a/b", "..", ""])
+def test_exp_name_is_a_plain_folder_name(make_cfg, name):
+    from moedpo.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="exp_name=.*must be a plain folder name"):
+        validate(make_cfg(f"exp_name='{name}'"))

@@ -38,3 +38,28 @@ def test_resumed_window_keeps_its_time_and_tokens():
     state = window.state()
     del state["seconds"], state["tokens"]
     assert MeanMetrics.from_state(state).seconds == 0.0
+
+
+def test_torn_last_line_is_dropped_and_json_is_strict(tmp_path, caplog):
+    from moedpo.metrics import MetricsError, MetricWriter, read_rows
+    from moedpo.run_dir import trim_metrics
+
+    writer = MetricWriter(tmp_path, loggers=[])
+    window = MeanMetrics()
+    window.add({"loss": torch.tensor([float("nan")])})
+    writer.write(0, 0, "train", window, {"grad_norm": float("inf")})
+    writer.write(1, 4, "train", window)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "examples": 8, "train/lo')  # a crash mid-write
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["train/loss"] is None
+    assert "dropping a torn last line" in caplog.text
+    trim_metrics(tmp_path, 1)  # a resume at step 1 reads it and rewrites it whole
+    kept = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [0]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{oops\n{"step": 1}\n')
+    with pytest.raises(MetricsError, match=r"metrics.jsonl:2: not a JSON row"):
+        read_rows(tmp_path / "metrics.jsonl")
+

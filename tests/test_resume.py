@@ -181,3 +181,93 @@ def test_sigusr1_saves_and_training_goes_on(tmp_path):
     steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "usr1" / "checkpoints").glob(
         "step_*"))
     assert len(steps) == 2 and steps[0] < 12 == steps[1]  # the one asked for, and the final
+
+
+def test_disk_full_inside_dcp_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """DCP reports a failed write as its CheckpointException, a BaseException: it must still
+    become the one-line error, and the partial folder must not stay to fill the disk."""
+    from torch.distributed.checkpoint import filesystem
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+    good = ckpt.save(1, model, optimizer, {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_item", disk_full)
+    with pytest.raises(CheckpointError, match=r"step_00000002.*step_00000001 is untouched"):
+        try:
+            ckpt.save(2, model, optimizer, {"step": 2})
+        except CheckpointException:  # what escaped before
+            pytest.fail("CheckpointException escaped")
+    monkeypatch.undo()
+    assert ckpt.latest() == good and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("tear", ["distcp", "metadata", "trainer_state"])
+def test_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, tear):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.save(1, model, optimizer, {"step": 1})
+    optimizer.step()
+    newest = ckpt.save(2, model, optimizer, {"step": 2})
+    if tear == "distcp":
+        (shard,) = (tmp_path / "step_00000002").glob("*.distcp")
+        shard.write_bytes(shard.read_bytes()[:40])
+    elif tear == "metadata":
+        (tmp_path / "step_00000002" / ".metadata").write_bytes(b"\x80garbage")
+    else:
+        (tmp_path / "step_00000002" / "trainer_state.json").write_text("")
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    path, state, _ = ckpt.load_newest(fresh, fresh_opt)
+    assert path.endswith("step_00000001") and state["step"] == 1
+    assert f"cannot resume from {newest}" in caplog.text
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, first[key]), key
+
+
+def test_checkpoint_of_another_model_names_both(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, model, optimizer, {"step": 1})
+    other = torch.nn.Linear(5, 2)
+    with pytest.raises(CheckpointError, match=r"step_00000001: cannot load it into this model "
+                                              r"\(Linear, 0.00M parameters\) and optimizer "
+                                              r"\(AdamW\)"):
+        ckpt.load_newest(other, torch.optim.AdamW(other.parameters()))
+
+
+def test_final_eval_failing_or_signalled_keeps_the_trained_run(make_cfg, monkeypatch):
+    """The last step's checkpoint is written before the final eval: an error there (or a
+    stop signal: the guard is still up) loses nothing trained, and a rerun only evaluates."""
+    import signal as signal_module
+
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=2", "do_first_eval=false",
+                   "eval_frequency=100")
+    plain_evaluate = train_module.evaluate
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(train_module, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        run(cfg)
+    assert (cfg.run_dir / "checkpoints" / "step_00000002" / COMPLETE).exists()
+
+    def signalled(*args, **kwargs):  # SIGTERM arrives mid-eval: the eval still completes
+        os.kill(os.getpid(), signal_module.SIGTERM)
+        return plain_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", signalled)
+    result = run(cfg)  # resumes at the end: no training, the final eval only
+    assert result.final_eval["num_examples"] == 80
+    assert [r["step"] for r in train_rows(cfg.run_dir) if "train/loss" in r] == [0, 1]
