@@ -228,7 +228,10 @@ def assert_same_update(a: Path, b: Path, seed: int = 0, min_cosine: float = 0.95
     assert {v.dtype for v in wb.values()} == {torch.float32}
     moved_a = torch.cat([(wa[k] - start[k]).flatten() for k in wa])
     moved_b = torch.cat([(wb[k] - start[k]).flatten() for k in wa])
-    assert (moved_b != 0).float().mean() > 0.9
+    # Weights that see no gradient (embedding rows of tokens not in the batches) stay put.
+    assert (moved_a != 0).float().mean() > 0.8
+    moved_both = ((moved_a != 0) & (moved_b != 0)).sum() / (moved_a != 0).sum()
+    assert moved_both > 0.99, float(moved_both)
     cosine = float(torch.nn.functional.cosine_similarity(moved_a, moved_b, dim=0))
     assert cosine > min_cosine, cosine
 
