@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,6 +20,76 @@ from .parallel.backend import Backend
 
 log = logging.getLogger("moedpo")
 OUTPUTS = ("metrics.jsonl", "tensorboard")
+LOCK = ".moedpo.lock"
+
+
+class RunLocked(CheckpointError):
+    """Another live run holds the run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the whole run: a lock file naming the holder
+    (host, pid, start time), created atomically by the main process. A second run of the
+    same directory is refused at once (it would resume from the first one's checkpoints
+    while they are being written, and both would append to metrics.jsonl). A lock whose
+    process is gone (same host, pid not running: a SIGKILL, a crash) is stale and taken
+    over with a warning. Every rank learns the outcome, so none waits on a refused run."""
+
+    def __init__(self, run_dir: Path, backend: Backend) -> None:
+        self.path, self.backend, self.held = run_dir / LOCK, backend, False
+
+    def _take(self) -> str | None:
+        """None when taken, else who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                same_host = holder.get("host") == me["host"]
+                if same_host and isinstance(holder.get("pid"), int) and not _alive(
+                        holder["pid"]):
+                    log.warning("taking over the stale lock %s of process %d, which is gone",
+                                self.path, holder["pid"])
+                    self.path.unlink(missing_ok=True)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S",
+                                      time.localtime(holder.get("since", 0)))
+                return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}"
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return None
+        return "a process that keeps taking it"
+
+    def __enter__(self) -> RunLock:
+        import torch
+
+        holder = self._take() if self.backend.is_main else None
+        refused = float(self.backend.all_reduce_sum(torch.tensor([float(holder is not None)]))[0])
+        self.held = self.backend.is_main and holder is None
+        if refused:
+            raise RunLocked(
+                f"{self.path.parent} is in use by another run ({holder or 'see rank 0'}); wait "
+                f"for it, or choose another exp_name. If no such run exists, delete {self.path}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
 
 
 def find_resume(cfg: DPOConfig, checkpointer: Checkpointer) -> str | None:

@@ -96,7 +96,8 @@ def run(cfg: DPOConfig) -> RunResult:
     backend = init_backend(cfg.parallel.backend, cfg.tensor_parallelism,
                            cfg.local_compile_cache_dir, cfg.full_precision)
     try:
-        return train(cfg, backend)
+        with run_dir_lib.RunLock(cfg.run_dir, backend):
+            return train(cfg, backend)
     finally:
         shutdown(backend)
 

@@ -271,3 +271,31 @@ def test_final_eval_failing_or_signalled_keeps_the_trained_run(make_cfg, monkeyp
     result = run(cfg)  # resumes at the end: no training, the final eval only
     assert result.final_eval["num_examples"] == 80
     assert [r["step"] for r in train_rows(cfg.run_dir) if "train/loss" in r] == [0, 1]
+
+
+def test_a_second_run_of_the_same_dir_is_refused_and_a_stale_lock_taken_over(make_cfg, caplog):
+    import json as json_module
+    import socket
+
+    from moedpo.run_dir import LOCK, RunLocked
+
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=1")
+    lock = cfg.run_dir / LOCK
+    cfg.run_dir.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live run on this host holds it
+        lock.write_text(json_module.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
+                                           "since": time.time()}))
+        with pytest.raises(RunLocked, match=rf"in use by another run .* pid {sleeper.pid}"):
+            run(cfg)
+        assert not (cfg.run_dir / "checkpoints").exists()  # refused before anything ran
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is gone (killed): the lock is stale, taken over, and released at the end.
+    run(cfg)
+    assert "taking over the stale lock" in caplog.text and not lock.exists()
+    # A holder on another host cannot be checked: refused, with the way out.
+    lock.write_text(json_module.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
+    with pytest.raises(RunLocked, match=f"delete {lock}"):
+        run(cfg)
