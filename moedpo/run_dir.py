@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .checkpoint import Checkpointer, CheckpointError
-from .config import DPOConfig
+from .config import ConfigError, DPOConfig
 from .metrics import read_rows
 from .parallel.backend import Backend
 
@@ -107,6 +107,59 @@ def find_resume(cfg: DPOConfig, checkpointer: Checkpointer) -> str | None:
     return mode
 
 
+# Settings a resumed run may change: when and what it reports and saves, how far it goes,
+# and how it computes the same values (memory and speed). Any other change (model, optimizer
+# and schedule, batch geometry, data, loss) makes another run than the checkpoint's.
+SAFE_ON_RESUME = (
+    "exp_name", "max_steps", "n_epochs", "eval_frequency", "do_first_eval", "report_metrics_freq",
+    "sample_during_eval", "n_eval_model_samples", "sample_max_new_tokens", "sample_reference",
+    "loggers", "resume", "overwrite", "output_dir", "max_consecutive_nonfinite", "checkpoint.",
+    "num_proc", "local_compile_cache_dir", "per_device_eval_batch_size", "parallel.",
+    "tensor_parallelism", "model.compile", "model.activation_checkpointing",
+    "model.meta_init", "model.logps_chunk_size", "model.flash_attention",
+    "model.fsdp_config.", "reference.cpu_offload", "reference.cache_dir",
+    "reference.precompute", "data.share_prompt", "data.static_shapes", "data.length_buckets",
+    "data.strict",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "dataset_dir":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: dict, now: dict) -> list[str]:
+    """The safe changes of a resumed run against the settings its checkpoint was written
+    with; a change that would make it another run is a ConfigError with the diff and the
+    way out."""
+    before, after = _flat(saved), _flat(now)
+    changes = [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys())
+               if before.get(k) != after.get(k)]
+    breaking = [c for c in changes if not c[0].startswith(SAFE_ON_RESUME)]
+    if breaking:
+        diff = ", ".join(f"{k}: {a} -> {b}" for k, a, b in breaking)
+        raise ConfigError(f"resume: the checkpoint was trained with other settings ({diff}); "
+                          "resuming would make another run. Set them back, or start over "
+                          "(resume=false overwrite=true, or another exp_name)")
+    return [f"{k}: {a} -> {b}" for k, a, b in changes]
+
+
+def saved_config(checkpoint: str) -> dict | None:
+    """The settings a checkpoint was written with (None: unreadable, or an older one)."""
+    import fsspec
+
+    try:
+        with fsspec.open(f"{checkpoint.rstrip('/')}/trainer_state.json") as f:
+            return json.load(f).get("config")
+    except (OSError, ValueError):
+        return None
+
+
 def set_aside(run_dir: Path) -> None:
     """A fresh run keeps an earlier run's metrics and TensorBoard logs as *.prevN."""
     for name in OUTPUTS:
@@ -144,6 +197,11 @@ def prepare(cfg: DPOConfig, checkpointer: Checkpointer,
         checkpointer.clean_partial()
     backend.barrier()
     resume = find_resume(cfg, checkpointer)
+    saved = saved_config(resume) if resume else None
+    if saved is not None:  # every rank raises alike: the same files, the same settings
+        for change in check_resume_config(saved, OmegaConf.to_container(
+                OmegaConf.structured(cfg))):
+            log.info("resumed with a changed setting: %s", change)
     backend.barrier()
     if backend.is_main:
         if resume is None:

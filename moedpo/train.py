@@ -148,12 +148,13 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     lengths = [pair.length for pair in data.train] if cfg.data.group_by_length else None
     stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step,
                            lengths)
-    writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main,
-                          OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.exp_name)
+    settings = OmegaConf.to_container(OmegaConf.structured(cfg))
+    writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main, settings,
+                          cfg.exp_name)
 
     def save(step: int) -> str:
         state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
-                 "nonfinite": nonfinite}
+                 "nonfinite": nonfinite, "config": settings}  # what a resume must match
         path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()})
         log.info("checkpoint written: %s", path)
         return path

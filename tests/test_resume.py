@@ -299,3 +299,26 @@ def test_a_second_run_of_the_same_dir_is_refused_and_a_stale_lock_taken_over(mak
     lock.write_text(json_module.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
     with pytest.raises(RunLocked, match=f"delete {lock}"):
         run(cfg)
+
+
+def test_resume_refuses_changes_that_make_another_run_and_records_safe_ones(make_cfg, caplog):
+    from moedpo.config import ConfigError
+
+    common = [*tiny_train_overrides(), "max_steps=2", "lr=1e-3"]
+    first = make_cfg(*common)
+    run(first)
+    recorded = (first.run_dir / "config.yaml").read_text()
+    for change, shown in ((["lr=5e-4"], "lr: 0.001 -> 0.0005"),
+                          (["per_device_train_batch_size=2"],
+                           "per_device_train_batch_size: 4 -> 2"),
+                          (["model.policy_dtype=bfloat16"],
+                           "model.policy_dtype: float32 -> bfloat16")):
+        with pytest.raises(ConfigError, match=f"other settings \\({shown}\\).*resume=false"):
+            run(make_cfg(*common, *change))
+        assert (first.run_dir / "config.yaml").read_text() == recorded  # not misrecorded
+    longer = make_cfg(*common, "max_steps=3", "eval_frequency=50")
+    with caplog.at_level("INFO", logger="moedpo"):
+        run(longer)
+    assert "resumed with a changed setting: max_steps: 2 -> 3" in caplog.text
+    assert "max_steps: 3" in (first.run_dir / "config.yaml").read_text()
+    assert [r["step"] for r in train_rows(first.run_dir) if "train/loss" in r] == [0, 1, 2]
