@@ -65,9 +65,14 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
     if cfg.dry_run:  # 10 global batches in all, not per dataset
         bundle.train = bundle.train[:DRY_RUN_BATCHES * train_step]
         bundle.eval = bundle.eval[:DRY_RUN_BATCHES * eval_step]
+    skipped = bundle.skipped
+    why = (f"; skipped {skipped.total} rows: {dict(skipped.counts)}; first: "
+           + "; ".join(skipped.examples) if skipped.total else "")
     if len(bundle.train) < train_step:
+        fix = ("fix the rows (`moedpo data inspect ...` shows them)" if skipped.total
+               else "lower the batch size")
         raise DataError(f"datasets={cfg.datasets}: {len(bundle.train)} usable training pairs, "
-                        f"fewer than one step needs ({train_step}); lower the batch size")
+                        f"fewer than one step needs ({train_step}){why}; {fix}")
     if not bundle.eval:
-        raise DataError(f"datasets={cfg.datasets}: no usable evaluation pairs")
+        raise DataError(f"datasets={cfg.datasets}: no usable evaluation pairs{why}")
     return bundle

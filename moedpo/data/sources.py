@@ -7,6 +7,7 @@ Each source turns its own row format into `Pair`s by the original trainer's rule
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -64,6 +65,10 @@ class SkipLog:
 
 def _text(row: dict, key: str) -> str:
     value = row.get(key)
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        raise RowError(f"field '{key}' is a list of messages (a conversational row), which "
+                       "this version does not read; render the rows to text with the model's "
+                       "chat template first")
     if not isinstance(value, str):
         raise RowError(f"field '{key}' is missing or not a string")
     return value
@@ -156,12 +161,25 @@ HUB_SOURCES = {
 # ---------------------------------------------------------------- readers
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    # fsspec so that gs:// and other remote folders work like local ones.
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@contextlib.contextmanager
+def _open_lines(path: str) -> Iterator[io.BufferedIOBase]:
+    """The file's bytes, gunzipped when they are gzip whatever the name says (gzip content
+    named .jsonl, plain text named .gz). fsspec, so gs:// folders work like local ones."""
+    import gzip
+
     import fsspec
 
-    return fsspec.open(path, "rt", encoding="utf-8",
-                       compression="gzip" if path.endswith(".gz") else None).open()
+    with fsspec.open(path, "rb") as raw:
+        head = raw.read(2)
+        raw.seek(0)
+        if head == GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=raw) as unzipped:
+                yield unzipped
+        else:
+            yield raw
 
 
 def split_files(folder: str, split: str, aliases: tuple[str, ...] = ()) -> list[str]:
@@ -187,22 +205,60 @@ def _unstrip(fs: Any, path: str, folder: str, root: str) -> str:
 
 
 def read_jsonl(path: str, log: SkipLog) -> Iterator[tuple[dict, str]]:
-    """(row, "file:line") for every JSON object line. Written by hand rather than through
-    `datasets`' JSON builder, which aborts the whole file on one bad line and names no line."""
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            origin = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                log.skip(origin, f"malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(row, dict):
-                log.skip(origin, "line is not a JSON object")
-                continue
+    """(row, "file:line") for every JSON object line; a file holding one JSON array of
+    objects gives (row, "file[i]"). Written by hand rather than through `datasets`' JSON
+    builder, which aborts the whole file on one bad line and names no line. Lines are
+    decoded one by one, so a line that is not UTF-8 is skipped, not the file."""
+    import gzip
+    import zlib
+
+    number = 0
+    try:
+        with _open_lines(path) as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                origin = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    log.skip(origin, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                     f"{err.start + 1})")
+                    continue
+                if number == 1 and line.lstrip().startswith("["):
+                    yield from _json_array(path, line + f.read().decode("utf-8", "replace"),
+                                           log)
+                    return
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    log.skip(origin, f"malformed JSON ({err.msg} at column {err.colno})")
+                    continue
+                if not isinstance(row, dict):
+                    log.skip(origin, "line is not a JSON object")
+                    continue
+                yield row, origin
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path}: a broken gzip archive after line {number} ({err}); download "
+                        "or compress it again") from None
+
+
+def _json_array(path: str, text: str, log: SkipLog) -> Iterator[tuple[dict, str]]:
+    """A .json file that is one array of row objects (as many exports are)."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: starts like one JSON array but is not valid JSON ({err.msg} "
+                        f"at line {err.lineno}); give JSON lines (one object per line) or a "
+                        "valid array") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: not JSON lines and not an array of objects")
+    for index, row in enumerate(rows):
+        origin = f"{path}[{index}]"
+        if isinstance(row, dict):
             yield row, origin
+        else:
+            log.skip(origin, "array item is not a JSON object")
 
 
 def read_hub(source: HubSource, split: str, num_proc: int = 1) -> Iterator[tuple[dict, str]]:

@@ -138,3 +138,59 @@ def test_hub_source_goes_through_datasets_with_the_hub_split(monkeypatch):
     assert pairs[0].origin == "openai/summarize_from_feedback[validation] row 0"
     assert log.examples == ["openai/summarize_from_feedback[validation] row 1: needs "
                             "'summaries' (two of them) and 'choice' (0 or 1)"]
+
+
+def test_bytes_that_are_not_utf8_skip_their_line_only(tmp_path):
+    good = json.dumps({"prompt": "p", "chosen": " yes", "rejected": " no"}).encode()
+    bad = b'{"prompt": "\xff\xfe"}'
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    log = SkipLog()
+    assert len(load_pairs(str(tmp_path), "train", {}, log)) == 2
+    assert log.examples == [f"{tmp_path}/train.jsonl:2: not UTF-8 text (byte 0xff at column 13)"]
+
+
+def test_gzip_is_read_by_its_bytes_not_its_name(tmp_path):
+    import gzip
+
+    row = {"prompt": "p", "chosen": " yes", "rejected": " no"}
+    (tmp_path / "train.jsonl").write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
+    assert len(load_pairs(str(tmp_path), "train", {}, SkipLog())) == 1
+
+
+def test_truncated_gzip_is_one_error_naming_the_file(tmp_path):
+    import gzip
+
+    row = json.dumps({"prompt": "p", "chosen": " yes", "rejected": " no"}) + "\n"
+    data = gzip.compress((row * 2000).encode())
+    (tmp_path / "train.jsonl.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz: a broken gzip archive after line"):
+        load_pairs(str(tmp_path), "train", {}, SkipLog())
+
+
+def test_a_json_array_file_is_read_and_message_lists_are_named(tmp_path):
+    rows = [{"prompt": "p", "chosen": " yes", "rejected": " no"},
+            {"chosen": [{"role": "user", "content": "hi"}], "rejected": [{"role": "user",
+                                                                          "content": "ho"}],
+             "prompt": "x"}]
+    (tmp_path / "train.json").write_text(json.dumps(rows, indent=2))
+    log = SkipLog()
+    pairs = load_pairs(str(tmp_path), "train", {}, log)
+    assert [p.origin for p in pairs] == [f"{tmp_path}/train.json[0]"]
+    assert "train.json[1]: field 'chosen' is a list of messages (a conversational row)" in \
+        log.examples[0]
+
+
+def test_when_every_row_is_skipped_the_error_says_why(make_cfg, tmp_path, tokenizer):
+    from moedpo.data import build_data
+
+    row = {"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user",
+                                                                       "content": "r"}]}
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text((json.dumps(row) + "\n") * 3)
+    cfg = make_cfg("use_synthetic_data=false", f"datasets=[{tmp_path}]",
+                   "per_device_train_batch_size=2")
+    with pytest.raises(DataError) as err:
+        build_data(cfg, tokenizer, 512)
+    message = str(err.value)
+    assert "0 usable training pairs" in message and "skipped 6 rows" in message  # both splits
+    assert "list of messages" in message and "lower the batch size" not in message
