@@ -60,7 +60,8 @@ def _is_url(path: str) -> bool:
 
 def _reader(path: str) -> dcp.StorageReader:
     if _is_url(path):
-        from torch.distributed.checkpoint import FsspecReader
+        # torch 2.13 exports its fsspec storage only from this module.
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(path)
     return dcp.FileSystemReader(path.removeprefix("file://"))
@@ -68,7 +69,7 @@ def _reader(path: str) -> dcp.StorageReader:
 
 def _writer(path: str) -> dcp.StorageWriter:
     if _is_url(path):
-        from torch.distributed.checkpoint import FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         return FsspecWriter(path)
     return dcp.FileSystemWriter(path.removeprefix("file://"))

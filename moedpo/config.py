@@ -191,12 +191,23 @@ class DPOConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     @property
+    def run_url(self) -> str | None:
+        """output_dir/exp_name when output_dir is a URL (gs://...), else None."""
+        if not is_url(self.output_dir):
+            return None
+        return f"{self.output_dir.rstrip('/')}/{self.exp_name}"
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.exp_name
+        """Where the run's files are written: output_dir/exp_name, or for a URL output_dir its
+        local mirror, uploaded to `run_url` as the run goes (run_dir.publish)."""
+        return local_run_dir(self.output_dir, self.exp_name)
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or str(self.run_dir / "checkpoints")
+        if self.checkpoint.dir:
+            return self.checkpoint.dir
+        return f"{self.run_url}/checkpoints" if self.run_url else str(self.run_dir / "checkpoints")
 
     @property
     def resume_mode(self) -> str | None:
@@ -215,10 +226,33 @@ class DPOConfig:
         return self.per_device_eval_batch_size or self.per_device_train_batch_size
 
 
+def is_url(path: str) -> bool:
+    """A remote fsspec URL (gs://, s3://, memory://...); file:// is a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_run_dir(output_dir: str, exp_name: str) -> Path:
+    """output_dir/exp_name on this machine. For a URL, a mirror under ~/.cache/moedpo/runs
+    named by the URL: `Path("gs://b/runs")` would eat a slash and write every file to a local
+    folder `gs:/b/runs`, lost with the VM."""
+    import hashlib
+    import os
+
+    if not is_url(output_dir):
+        return Path(str(output_dir).removeprefix("file://")).expanduser() / exp_name
+    url = f"{output_dir.rstrip('/')}/{exp_name}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "moedpo" / "runs" / hashlib.sha256(url.encode()).hexdigest()[:16] / exp_name
+
+
 def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="moedpo_schema", node=DPOConfig)
+    # Hydra's own run folder (.hydra/) follows the same rule: local, or the URL's mirror.
+    OmegaConf.register_new_resolver(
+        "moedpo_run_dir", lambda out, name: str(local_run_dir(out, name)), replace=True)
 
 
 def schema_keys(node: type = DPOConfig, prefix: str = "") -> list[str]:

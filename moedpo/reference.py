@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import DPOConfig
+from .config import DPOConfig, is_url
 from .data import DataBundle, TokenizedPair, eval_indices
 from .data.collate import PadTo
 from .evaluate import batch_logps
@@ -117,10 +118,14 @@ def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, devices: int =
     }
 
 
-def cache_path(cfg: DPOConfig, fields: dict) -> Path:
+def cache_path(cfg: DPOConfig, fields: dict) -> str:
+    """A local path or a URL (reference.cache_dir, or output_dir/reference_cache, may be
+    gs://...)."""
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    folder = cfg.reference.cache_dir or os.path.join(cfg.output_dir, "reference_cache")
-    return Path(folder) / f"reference_logps-{key}.safetensors"
+    folder = cfg.reference.cache_dir or f"{cfg.output_dir.rstrip('/')}/reference_cache"
+    name = f"reference_logps-{key}.safetensors"
+    return f"{folder.rstrip('/')}/{name}" if is_url(folder) else str(
+        Path(folder.removeprefix("file://")).expanduser() / name)
 
 
 @torch.no_grad()
@@ -140,7 +145,19 @@ def compute(reference: torch.nn.Module, pairs: list[TokenizedPair], to_batch, ba
     return backend.all_reduce_sum(out)
 
 
-def _read(path: Path, fields: dict, n_train: int, n_eval: int) -> dict[str, torch.Tensor] | None:
+def _read(path: str, fields: dict, n_train: int, n_eval: int) -> dict[str, torch.Tensor] | None:
+    if is_url(path):  # safetensors reads local files: fetch a remote one first
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        if not fs.exists(remote):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "cache.safetensors")
+            fs.get_file(remote, local)
+            return _read(local, fields, n_train, n_eval)
+    if not os.path.exists(path):
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if json.loads(f.metadata().get("fields", "{}")) != fields:
@@ -154,12 +171,24 @@ def _read(path: Path, fields: dict, n_train: int, n_eval: int) -> dict[str, torc
     return values
 
 
-def _write(path: Path, values: dict[str, torch.Tensor], fields: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file({k: v.contiguous() for k, v in values.items()}, str(tmp),
-              metadata={"fields": json.dumps(fields, sort_keys=True)})
-    os.replace(tmp, path)
+def _write(path: str, values: dict[str, torch.Tensor], fields: dict) -> None:
+    tensors = {k: v.contiguous() for k, v in values.items()}
+    metadata = {"fields": json.dumps(fields, sort_keys=True)}
+    if is_url(path):  # one object upload: whole or not at all
+        import fsspec
+
+        fs, remote = fsspec.core.url_to_fs(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "cache.safetensors")
+            save_file(tensors, local, metadata=metadata)
+            fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(local, remote)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, target)
 
 
 def attach(pairs: list[TokenizedPair], values: torch.Tensor) -> list[TokenizedPair]:

@@ -160,6 +160,45 @@ def saved_config(checkpoint: str) -> dict | None:
         return None
 
 
+def fetch(cfg: DPOConfig) -> None:
+    """For a URL output_dir: bring the run's files that are already there (metrics,
+    config, TensorBoard, samples of an earlier or interrupted run) into the local mirror,
+    so a resumed run continues them and a fresh one keeps them aside, on any machine."""
+    url = cfg.run_url
+    if url is None:
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        return
+    for remote in fs.find(root):
+        relative = remote[len(root.rstrip("/")) + 1:]
+        if relative.startswith("checkpoints/") or relative == LOCK:
+            continue  # checkpoints are read where they are
+        local = cfg.run_dir / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(remote, str(local))
+
+
+def publish(cfg: DPOConfig) -> None:
+    """For a URL output_dir: upload the local mirror's files (metrics, config, TensorBoard,
+    samples, Hydra's record) to output_dir/exp_name. Called after every eval, checkpoint
+    and at the end; checkpoints themselves are written to the URL directly."""
+    url = cfg.run_url
+    if url is None:
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    files = [p for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != LOCK
+             and not p.name.endswith(".tmp")]
+    for path in files:
+        target = f"{root.rstrip('/')}/{path.relative_to(cfg.run_dir).as_posix()}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), target)
+
+
 def set_aside(run_dir: Path) -> None:
     """A fresh run keeps an earlier run's metrics and TensorBoard logs as *.prevN."""
     for name in OUTPUTS:
@@ -194,6 +233,7 @@ def prepare(cfg: DPOConfig, checkpointer: Checkpointer,
     run_dir = cfg.run_dir
     if backend.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        fetch(cfg)
         checkpointer.clean_partial()
     backend.barrier()
     resume = find_resume(cfg, checkpointer)
@@ -209,5 +249,6 @@ def prepare(cfg: DPOConfig, checkpointer: Checkpointer,
                 checkpointer.remove_all()
             set_aside(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        publish(cfg)
     backend.barrier()
     return run_dir, resume

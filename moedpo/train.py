@@ -157,6 +157,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                  "nonfinite": nonfinite, "config": settings}  # what a resume must match
         path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()})
         log.info("checkpoint written: %s", path)
+        if backend.is_main:  # the metrics that go with it, where output_dir is a URL
+            run_dir_lib.publish(cfg)
         return path
 
     progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
@@ -175,6 +177,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         log.info(console_line(step, n_steps, "eval", values))
         if cfg.sample_during_eval:
             write_samples(step)
+        if backend.is_main:
+            run_dir_lib.publish(cfg)
         return values
 
     sample_prompts = [list(p.prompt) for p in data.eval[:cfg.n_eval_model_samples]]
@@ -259,6 +263,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 saved_at, stop.save_requested = step + 1, False
             if stop.received:
                 writer.close()
+                if backend.is_main:
+                    run_dir_lib.publish(cfg)
                 log.warning("stopped by %s after step %d; run the same command again to "
                             "resume (resume=auto)", stop.name, step)
                 return RunResult({}, policy, run_dir, preempted=True)
@@ -270,7 +276,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             save(n_steps)
         final = eval_row(n_steps)
     writer.close()
-    log.info("run finished; metrics in %s", run_dir / "metrics.jsonl")
+    if backend.is_main:
+        run_dir_lib.publish(cfg)
+    log.info("run finished; metrics in %s", cfg.run_url or run_dir)
     return RunResult(final, policy, run_dir)
 
 
