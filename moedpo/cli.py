@@ -73,8 +73,28 @@ def hydra_main(raw: DictConfig) -> None:
         fail(str(err))
 
 
+def check_override_values(overrides: list[str]) -> None:
+    """Compose the config once before Hydra runs it: a value of the wrong type (`lr=abc`) or
+    an unknown group option becomes one `moedpo: error:` line, not Hydra's block."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module("moedpo.conf", version_base=None):
+            OmegaConf.to_object(compose("config", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ or err  # Hydra wraps OmegaConf's message, which names the type
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        key = next((line.split(":", 1)[1].strip() for line in lines
+                    if line.startswith("full_key:")), None)
+        fail(f"{key + ': ' if key else ''}{lines[0] if lines else type(err).__name__}")
+
+
 def train(overrides: list[str], prog: str = "moedpo train") -> None:
     check_override_keys(overrides)
+    if not any(item.startswith(("hydra.", "hydra/", "--")) for item in overrides):
+        check_override_values(overrides)
     sys.argv = [prog, *overrides]
     hydra_main()
 

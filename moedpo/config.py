@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +313,74 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
     return cls
 
 
+# torch.optim classes that cannot train here: LBFGS steps only with a closure that
+# recomputes the loss, SparseAdam only on sparse gradients.
+UNUSABLE_OPTIMIZERS = {"LBFGS": "LBFGS needs a closure that recomputes the loss each step",
+                       "SparseAdam": "SparseAdam takes only sparse gradients"}
+
+
+def check_model_json(path: Path) -> None:
+    """A model JSON that transformers can build: an object with a known model_type, and a
+    top-k no larger than the expert count."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.config_path={path}: invalid JSON ({err})") from None
+    _check(isinstance(fields, dict), f"model.config_path={path}: the JSON must be an object of "
+           "config fields, e.g. {\"model_type\": \"mixtral\", ...}")
+    kind = fields.get("model_type")
+    _check(kind in CONFIG_MAPPING, f"model.config_path={path}: model_type={kind!r} is not a "
+           "transformers model type (e.g. mixtral, qwen3_moe, llama)")
+    experts = next((fields[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(fields.get(k), int)), None)
+    top_k = fields.get("num_experts_per_tok")
+    _check(experts is None or top_k is None or top_k <= experts,
+           f"model.config_path={path}: num_experts_per_tok={top_k} is above the {experts} "
+           "experts")
+
+
+def check_local_weights(folder: Path) -> None:
+    """Every safetensors file of a local model folder has a readable header and all the
+    bytes it announces (a truncated download fails here, not after minutes of loading)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
+        except (OSError, ValueError):
+            header = None
+        _check(isinstance(header, dict), f"model.name_or_path={folder}: {file.name} is not a "
+               "readable safetensors file; download it again")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        _check(8 + header_len + end <= size, f"model.name_or_path={folder}: {file.name} is "
+               f"truncated ({size} of {8 + header_len + end} bytes); download it again")
+
+
+def _writable(path: str) -> bool:
+    """Whether a local folder can be created or written (its nearest existing ancestor)."""
+    probe = Path(path).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def check_output_dirs(cfg: DPOConfig) -> None:
+    if not is_url(cfg.output_dir):
+        out = Path(str(cfg.output_dir).removeprefix("file://")).expanduser()
+        _check(not out.exists() or out.is_dir(),
+               f"output_dir={cfg.output_dir}: is a file; give a folder")
+        _check(_writable(str(out)), f"output_dir={cfg.output_dir}: not writable; give a "
+               "folder you can write")
+    ckpt = cfg.checkpoint.dir
+    if ckpt and not is_url(ckpt):
+        _check(_writable(ckpt.removeprefix("file://")),
+               f"checkpoint.dir={ckpt}: not writable; give a folder you can write")
+
+
 def validate(cfg: DPOConfig) -> None:
     """Raise ConfigError (one line, naming the key) for the first mistake found."""
     name = str(cfg.exp_name)
@@ -321,8 +391,9 @@ def validate(cfg: DPOConfig) -> None:
                 "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
     for key in positive:
         _check(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
-    _check(cfg.eval_batch_size >= 1,
-           f"per_device_eval_batch_size={cfg.per_device_eval_batch_size}: must be >= 1")
+    _check(cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1,
+           f"per_device_eval_batch_size={cfg.per_device_eval_batch_size}: must be >= 1 (or null "
+           "for the train batch size)")
     _check(cfg.max_steps is not None or cfg.n_epochs is not None,
            "max_steps=null: set max_steps or n_epochs so the run has an end")
     _check(cfg.max_steps is None or cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0")
@@ -332,7 +403,8 @@ def validate(cfg: DPOConfig) -> None:
            f"max_length={cfg.max_length}, or responses would be cut to nothing")
     _check(cfg.truncation_mode in TRUNCATION_MODES,
            f"truncation_mode={cfg.truncation_mode}: use one of {', '.join(TRUNCATION_MODES)}")
-    _check(cfg.lr > 0, f"lr={cfg.lr}: must be > 0")
+    _check(0 < cfg.lr < math.inf, f"lr={cfg.lr}: must be a finite number > 0")
+    _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay}: must be >= 0")
     _check(cfg.beta > 0, f"beta={cfg.beta}: must be > 0")
     _check(cfg.max_grad_norm >= 0, f"max_grad_norm={cfg.max_grad_norm}: must be >= 0 (0 = off)")
     _check(cfg.aux_nll_loss_coef >= 0,
@@ -340,7 +412,15 @@ def validate(cfg: DPOConfig) -> None:
     _check(cfg.label_pad_token_id < 0,
            f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
            "positions that are not scored; -100 is what torch's losses ignore)")
+    _check(OPTIMIZER_ALIASES.get(cfg.optimizer, cfg.optimizer) not in UNUSABLE_OPTIMIZERS,
+           f"optimizer={cfg.optimizer}: {UNUSABLE_OPTIMIZERS.get(cfg.optimizer, '')}; use AdamW "
+           "(the default) or another optimizer that steps without help")
     resolve_optimizer(cfg.optimizer)
+    if cfg.parallel.backend in ("cpu", "cuda"):
+        _check(cfg.tensor_parallelism == 1,
+               f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend "
+               f"(parallel.backend={cfg.parallel.backend}); set it to 1")
+    check_output_dirs(cfg)
     for name in cfg.loggers:
         _check(name in ("tensorboard", "wandb", "mlflow"),
                f"loggers: '{name}' is not a logger; use tensorboard, wandb or mlflow")
@@ -412,11 +492,9 @@ def validate(cfg: DPOConfig) -> None:
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
     if m.config_path is not None:
-        config_json = resolve_model_json(m.config_path)
-        try:
-            json.loads(config_json.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"model.config_path={config_json}: invalid JSON ({err})") from None
+        check_model_json(resolve_model_json(m.config_path))
+    elif Path(m.name_or_path).is_dir():
+        check_local_weights(Path(m.name_or_path))
 
     datasets = cfg.datasets
     listed = isinstance(datasets, list | tuple) and all(isinstance(d, str) for d in datasets)

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -116,3 +117,67 @@ def test_exp_name_is_a_plain_folder_name(make_cfg, name):
 
     with pytest.raises(ConfigError, match="exp_name=.*must be a plain folder name"):
         validate(make_cfg(f"exp_name='{name}'"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer=LBFGS"], "optimizer=LBFGS: LBFGS needs a closure"),
+    (["optimizer=SparseAdam"], "optimizer=SparseAdam: SparseAdam takes only sparse"),
+    (["weight_decay=-0.1"], "weight_decay=-0.1: must be >= 0"),
+    (["lr=inf"], "lr=inf: must be a finite number"),
+    (["per_device_eval_batch_size=0"], "per_device_eval_batch_size=0: must be >= 1"),
+    (["tensor_parallelism=2", "parallel.backend=cpu"], "tensor_parallelism=2 needs the xla"),
+])
+def test_settings_that_cannot_work_fail_up_front(make_cfg, overrides, message):
+    from moedpo.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(make_cfg(*overrides))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "the JSON must be an object"),
+    ('{"model_type": "mixtrall"}', "model_type='mixtrall' is not a transformers model type"),
+    ('{"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 6}',
+     "num_experts_per_tok=6 is above the 4 experts"),
+])
+def test_bad_model_json_fails_before_loading(make_cfg, tmp_path, content, message):
+    from moedpo.config import ConfigError, validate
+
+    path = tmp_path / "model.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(make_cfg(f"model.config_path={path}"))
+
+
+def test_truncated_safetensors_and_unwritable_dirs_fail_up_front(make_cfg, tmp_path,
+                                                                 tiny_neox_dir):
+    import os
+    import shutil
+
+    from moedpo.config import ConfigError, validate
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_neox_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="model.safetensors is truncated"):
+        validate(make_cfg("model=pythia", f"model.name_or_path={folder}"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="output_dir=.*a_file: is a file"):
+        validate(make_cfg(f"output_dir={tmp_path / 'a_file'}"))
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="checkpoint.dir=.*not writable"):
+            validate(make_cfg(f"checkpoint.dir={locked / 'ckpt'}"))
+
+
+def test_wrong_types_are_one_moedpo_error_line(capsys):
+    from moedpo.cli import check_override_values
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_override_values(["lr=abc"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "moedpo: error: lr: Value 'abc' of type 'str' could not be converted to Float")
+    check_override_values(["+experiment=demo", "lr=1e-3"])  # fine values pass

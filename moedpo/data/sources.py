@@ -225,14 +225,17 @@ def read_jsonl(path: str, log: SkipLog) -> Iterator[tuple[dict, str]]:
                     log.skip(origin, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
                                      f"{err.start + 1})")
                     continue
-                if number == 1 and line.lstrip().startswith("["):
-                    yield from _json_array(path, line + f.read().decode("utf-8", "replace"),
-                                           log)
-                    return
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
+                    if number == 1 and line.lstrip().startswith("["):  # a multi-line array
+                        yield from _json_array(path, line + f.read().decode("utf-8", "replace"),
+                                               log)
+                        return
                     log.skip(origin, f"malformed JSON ({err.msg} at column {err.colno})")
+                    continue
+                if isinstance(row, list) and row and all(isinstance(r, dict) for r in row):
+                    yield from _json_array(path, line, log)  # an array on one line
                     continue
                 if not isinstance(row, dict):
                     log.skip(origin, "line is not a JSON object")

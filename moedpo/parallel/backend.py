@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .host_memory import keep_freed_host_memory
 
 log = logging.getLogger("moedpo")
@@ -118,10 +119,12 @@ def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
     if kind == "xla":
         return init_xla(tensor_parallelism, compile_cache, full_precision)
     if tensor_parallelism != 1:
-        raise ValueError(f"tensor_parallelism={tensor_parallelism} needs the xla backend; "
-                         "torch.distributed runs shard with FSDP2 only (set it to 1)")
+        raise ConfigError(f"tensor_parallelism={tensor_parallelism} needs the xla backend "
+                          f"(this run is on {kind}); torch.distributed runs shard with FSDP2 "
+                          "only: set it to 1")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.backend=cuda but no CUDA device is visible")
+        raise ConfigError("parallel.backend=cuda but no CUDA device is visible; use "
+                          "parallel.backend=auto or cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
