@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import DPOConfig, validate
+from .config import DPOConfig
 from .data import build_data
 from .models.load import load_tokenizer
+from .validate import validate
 
 BAR = 40
 

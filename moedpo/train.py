@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
-from .config import ConfigError, DPOConfig, validate
+from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices, train_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
@@ -36,6 +36,7 @@ from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
+from .validate import validate
 
 log = logging.getLogger("moedpo")
 

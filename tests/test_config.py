@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from moedpo.config import ConfigError, DPOConfig, resolve_model_json, validate
+from moedpo.config import ConfigError, DPOConfig, resolve_model_json
+from moedpo.validate import validate
 
 
 def test_defaults_are_the_originals(make_cfg):
@@ -113,7 +114,8 @@ def test_every_config_key_is_documented_in_readme():
 
 @pytest.mark.parametrize("name", ["/abs/run", "../up", "a/b", "..", ""])
 def test_exp_name_is_a_plain_folder_name(make_cfg, name):
-    from moedpo.config import ConfigError, validate
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
 
     with pytest.raises(ConfigError, match="exp_name=.*must be a plain folder name"):
         validate(make_cfg(f"exp_name='{name}'"))
@@ -128,7 +130,8 @@ def test_exp_name_is_a_plain_folder_name(make_cfg, name):
     (["tensor_parallelism=2", "parallel.backend=cpu"], "tensor_parallelism=2 needs the xla"),
 ])
 def test_settings_that_cannot_work_fail_up_front(make_cfg, overrides, message):
-    from moedpo.config import ConfigError, validate
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(make_cfg(*overrides))
@@ -141,7 +144,8 @@ def test_settings_that_cannot_work_fail_up_front(make_cfg, overrides, message):
      "num_experts_per_tok=6 is above the 4 experts"),
 ])
 def test_bad_model_json_fails_before_loading(make_cfg, tmp_path, content, message):
-    from moedpo.config import ConfigError, validate
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
 
     path = tmp_path / "model.json"
     path.write_text(content)
@@ -154,7 +158,8 @@ def test_truncated_safetensors_and_unwritable_dirs_fail_up_front(make_cfg, tmp_p
     import os
     import shutil
 
-    from moedpo.config import ConfigError, validate
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_neox_dir, folder)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, compose_cfg
-from moedpo.config import validate
+from moedpo.validate import validate
 
 SHELL_SCRIPTS = ["docker/tpu/build_and_push_image.sh", "deploy/slurm.sbatch", "scripts/xla_env.sh",
                  ".ci/run"]

@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
 from conftest import compose_cfg
-from moedpo.config import ConfigError, ModelConfig, schema_keys, validate
+from moedpo.config import ConfigError, ModelConfig, schema_keys
 from moedpo.data.collate import collate
 from moedpo.data.sources import DataError, SkipLog, load_pairs
 from moedpo.data.tokenize import tokenize_pairs
 from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
+from moedpo.validate import validate
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=60)
 dialogue = st.builds(lambda h, a: f"\n\nHuman: {h}\n\nAssistant: {a}", texts, texts)

@@ -9,9 +9,10 @@ import torch
 
 from conftest import assert_same_run, random_pairs, tiny_train_overrides
 from moedpo import reference as reference_lib
-from moedpo.config import ConfigError, validate
+from moedpo.config import ConfigError
 from moedpo.data import collate
 from moedpo.train import run
+from moedpo.validate import validate
 
 
 @pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0", "data.static_shapes=true"]],

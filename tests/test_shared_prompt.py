@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import assert_same_run, random_pairs, tiny_train_overrides
-from moedpo.config import ConfigError, ModelConfig, validate
+from moedpo.config import ConfigError, ModelConfig
 from moedpo.data import collate, collate_shared
 from moedpo.evaluate import batch_logps, shared_prompt_mask
 from moedpo.models.load import build_models
 from moedpo.train import run
+from moedpo.validate import validate
 
 
 @pytest.mark.parametrize("chunk", [0, 16], ids=["full-logits", "chunked"])

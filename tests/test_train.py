@@ -90,7 +90,8 @@ def test_length_buckets_train_like_max_length_padding(make_cfg, tmp_path):
 
 
 def test_length_buckets_must_fit_max_length(make_cfg):
-    from moedpo.config import ConfigError, validate
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
 
     with pytest.raises(ConfigError, match=r"data.length_buckets=\[128, 600\]"):
         validate(make_cfg("max_length=512", "data.length_buckets=[128,600]"))

@@ -7,12 +7,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import random_pairs
-from moedpo.config import ConfigError, validate
+from moedpo.config import ConfigError
 from moedpo.data import collate
 from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
 from moedpo.parallel.backend import Backend
 from moedpo.placement import place_models
+from moedpo.validate import validate
 
 CPU = Backend("cpu", torch.device("cpu"))
 

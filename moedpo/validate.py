@@ -1,0 +1,227 @@
+"""Up-front validation of a composed config: names, ranges, combinations and the files they
+point at, each failure a one-line `ConfigError` naming the key, before anything loads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .config import (
+    DATASET_NAMES,
+    DTYPES,
+    LOSS_NAMES,
+    MOE_IMPLEMENTATIONS,
+    OPTIMIZER_ALIASES,
+    SCHEDULES,
+    TRUNCATION_MODES,
+    ConfigError,
+    DPOConfig,
+    is_url,
+    resolve_model_json,
+    resolve_optimizer,
+)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# torch.optim classes that cannot train here: LBFGS steps only with a closure that
+# recomputes the loss, SparseAdam only on sparse gradients.
+UNUSABLE_OPTIMIZERS = {"LBFGS": "LBFGS needs a closure that recomputes the loss each step",
+                       "SparseAdam": "SparseAdam takes only sparse gradients"}
+
+
+def check_model_json(path: Path) -> None:
+    """A model JSON that transformers can build: an object with a known model_type, and a
+    top-k no larger than the expert count."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.config_path={path}: invalid JSON ({err})") from None
+    _check(isinstance(fields, dict), f"model.config_path={path}: the JSON must be an object of "
+           "config fields, e.g. {\"model_type\": \"mixtral\", ...}")
+    kind = fields.get("model_type")
+    _check(kind in CONFIG_MAPPING, f"model.config_path={path}: model_type={kind!r} is not a "
+           "transformers model type (e.g. mixtral, qwen3_moe, llama)")
+    experts = next((fields[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(fields.get(k), int)), None)
+    top_k = fields.get("num_experts_per_tok")
+    _check(experts is None or top_k is None or top_k <= experts,
+           f"model.config_path={path}: num_experts_per_tok={top_k} is above the {experts} "
+           "experts")
+
+
+def check_local_weights(folder: Path) -> None:
+    """Every safetensors file of a local model folder has a readable header and all the
+    bytes it announces (a truncated download fails here, not after minutes of loading)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len)) if 0 < header_len < size else None
+        except (OSError, ValueError):
+            header = None
+        _check(isinstance(header, dict), f"model.name_or_path={folder}: {file.name} is not a "
+               "readable safetensors file; download it again")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        _check(8 + header_len + end <= size, f"model.name_or_path={folder}: {file.name} is "
+               f"truncated ({size} of {8 + header_len + end} bytes); download it again")
+
+
+def _writable(path: str) -> bool:
+    """Whether a local folder can be created or written (its nearest existing ancestor)."""
+    probe = Path(path).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def check_output_dirs(cfg: DPOConfig) -> None:
+    if not is_url(cfg.output_dir):
+        out = Path(str(cfg.output_dir).removeprefix("file://")).expanduser()
+        _check(not out.exists() or out.is_dir(),
+               f"output_dir={cfg.output_dir}: is a file; give a folder")
+        _check(_writable(str(out)), f"output_dir={cfg.output_dir}: not writable; give a "
+               "folder you can write")
+    ckpt = cfg.checkpoint.dir
+    if ckpt and not is_url(ckpt):
+        _check(_writable(ckpt.removeprefix("file://")),
+               f"checkpoint.dir={ckpt}: not writable; give a folder you can write")
+
+
+def validate(cfg: DPOConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for the first mistake found."""
+    name = str(cfg.exp_name)
+    _check(name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+           f"exp_name={cfg.exp_name}: must be a plain folder name (the run lives in "
+           "output_dir/exp_name); put the path in output_dir")
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
+    for key in positive:
+        _check(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
+    _check(cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1,
+           f"per_device_eval_batch_size={cfg.per_device_eval_batch_size}: must be >= 1 (or null "
+           "for the train batch size)")
+    _check(cfg.max_steps is not None or cfg.n_epochs is not None,
+           "max_steps=null: set max_steps or n_epochs so the run has an end")
+    _check(cfg.max_steps is None or cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0")
+    _check(cfg.n_epochs is None or cfg.n_epochs >= 1, f"n_epochs={cfg.n_epochs}: must be >= 1")
+    _check(cfg.use_synthetic_data or 0 <= cfg.max_prompt_length < cfg.max_length,
+           f"max_prompt_length={cfg.max_prompt_length}: must be >= 0 and below "
+           f"max_length={cfg.max_length}, or responses would be cut to nothing")
+    _check(cfg.truncation_mode in TRUNCATION_MODES,
+           f"truncation_mode={cfg.truncation_mode}: use one of {', '.join(TRUNCATION_MODES)}")
+    _check(0 < cfg.lr < math.inf, f"lr={cfg.lr}: must be a finite number > 0")
+    _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay}: must be >= 0")
+    _check(cfg.beta > 0, f"beta={cfg.beta}: must be > 0")
+    _check(cfg.max_grad_norm >= 0, f"max_grad_norm={cfg.max_grad_norm}: must be >= 0 (0 = off)")
+    _check(cfg.aux_nll_loss_coef >= 0,
+           f"aux_nll_loss_coef={cfg.aux_nll_loss_coef}: must be >= 0")
+    _check(cfg.label_pad_token_id < 0,
+           f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
+           "positions that are not scored; -100 is what torch's losses ignore)")
+    _check(OPTIMIZER_ALIASES.get(cfg.optimizer, cfg.optimizer) not in UNUSABLE_OPTIMIZERS,
+           f"optimizer={cfg.optimizer}: {UNUSABLE_OPTIMIZERS.get(cfg.optimizer, '')}; use AdamW "
+           "(the default) or another optimizer that steps without help")
+    resolve_optimizer(cfg.optimizer)
+    if cfg.parallel.backend in ("cpu", "cuda"):
+        _check(cfg.tensor_parallelism == 1,
+               f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend "
+               f"(parallel.backend={cfg.parallel.backend}); set it to 1")
+    check_output_dirs(cfg)
+    for name in cfg.loggers:
+        _check(name in ("tensorboard", "wandb", "mlflow"),
+               f"loggers: '{name}' is not a logger; use tensorboard, wandb or mlflow")
+    _check(cfg.n_eval_model_samples >= 1 and cfg.sample_max_new_tokens >= 1,
+           f"n_eval_model_samples={cfg.n_eval_model_samples}, sample_max_new_tokens="
+           f"{cfg.sample_max_new_tokens}: both must be >= 1")
+    _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
+           f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
+    _check(cfg.max_consecutive_nonfinite >= 1,
+           f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
+    _check(cfg.checkpoint.save_frequency >= 0,
+           f"checkpoint.save_frequency={cfg.checkpoint.save_frequency}: must be >= 0 (0 = at "
+           "the end only)")
+    _check(cfg.checkpoint.max_to_keep is None or cfg.checkpoint.max_to_keep >= 1,
+           f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep}: must be >= 1 or null")
+
+    _check(cfg.loss.name in LOSS_NAMES,
+           f"loss.name={cfg.loss.name}: use one of {', '.join(LOSS_NAMES)}")
+    _check(0 <= cfg.loss.label_smoothing < 0.5,
+           f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
+    _check(not (cfg.reference.precompute and cfg.loss.reference_free),
+           "reference.precompute=true with loss.reference_free=true: reference-free DPO has no "
+           "reference to precompute; drop one of the two")
+    _check(cfg.sched.name in SCHEDULES,
+           f"sched.name={cfg.sched.name}: use one of {', '.join(SCHEDULES)} (or sched=NAME)")
+    _check(cfg.sched.warmup_steps >= 0,
+           f"sched.warmup_steps={cfg.sched.warmup_steps}: must be >= 0")
+    _check(0 <= cfg.sched.min_lr, f"sched.min_lr={cfg.sched.min_lr}: must be >= 0")
+
+    m = cfg.model
+    for key in ("policy_dtype", "reference_dtype"):
+        value = getattr(m, key)
+        _check(value in DTYPES, f"model.{key}={value}: use one of {', '.join(DTYPES)}")
+    if cfg.full_precision:
+        _check(m.policy_dtype == "float32" and m.reference_dtype == "float32",
+               f"full_precision=true needs float32 models, got model.policy_dtype="
+               f"{m.policy_dtype} model.reference_dtype={m.reference_dtype}")
+    _check(m.activation_checkpointing_every >= 1,
+           f"model.activation_checkpointing_every={m.activation_checkpointing_every}: must be "
+           ">= 1 (1 checkpoints every decoder layer)")
+    _check(m.capacity_factor >= 0,
+           f"model.capacity_factor={m.capacity_factor}: must be >= 0 (0 = dropless)")
+    _check(m.moe_implementation in MOE_IMPLEMENTATIONS,
+           f"model.moe_implementation={m.moe_implementation}: use one of "
+           f"{', '.join(MOE_IMPLEMENTATIONS)}")
+    _check(m.capacity_rounding in ("floor", "ceil"),
+           f"model.capacity_rounding={m.capacity_rounding}: use floor or ceil")
+    _check(m.moe_implementation in ("auto", "dropped") or m.capacity_factor == 0,
+           f"model.capacity_factor={m.capacity_factor} drops tokens, which only "
+           f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
+    _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
+           "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
+    _check(not cfg.data.share_prompt or (m.capacity_factor == 0 and m.moe_implementation
+                                         in ("auto", "dropless", "dense", "hf", "hf_eager")),
+           "data.share_prompt=true puts both responses in one row, which changes what the "
+           "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
+           "or data.share_prompt=false")
+    _check(str(cfg.data.add_bos).lower() in ("auto", "true", "false"),
+           f"data.add_bos={cfg.data.add_bos}: use auto, true or false")
+    buckets = cfg.data.length_buckets or []
+    _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
+           f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
+           f"({cfg.max_length}), e.g. [128,256]")
+    _check(not (cfg.data.share_prompt and cfg.data.static_shapes),
+           "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
+           "responses long); set data.static_shapes=false")
+    _check(m.logps_chunk_size >= 0,
+           f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
+    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+        _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
+    if m.config_path is not None:
+        check_model_json(resolve_model_json(m.config_path))
+    elif Path(m.name_or_path).is_dir():
+        check_local_weights(Path(m.name_or_path))
+
+    datasets = cfg.datasets
+    listed = isinstance(datasets, list | tuple) and all(isinstance(d, str) for d in datasets)
+    _check(isinstance(datasets, str) or (listed and len(datasets) > 0),
+           f"datasets={datasets}: give a name ({', '.join(DATASET_NAMES)}), a folder, or a list")
+    for name in cfg.dataset_list:
+        _check(name in DATASET_NAMES or Path(name).expanduser().is_dir(),
+               f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}) "
+               "nor a folder holding train.jsonl[.gz] and test.jsonl[.gz]")
+    for name, folder in cfg.dataset_dir.items():
+        _check(name in ("hh", "shp", "os"),
+               f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")
+        _check(folder is None or Path(folder).expanduser().is_dir(),
+               f"dataset_dir.{name}={folder}: no such folder")
