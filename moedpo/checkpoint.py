@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from . import trust
+
 log = logging.getLogger("moedpo")
 # DCP's own failure (a full disk, a torn file) is a BaseException, not an Exception: every
 # clause that turns a storage failure into a user-facing error names it too.
@@ -120,10 +122,14 @@ def latest_checkpoint(path: str) -> str:
     return f"{path.rstrip('/')}/{max(steps)[1]}"
 
 
-def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False) -> str:
+def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False,
+                    trusted: list[str] | None = None) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype and
-    sharding; a sharded model reads only its own shards)."""
+    sharding; a sharded model reads only its own shards). With `trusted` (training), the
+    checkpoint must be signed by this key or lie under one of those paths (moedpo.trust)."""
     checkpoint = latest_checkpoint(path)
+    if trusted is not None:
+        trust.check(checkpoint, trusted, "checkpoint_manager_path")
     for model in models:
         state = {"model": model.state_dict()}
         try:
@@ -138,6 +144,7 @@ def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False)
 def save_weights(model: torch.nn.Module, path: str) -> None:
     """Write `{"model": state_dict}` as a DCP checkpoint (the restore format above)."""
     dcp.save({"model": model.state_dict()}, storage_writer=_writer(path))
+    trust.sign(path)
 
 
 # ---------------------------------------------------------------- training checkpoints
@@ -175,6 +182,9 @@ class Checkpointer:
     rank: int = 0
     barrier: Callable[[], None] = lambda: None  # waits for every rank (no-op in one process)
     xla: bool = False  # SPMD-sharded tensors: torch_xla's planners, each host its shards
+    # Paths besides `root` whose checkpoints may be read unsigned; None: no check (tools
+    # reading a run's own checkpoints).
+    trusted: list[str] | None = None
 
     def step_path(self, step: int, tmp: bool = False) -> str:
         name = f"{STEP_PREFIX}{step:08d}"
@@ -223,6 +233,7 @@ class Checkpointer:
                 json.dump({"rng": rng_state(), **(rank_state or {})}, f)
             self.barrier()  # every rank's files are in place before the marker
             if self.rank == 0:
+                trust.sign(tmp)
                 with fs.open(f"{_fs(tmp)[1]}/trainer_state.json", "w") as f:
                     json.dump(trainer_state, f)
                 with fs.open(f"{_fs(tmp)[1]}/{COMPLETE}", "w") as f:
@@ -265,6 +276,8 @@ class Checkpointer:
         if not fs.exists(f"{root}/{COMPLETE}"):
             raise CheckpointError(f"resume={path}: not a complete moedpo checkpoint (no "
                                   f"{COMPLETE} marker)")
+        if self.trusted is not None:
+            trust.check(path, [self.root, *self.trusted], "resume")
         rank_file = f"{root}/rank{self.rank}.json"
         if not fs.exists(rank_file):
             raise CheckpointError(f"resume={path}: has no state for rank {self.rank}; resume "

@@ -21,9 +21,10 @@ from .data import DataError
 from .metrics import MetricsError
 from .models.load import ModelLoadError
 from .train import NonFiniteError
+from .trust import UntrustedCheckpoint
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError,
-               MetricsError)
+               MetricsError, UntrustedCheckpoint)
 GROUPS = ("model", "sched", "experiment")
 USAGE = """usage: moedpo COMMAND ...
 

@@ -136,6 +136,8 @@ class CheckpointConfig:
     dir: str | None = None  # null: run_dir/checkpoints; local path or fsspec URL (gs://...)
     save_frequency: int = 0  # steps between checkpoints; 0: only at the end and on preemption
     max_to_keep: int | None = 3  # newest complete checkpoints kept; null keeps all
+    # Folders (or URL prefixes) whose checkpoints may be read unsigned; see moedpo/trust.py.
+    trusted_paths: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -45,7 +45,8 @@ def load_models(cfg: DPOConfig, backend: Backend):
     models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
     if not meta:
         if cfg.checkpoint_manager_path:
-            restored = restore_weights(cfg.checkpoint_manager_path, models)
+            restored = restore_weights(cfg.checkpoint_manager_path, models,
+                                       trusted=list(cfg.checkpoint.trusted_paths))
             log.info("restored weights of policy and reference from %s", restored)
         for model in models:
             model.to(backend.device)
@@ -98,7 +99,8 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
         for model in models:
             materialize(model, backend.device)
     if cfg.checkpoint_manager_path:
-        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla")
+        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla",
+                                   list(cfg.checkpoint.trusted_paths))
         log.info("restored weights of policy and reference from %s (each process its shards)",
                  restored)
         return

@@ -109,7 +109,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     if not backend.is_main:
         logging.getLogger("moedpo").setLevel(logging.WARNING)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process,
-                                backend.barrier, xla=backend.kind == "xla")
+                                backend.barrier, xla=backend.kind == "xla",
+                                trusted=list(cfg.checkpoint.trusted_paths))
     run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
