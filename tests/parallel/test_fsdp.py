@@ -30,7 +30,9 @@ def test_two_ranks_equal_one_process(tmp_path, moe):
     out = f"output_dir={tmp_path}"
     run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
     run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", out, "exp_name=two"))
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    # Log-prob sums (~-80) within 1e-5 of their size: float32 sums of per-rank gradients in
+    # another order move the weights by rounding, and a sum over 2 x 64 tokens shows it.
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
 def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
@@ -46,7 +48,7 @@ def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
     log = subprocess.run(two, cwd=ROOT, capture_output=True, text=True)
     assert log.returncode == 0, log.stderr[-3000:]
     assert "(each process its shards)" in log.stdout + log.stderr
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
     seed_init = tmp_path / "seed"  # and the checkpoint's weights are what both trained from
     run_ok(single(*COMMON, "per_device_train_batch_size=4", f"output_dir={tmp_path}",
                   "exp_name=seed"))
