@@ -28,12 +28,29 @@ class RunLocked(CheckpointError):
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host. A killed process can linger a moment as a
+    zombie (not yet reaped by its parent), which signal 0 still reaches: it counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _gone(pid: int, grace: float = 3.0) -> bool:
+    """Whether `pid` is gone, or goes within `grace` seconds (a run killed just before this
+    one started: its processes may still be exiting)."""
+    deadline = time.monotonic() + grace
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 
@@ -61,8 +78,7 @@ class RunLock:
                 except (OSError, ValueError):
                     holder = {}
                 same_host = holder.get("host") == me["host"]
-                if same_host and isinstance(holder.get("pid"), int) and not _alive(
-                        holder["pid"]):
+                if same_host and isinstance(holder.get("pid"), int) and _gone(holder["pid"]):
                     log.warning("taking over the stale lock %s of process %d, which is gone",
                                 self.path, holder["pid"])
                     self.path.unlink(missing_ok=True)

@@ -289,11 +289,14 @@ def test_a_second_run_of_the_same_dir_is_refused_and_a_stale_lock_taken_over(mak
         with pytest.raises(RunLocked, match=rf"in use by another run .* pid {sleeper.pid}"):
             run(cfg)
         assert not (cfg.run_dir / "checkpoints").exists()  # refused before anything ran
+        # The holder is killed and not yet reaped (a zombie, as right after a SIGKILL): the
+        # lock is stale, taken over, and released at the end.
+        sleeper.kill()
+        time.sleep(0.2)
+        run(cfg)
     finally:
         sleeper.kill()
         sleeper.wait()
-    # The holder is gone (killed): the lock is stale, taken over, and released at the end.
-    run(cfg)
     assert "taking over the stale lock" in caplog.text and not lock.exists()
     # A holder on another host cannot be checked: refused, with the way out.
     lock.write_text(json_module.dumps({"host": "elsewhere", "pid": 1, "since": 0}))
