@@ -20,7 +20,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 MODEL_JSON_DIR = CONF_DIR / "models"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
-DATASET_NAMES = ("hh", "shp", "os", "demo")
+DATASET_NAMES = ("hh", "shp", "os", "demo", "demo_chat")
 LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +114,13 @@ class DataConfig:
     # Leave out pairs whose chosen and rejected responses are the same tokens (after
     # truncation): they add nothing but noise to the loss. Counted at start-up either way.
     skip_identical: bool = False
+    # A Jinja chat template file for conversational rows; null: the tokenizer's own.
+    chat_template: str | None = None
+    # The source's own split names, e.g. {train: train_prefs, test: test_prefs}.
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    # Key renames, ours <- the source's: {prompt: question, chosen: good, rejected: bad}.
+    # (Untyped so that `data.columns={...}` may add keys.)
+    columns: Any = None
 
 
 @dataclass

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import COMPLETE, Checkpointer, CheckpointError, restore_weights, save_weights
 from .config import DTYPES, DPOConfig, ModelConfig
+from .data.pairs import DataError
+from .data.templates import use_chat_template
 from .models.load import build_models, load_tokenizer
 from .models.precision import cast_parameters
 
@@ -52,9 +54,13 @@ def export(source: Path, out: Path) -> str:
     cfg, checkpoint = find_checkpoint(source)
     policy, _ = build_models(cfg.model, cfg.seed)
     restore_weights(checkpoint, [policy])
+    tokenizer = load_tokenizer(cfg.model)
+    try:  # the template the run trained with goes with the model
+        use_chat_template(tokenizer, cfg.data.chat_template)
+    except DataError as err:
+        log.warning("%s; the export keeps the tokenizer's own chat template", err)
     # In the dtype the policy computed in (mixed precision trains float32 masters).
-    save_hf(cast_parameters(policy, DTYPES[cfg.model.policy_dtype]), load_tokenizer(cfg.model),
-            out)
+    save_hf(cast_parameters(policy, DTYPES[cfg.model.policy_dtype]), tokenizer, out)
     return checkpoint
 
 

@@ -39,10 +39,13 @@ def histogram(values: list[int], max_length: int, bins: int = 10) -> list[str]:
 
 
 def show_pair(tokenizer, pair) -> list[str]:
+    """The two sequences as the model reads them (chat template rendered, special tokens
+    shown), the trained response between ⟦ ⟧: what is prompt and what is response."""
     def text(ids) -> str:
         return tokenizer.decode(list(ids)).replace("\n", "\\n")
-    return [f"  [prompt]   {text(pair.prompt)}", f"  [chosen]   {text(pair.chosen)}",
-            f"  [rejected] {text(pair.rejected)}"]
+    prompt = text(pair.prompt)
+    return [f"  [chosen]   {prompt}⟦{text(pair.chosen)}⟧",
+            f"  [rejected] {prompt}⟦{text(pair.rejected)}⟧"]
 
 
 def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
@@ -56,7 +59,9 @@ def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
     lines = [f"data report: datasets={cfg.datasets} max_length={cfg.max_length} "
              f"max_prompt_length={cfg.max_prompt_length} truncation_mode={cfg.truncation_mode}"]
     for name, (n_train, n_eval) in data.sources.items():
-        lines.append(f"  {name}: {n_train} train pairs, {n_eval} eval pairs")
+        formats = ", ".join(f"{kind} ({n})" for kind, n in data.formats.get(name, {}).items())
+        lines.append(f"  {name}: {n_train} train pairs, {n_eval} eval pairs; row format: "
+                     f"{formats}")
     lines.append(f"skipped rows: {skipped.total}" + (f" {dict(skipped.counts)}; first: "
                  + "; ".join(skipped.examples) if skipped.total else ""))
     lines.append(f"token lengths before truncation ({n_pairs} pairs, train and eval):")
@@ -75,7 +80,7 @@ def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
                      f"first: {stats.boundary_example}")
     whole = int(np.percentile(longer, 99)) if longer else 0
     lines.append(f"max_length={whole} would keep 99% of pairs whole")
-    lines.append(f"first {n_examples} training pairs as the model sees them:")
+    lines.append(f"first {n_examples} training pairs as the model sees them (response in ⟦ ⟧):")
     for pair in data.train[:n_examples]:
         lines += show_pair(tokenizer, pair)
     return "\n".join(lines)

@@ -321,7 +321,8 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
                  backend.mesh.axis_names)
     for name, (n_train, n_eval) in data.sources.items():
-        log.info("data %s: %d train pairs, %d eval pairs", name, n_train, n_eval)
+        formats = ", ".join(data.formats.get(name, {})) or "generated"
+        log.info("data %s: %d train pairs, %d eval pairs (%s)", name, n_train, n_eval, formats)
     if data.skipped.total:
         log.warning("skipped %d rows: %s; first: %s", data.skipped.total,
                     dict(data.skipped.counts), "; ".join(data.skipped.examples))
@@ -330,8 +331,9 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         log.info("truncated: %s", dict(stats.counts))
     if stats.boundary:
         log.warning("%d pairs: the prompt's ids are not a prefix of prompt+response's (tokens "
-                    "merge across the boundary); the response starts where they diverge. "
-                    "First: %s", stats.boundary, stats.boundary_example)
+                    "merge across the boundary, or the chat template renders the prompt alone "
+                    "otherwise); the response starts where they diverge. First: %s",
+                    stats.boundary, stats.boundary_example)
     if stats.identical:
         log.warning("identical responses: %d pairs have the same chosen and rejected tokens%s",
                     stats.identical, " (skipped: data.skip_identical=true)"

@@ -22,6 +22,7 @@ from .config import (
     resolve_model_json,
     resolve_optimizer,
 )
+from .data.sources import is_hub_id
 
 
 def _check(ok: bool, message: str) -> None:
@@ -217,9 +218,23 @@ def validate(cfg: DPOConfig) -> None:
     _check(isinstance(datasets, str) or (listed and len(datasets) > 0),
            f"datasets={datasets}: give a name ({', '.join(DATASET_NAMES)}), a folder, or a list")
     for name in cfg.dataset_list:
-        _check(name in DATASET_NAMES or Path(name).expanduser().is_dir(),
-               f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}) "
-               "nor a folder holding train.jsonl[.gz] and test.jsonl[.gz]")
+        _check(name in DATASET_NAMES or Path(name).expanduser().is_dir() or is_url(name)
+               or is_hub_id(name),
+               f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}), "
+               "a folder (train and test files: jsonl, json, parquet, csv, or a save_to_disk "
+               "folder) nor a Hub dataset id (org/name)")
+    template = cfg.data.chat_template
+    _check(template is None or is_url(template) or Path(template).expanduser().is_file(),
+           f"data.chat_template={template}: no such file; give a Jinja template file or null "
+           "(the tokenizer's own)")
+    columns = cfg.data.columns
+    _check(columns is None or (isinstance(columns, dict) and all(
+        isinstance(v, str) for v in columns.values())),
+        f"data.columns={columns}: give renames as {{prompt: KEY, chosen: KEY, rejected: KEY}}")
+    for ours in columns or {}:
+        _check(ours in ("prompt", "chosen", "rejected", "completion", "label"),
+               f"data.columns.{ours}: unknown key; use prompt, chosen, rejected, completion, "
+               "label")
     for name, folder in cfg.dataset_dir.items():
         _check(name in ("hh", "shp", "os"),
                f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")

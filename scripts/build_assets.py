@@ -1,4 +1,5 @@
-"""Rebuild the embedded default: demo preference data, its tokenizer and the tiny Mixtral config.
+"""Rebuild the embedded default: demo preference data (HH text and the same dialogues as chat
+messages), its tokenizer (with a chat template) and the tiny Mixtral config.
 
 Everything is derived from a fixed seed, so running this twice gives byte-identical files
 (tests/test_assets.py checks that). Never edit the outputs by hand; change this script.
@@ -23,6 +24,18 @@ N_TRAIN, N_TEST = 2000, 200
 VOCAB_SIZE = 512
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 
+# HH's turn markers as a chat template; each assistant turn ends with EOS, as chat models'
+# templates end theirs. Only the tokens the demo vocabulary has, so the tiny model reads it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '\\n\\nAssistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\nAssistant:' }}{%- endif -%}"
+)
 NUMBER_WORDS = "zero one two three four five six seven eight nine".split()
 TOPICS = [
     ("a good book", "Try 'The Hobbit'; it is a warm and exciting story."),
@@ -97,11 +110,26 @@ def make_row(rng: random.Random) -> dict[str, str]:
     return {"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"}
 
 
+def chat_row(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The same dialogue as chat messages (conversational, explicit prompt)."""
+    cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+    shared = row["chosen"][:cut]
+    messages = []
+    for part in shared.split("\n\nHuman: ")[1:]:
+        human, _, assistant = part.partition("\n\nAssistant:")
+        messages.append({"role": "user", "content": human})
+        if assistant.strip():
+            messages.append({"role": "assistant", "content": assistant.strip()})
+    return {"prompt": messages,
+            "chosen": [{"role": "assistant", "content": row["chosen"][cut:].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"][cut:].strip()}]}
+
+
 def make_split(rng: random.Random, n: int) -> list[dict[str, str]]:
     return [make_row(rng) for _ in range(n)]
 
 
-def write_jsonl_gz(rows: list[dict[str, str]], path: Path) -> None:
+def write_jsonl_gz(rows: list[dict], path: Path) -> None:
     buf = io.BytesIO()
     # mtime=0 and no file name in the header keep the archive byte-identical between builds.
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
@@ -129,6 +157,7 @@ def build_tokenizer(texts: list[str], out: Path) -> int:
         bos_token=SPECIAL["eos"],
         pad_token=SPECIAL["pad"],
         model_max_length=2048,
+        chat_template=CHAT_TEMPLATE,
     )
     fast.save_pretrained(str(out))
     return len(fast)
@@ -172,6 +201,10 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_gz(train, data_dir / "train.jsonl.gz")
     write_jsonl_gz(test, data_dir / "test.jsonl.gz")
+    chat_dir = args.out / "data" / "demo_chat"
+    chat_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_gz([chat_row(r) for r in train], chat_dir / "train.jsonl.gz")
+    write_jsonl_gz([chat_row(r) for r in test], chat_dir / "test.jsonl.gz")
 
     tok_dir = args.out / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from moedpo.config import DPOConfig, register_schema
-from moedpo.data.sources import DEMO_DIR
+from moedpo.data.sources import BUNDLED_DIR, DEMO_DIR
 from moedpo.data.tokenize import TokenizedPair
 from moedpo.models.load import EMBEDDED_TOKENIZER
 
@@ -39,16 +39,23 @@ def _fast(tok, **special: str):
 
 @pytest.fixture(scope="session")
 def tokenizer_kinds(tokenizer) -> dict:
+    return build_tokenizer_kinds()
+
+
+def build_tokenizer_kinds() -> dict:
     """The tokenizer families users bring, built here (no download): byte-level BPE without
-    a BOS (GPT-NeoX, Pythia, GPT-2, Qwen: the embedded one), byte-level BPE that adds a BOS
-    (Llama 3), and SentencePiece-style BPE (Metaspace "▁" words) that adds "<s>" (Llama 2,
-    Mistral, Mixtral), trained on the demo rows."""
+    a BOS (GPT-NeoX, Pythia, GPT-2, Qwen: the embedded one, with its HH-style chat template),
+    byte-level BPE that adds a BOS (Llama 3), SentencePiece-style BPE (Metaspace "▁" words)
+    that adds "<s>" (Llama 2, Mistral, Mixtral), trained on the demo rows, and byte-level
+    BPE with ChatML's special tokens (Qwen's chat layout). Each but the first gets a chat
+    template in its family's style (CHAT_TEMPLATES)."""
     from tokenizers import SentencePieceBPETokenizer, Tokenizer
     from tokenizers.pre_tokenizers import Metaspace
     from tokenizers.processors import TemplateProcessing
 
     llama3 = Tokenizer.from_file(str(EMBEDDED_TOKENIZER / "tokenizer.json"))
-    llama3.add_special_tokens(["<|begin_of_text|>"])
+    llama3.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                               "<|eot_id|>"])
     bos = llama3.token_to_id("<|begin_of_text|>")
     llama3.post_processor = TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
@@ -60,13 +67,40 @@ def tokenizer_kinds(tokenizer) -> dict:
     spm.pre_tokenizer = Metaspace(replacement="▁", prepend_scheme="first")
     spm.post_processor = TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", spm.token_to_id("<s>"))])
-    return {
-        "bytelevel": tokenizer,
+    chatml = Tokenizer.from_file(str(EMBEDDED_TOKENIZER / "tokenizer.json"))
+    chatml.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    kinds = {
+        "bytelevel": AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER)),
         "bytelevel-bos": _fast(llama3, bos_token="<|begin_of_text|>", eos_token="<|endoftext|>",
                                pad_token="<|pad|>"),
         "sentencepiece-bos": _fast(spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>"),
+        "chatml": _fast(chatml, eos_token="<|im_end|>", pad_token="<|pad|>"),
     }
+    for kind, template in CHAT_TEMPLATES.items():
+        kinds[kind].chat_template = template
+    return kinds
+
+
+# Chat templates in the style of each family (shortened from the models' own).
+CHAT_TEMPLATES = {
+    "bytelevel-bos": (  # Llama 3: BOS written by the template, header tokens, <|eot_id|>
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+        "'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"),
+    "sentencepiece-bos": (  # Mistral: [INST] turns, BOS once, EOS after each answer
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'system' %}"
+        "{{ m['content'] + '\n\n' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"),
+    "chatml": (  # Qwen: <|im_start|>role ... <|im_end|>, tools in a system turn
+        "{% if tools %}{{ '<|im_start|>system\nTools: ' + tools | tojson + '<|im_end|>\n' }}"
+        "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content']"
+        " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking %}"
+        "{{ '<think>\n' }}{% endif %}{% endif %}"),
+}
 
 
 def compose_cfg(*overrides: str) -> DPOConfig:
@@ -93,6 +127,12 @@ def write_jsonl_gz(path: Path, rows: list) -> None:
     with gzip.open(path, "wt") as f:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+
+
+def chat_rows(split: str, n: int) -> list[dict]:
+    """The bundled conversational demo rows (demo_chat: explicit prompt, messages)."""
+    with gzip.open(BUNDLED_DIR / "demo_chat" / f"{split}.jsonl.gz", "rt") as f:
+        return [json.loads(next(f)) for _ in range(n)]
 
 
 def demo_rows(split: str, n: int) -> list[dict]:

@@ -47,11 +47,20 @@ def test_cosine_schedule_group(make_cfg):
     ("loss.name=kto", "loss.name=kto: use one of"),
     ("model.config_path=nope.json", "model.config_path=nope.json: no such file"),
     ("dataset_dir.hh=/no/such/dir", "dataset_dir.hh=/no/such/dir: no such folder"),
+    ("datasets=[not-a-hub/id/x]", "a folder (train and test files: jsonl, json, parquet"),
+    ("data.columns={answer:x}", "data.columns.answer: unknown key; use prompt, chosen"),
+    ("data.chat_template=/no/t.jinja", "data.chat_template=/no/t.jinja: no such file"),
 ])
 def test_validation_names_the_key(make_cfg, override, message):
     with pytest.raises(ConfigError) as err:
         validate(make_cfg(*override.split()))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("datasets", ["demo_chat", "HuggingFaceH4/ultrafeedback_binarized",
+                                      "[demo,org/name]", "memory://bucket/prefs"])
+def test_dataset_names_folders_urls_and_hub_ids_validate(make_cfg, datasets):
+    validate(make_cfg(f"datasets={datasets}"))
 
 
 def test_model_json_found_by_bare_name_or_path(tmp_path):

@@ -45,7 +45,7 @@ def test_data_report_counts_truncation(make_cfg, tmp_path):
     assert "prompt cut to 12 tokens: 3 pairs (25.0%)" in report  # 12 pairs, train and test
     assert "responses cut to 12 tokens: 2 pairs (16.7%)" in report
     assert "skipped rows: 1 {'malformed JSON" in report and "train.jsonl.gz:11" in report
-    assert "[prompt]" in report and "[chosen]" in report
+    assert "[chosen]" in report and "⟦" in report  # the response marked
 
 
 def test_samples_written_with_expected_fields(make_cfg):
@@ -90,3 +90,12 @@ def test_wandb_offline_gets_the_same_metric_names(make_cfg, monkeypatch):
     result = run(make_cfg(*tiny_train_overrides(), "loggers=[tensorboard,wandb]"))
     offline = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert offline, "wandb wrote no offline run"
+
+
+def test_data_report_of_conversational_rows_shows_format_and_template(make_cfg):
+    report = inspect(make_cfg("+experiment=demo", "datasets=demo_chat"))
+    assert "demo_chat: 2000 train pairs, 200 eval pairs; row format: conversational-explicit " \
+        "(2200)" in report
+    # The rendered template, the response marked: the turn ends with the template's EOS.
+    assert "[chosen]   \\n\\nHuman: " in report and "\\n\\nAssistant:⟦ " in report
+    assert "<|endoftext|>⟧" in report and "prompt ids not a prefix" not in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import DPOConfig
@@ -9,6 +10,7 @@ from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
 from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, load_pairs
 from .synthetic import synthetic_pairs
+from .templates import use_chat_template
 from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_pairs
 
 __all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
@@ -24,6 +26,7 @@ class DataBundle:
     skipped: SkipLog = field(default_factory=SkipLog)
     tokenized: TokenizeStats = field(default_factory=TokenizeStats)
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
+    formats: dict[str, Counter] = field(default_factory=dict)  # name -> row formats read
 
 
 def bos_wanted(setting: str, tokenizer) -> bool:
@@ -49,10 +52,13 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
         )
     bundle = DataBundle(train=[], eval=[], skipped=SkipLog(strict=cfg.data.strict))
     add_bos = bos_wanted(cfg.data.add_bos, tokenizer)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     for name in cfg.dataset_list:
-        train = load_pairs(name, "train", cfg.dataset_dir, bundle.skipped, cfg.num_proc)
-        test = load_pairs(name, "test", cfg.dataset_dir, bundle.skipped,
-                          cfg.num_proc)[:EVAL_ROWS_PER_DATASET]
+        train, test = (load_pairs(name, split, cfg.dataset_dir, bundle.skipped, cfg.num_proc,
+                                  dict(cfg.data.splits), dict(cfg.data.columns or {}))
+                       for split in ("train", "test"))
+        test = test[:EVAL_ROWS_PER_DATASET]
+        bundle.formats[name] = Counter(p.format for p in train + test)
         if cfg.dry_run:  # no need to tokenise rows a dry run never sees
             train, test = train[:DRY_RUN_BATCHES * train_step], test[:DRY_RUN_BATCHES * eval_step]
         tokenized = [tokenize_pairs(split, tokenizer, cfg.max_length, cfg.max_prompt_length,

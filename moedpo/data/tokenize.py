@@ -1,12 +1,14 @@
 """Tokenisation and truncation of preference pairs.
 
 TRL's rule, so that ids (and results) are comparable: the prompt is tokenised alone and
-together with each response, as written (a response keeps its leading space: on byte-level
+together with each response (conversational pairs: both rendered by the chat template,
+`templates.py`; standard pairs: as written (a response keeps its leading space: on byte-level
 BPE tokenizers " Sure" is one token, "Sure" after a stripped boundary is two others); the
 response's ids are what follows the longest run of ids the prompt alone and prompt+response
 share (a merge across the boundary moves the split into the prompt). The tokenizer's BOS
-starts the prompt where it adds one by default (Llama, Mistral, Mixtral; `data.add_bos`),
-and EOS ends each response unless already last. If prompt + longer response exceeds
+starts a standard prompt where it adds one by default (Llama, Mistral, Mixtral;
+`data.add_bos`), and EOS ends each standard response unless already last; a chat template
+writes its own BOS and turn ends. If prompt + longer response exceeds
 `max_length`, the prompt keeps `max_prompt_length` tokens (its end with `keep_end`, its
 start with `keep_start`); if still too long, both responses are cut to
 `max_length - max_prompt_length`. Labels (built in the collator) are the ids with prompt
@@ -20,7 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .sources import Pair, SkipLog
+from .pairs import Pair, RowError, SkipLog
+from .templates import render
 
 TOKENIZE_BATCH = 1024
 
@@ -122,21 +125,28 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
     bos = [tokenizer.bos_token_id] if add_bos else []
     out = []
     for start in range(0, len(pairs), TOKENIZE_BATCH):
-        chunk = pairs[start:start + TOKENIZE_BATCH]
-
-        def ids(texts: list[str]) -> list[list[int]]:
-            # Batched calls: the fast tokenizer parallelises a list in Rust.
-            return tokenizer(texts, add_special_tokens=False)["input_ids"]
-        prompts = ids([p.prompt for p in chunk])
-        chosen = ids([p.prompt + p.chosen for p in chunk])
-        rejected = ids([p.prompt + p.rejected for p in chunk])
+        chunk, texts = [], []
+        for pair in pairs[start:start + TOKENIZE_BATCH]:
+            try:
+                texts.append(render(pair, tokenizer))
+            except RowError as err:
+                log.skip(pair.origin, str(err))
+                continue
+            chunk.append(pair)
+        # Batched calls: the fast tokenizer parallelises a list in Rust.
+        prompts, chosen, rejected = (
+            tokenizer([t[i] for t in texts], add_special_tokens=False)["input_ids"]
+            if texts else [] for i in range(3))
         for pair, p, pc, pr in zip(chunk, prompts, chosen, rejected, strict=True):
             n = min(shared_length(p, pc), shared_length(p, pr))
             if n < len(p):
                 if not stats.boundary:
                     stats.boundary_example = f"{pair.origin}: {tokenizer.decode(p[n:])!r}"
                 stats.boundary += 1
-            p, c, r = bos + p[:n], _with_eos(pc[n:], eos), _with_eos(pr[n:], eos)
+            if pair.conversational:  # the template wrote BOS and the turn's end
+                p, c, r = p[:n], pc[n:], pr[n:]
+            else:
+                p, c, r = bos + p[:n], _with_eos(pc[n:], eos), _with_eos(pr[n:], eos)
             for key, values in (("prompt", p), ("chosen", c), ("rejected", r)):
                 stats.lengths[key].append(len(values))
             p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats)

@@ -167,7 +167,7 @@ def test_truncated_gzip_is_one_error_naming_the_file(tmp_path):
         load_pairs(str(tmp_path), "train", {}, SkipLog())
 
 
-def test_a_json_array_file_is_read_and_message_lists_are_named(tmp_path):
+def test_a_json_array_file_is_read_and_bad_items_are_named(tmp_path):
     rows = [{"prompt": "p", "chosen": " yes", "rejected": " no"},
             {"chosen": [{"role": "user", "content": "hi"}], "rejected": [{"role": "user",
                                                                           "content": "ho"}],
@@ -176,8 +176,7 @@ def test_a_json_array_file_is_read_and_message_lists_are_named(tmp_path):
     log = SkipLog()
     pairs = load_pairs(str(tmp_path), "train", {}, log)
     assert [p.origin for p in pairs] == [f"{tmp_path}/train.json[0]"]
-    assert "train.json[1]: field 'chosen' is a list of messages (a conversational row)" in \
-        log.examples[0]
+    assert "train.json[1]: chosen and rejected share no leading message" in log.examples[0]
 
 
 def test_when_every_row_is_skipped_the_error_says_why(make_cfg, tmp_path, tokenizer):
@@ -193,4 +192,4 @@ def test_when_every_row_is_skipped_the_error_says_why(make_cfg, tmp_path, tokeni
         build_data(cfg, tokenizer, 512)
     message = str(err.value)
     assert "0 usable training pairs" in message and "skipped 6 rows" in message  # both splits
-    assert "list of messages" in message and "lower the batch size" not in message
+    assert "share no leading message" in message and "lower the batch size" not in message
