@@ -118,6 +118,9 @@ class DataConfig:
     chat_template: str | None = None
     # The source's own split names, e.g. {train: train_prefs, test: test_prefs}.
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    # Sampling weights of the `datasets` (same length): each epoch draws round(w x total
+    # pairs) from each source. null: every pair once per epoch (concatenation).
+    weights: list[float] | None = None
     # Key renames, ours <- the source's: {prompt: question, chosen: good, rejected: bad}.
     # (Untyped so that `data.columns={...}` may add keys.)
     columns: Any = None

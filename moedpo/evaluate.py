@@ -120,16 +120,21 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches,
-             cfg: DPOConfig, sync: Callable[[], None] = lambda: None) -> MeanMetrics:
-    """Metrics over this rank's eval pairs; `batches` yields (collated batch, valid): only the
-    first `valid` pairs of a batch count (the rest pad ranks to equal work). `sync` runs the
-    batch's graph on XLA before its metrics are read."""
+             cfg: DPOConfig, sync: Callable[[], None] = lambda: None,
+             groups: list[str] | None = None) -> MeanMetrics:
+    """Metrics over this rank's eval pairs; `batches` yields (collated batch, valid, labels):
+    only the first `valid` pairs of a batch count (the rest pad ranks to equal work); with
+    `groups` (several data sources), per-pair metrics are also kept by each pair's label.
+    `sync` runs the batch's graph on XLA before its metrics are read."""
     was_training = policy.training
     policy.eval()
     metrics = MeanMetrics()
-    for batch, valid in batches:
+    for batch, valid, labels in batches:
         out = batch_loss(policy, reference, batch, cfg)
         sync()
+        if groups:
+            metrics.add_grouped({k: v[:valid] for k, v in out.metrics.items()},
+                                labels[:valid], groups)
         if valid:
             out.metrics = {k: v[:valid] for k, v in out.metrics.items()}
             metrics.add_output(out)

@@ -31,12 +31,26 @@ class MeanMetrics:
         # a resumed window's examples/s divides its restored pairs by its restored seconds.
         self.seconds = 0.0
         self.tokens = 0
+        # Per-pair means by group (eval per data source): group -> key -> sum; "num_examples"
+        # is the group's count.
+        self.groups: dict[str, dict[str, float]] = {}
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         n = next(iter(values.values())).numel()
         for key, value in values.items():
             self.sums[key] += float(value.detach().cpu().double().sum())
         self.count += n
+
+    def add_grouped(self, values: dict[str, torch.Tensor], labels: list[str],
+                    groups: list[str]) -> None:
+        """Per-pair `values` summed by each pair's label as well. Every group gets every key
+        (zero where a batch has none of it), so all ranks hold the same keys to reduce."""
+        for group in groups:
+            chosen = torch.tensor([label == group for label in labels])
+            sums = self.groups.setdefault(group, defaultdict(float))
+            sums["num_examples"] += float(chosen.sum())
+            for key, value in values.items():
+                sums[key] += float(value.detach().cpu().double()[chosen].sum())
 
     def add_scalars(self, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -85,9 +99,11 @@ class MeanMetrics:
         if not backend.distributed:
             return self
         sums, scalars, routing = sorted(self.sums), sorted(self.scalars), sorted(self.routing)
+        grouped = [(g, k) for g in sorted(self.groups) for k in sorted(self.groups[g])]
         flat = [self.sums[k] for k in sums] + [float(self.count)]
         flat += [sum(self.scalars[k]) / len(self.scalars[k]) for k in scalars]
         flat += [self.routing[k] for k in routing]
+        flat += [self.groups[g][k] for g, k in grouped]
         counts = [] if self.expert_counts is None else self.expert_counts.reshape(-1).tolist()
         total = backend.all_reduce_sum(torch.tensor(flat + counts, dtype=torch.float64))
         out, i = MeanMetrics(), 0
@@ -98,6 +114,8 @@ class MeanMetrics:
             out.scalars[k], i = [float(total[i]) / backend.world_size], i + 1
         for k in routing:
             out.routing[k], i = float(total[i]), i + 1
+        for g, k in grouped:
+            out.groups.setdefault(g, {})[k], i = float(total[i]), i + 1
         if self.expert_counts is not None:
             out.expert_counts = total[i:].float().reshape(self.expert_counts.shape)
         return out
@@ -106,6 +124,10 @@ class MeanMetrics:
         out = {key: total / max(self.count, 1) for key, total in self.sums.items()}
         out.update({key: sum(v) / len(v) for key, v in self.scalars.items()})
         out["num_examples"] = self.count
+        for group, sums in self.groups.items():
+            count = max(sums["num_examples"], 1)
+            out.update({f"{group}/{key}": value if key == "num_examples" else value / count
+                        for key, value in sums.items()})
         if self.expert_counts is not None:
             for key in ("aux_loss", "z_loss"):
                 out[f"router/{key}"] = self.routing[key] / max(self.routing["tokens"], 1)

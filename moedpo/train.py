@@ -149,7 +149,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         log.info("resumed from %s at step %d", resume_from, start_step)
     lengths = [pair.length for pair in data.train] if cfg.data.group_by_length else None
     stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step,
-                           lengths)
+                           lengths, data.mixture(cfg.data.weights))
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
     writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main, settings,
                           cfg.exp_name)
@@ -165,14 +165,19 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
 
     progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
 
+    # Several sources: eval metrics of each too (eval/<source>/rewards/accuracies ...).
+    eval_labels = data.eval_labels()
+    groups = data.labels() if len(data.sources) > 1 else None
+
     def eval_row(step: int) -> dict[str, float]:
         eval_batch = cfg.eval_batch_size * backend.devices
-        batches = ((to_batch([data.eval[i] for i in idx]), valid) for idx, valid in
+        batches = ((to_batch([data.eval[i] for i in idx]), valid,
+                    [eval_labels[i] for i in idx]) for idx, valid in
                    eval_indices(len(data.eval), eval_batch, backend.rank, world))
         n_batches = -(-len(data.eval) // (eval_batch * world))
         with computing():
             metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
-                               backend.sync)
+                               backend.sync, groups)
         metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}

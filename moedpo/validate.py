@@ -223,6 +223,12 @@ def validate(cfg: DPOConfig) -> None:
                f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}), "
                "a folder (train and test files: jsonl, json, parquet, csv, or a save_to_disk "
                "folder) nor a Hub dataset id (org/name)")
+    weights = cfg.data.weights
+    if weights is not None:
+        _check(len(weights) == len(cfg.dataset_list) and all(w >= 0 for w in weights)
+               and sum(weights) > 0,
+               f"data.weights={list(weights)}: give one weight >= 0 per dataset "
+               f"({len(cfg.dataset_list)}: {cfg.dataset_list}), not all 0")
     template = cfg.data.chat_template
     _check(template is None or is_url(template) or Path(template).expanduser().is_file(),
            f"data.chat_template={template}: no such file; give a Jinja template file or null "

@@ -28,6 +28,22 @@ class DataBundle:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
     formats: dict[str, Counter] = field(default_factory=dict)  # name -> row formats read
 
+    def labels(self) -> list[str]:
+        """Short names of the sources (a folder's or Hub id's last part), in order."""
+        names = [name.rstrip("/").rsplit("/", 1)[-1] or name for name in self.sources]
+        return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+    def mixture(self, weights: list[float] | None) -> tuple[list[int], list[float]] | None:
+        """(train pairs per source, weights) for the loader, with `data.weights` set."""
+        if weights is None:
+            return None
+        return [n_train for n_train, _ in self.sources.values()], list(weights)
+
+    def eval_labels(self) -> list[str]:
+        """Each eval pair's source label (eval pairs are the sources' in order)."""
+        return [label for label, (_, n_eval) in zip(self.labels(), self.sources.values(),
+                                                    strict=True) for _ in range(n_eval)]
+
 
 def bos_wanted(setting: str, tokenizer) -> bool:
     """`data.add_bos` (auto, true, false) for this tokenizer."""

@@ -9,6 +9,13 @@ With `lengths` (data.group_by_length), each epoch's order is regrouped so that a
 pairs of similar length, which dynamic padding then turns into less padding: windows of
 GROUP_WINDOW steps are sorted by length and cut into steps, and the steps are shuffled.
 Every pair still comes once per epoch, and the order is still a function of (seed, epoch).
+
+With a `mixture` (data.weights over several sources), an epoch is as many pairs as the sources
+hold together, source i giving round(weight_i x that) of them: each source is read through an
+endless chain of its own shuffles, so an up-weighted source repeats its pairs only after all
+of them came, and a down-weighted one is sampled without repeats. The draws of epoch e are
+the places e x n_i .. (e+1) x n_i of those chains: still a function of (seed, epoch), so a
+resumed run sees the same pairs.
 """
 
 from __future__ import annotations
@@ -32,6 +39,40 @@ def epoch_order(n_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]
     return torch.randperm(n_pairs, generator=generator).tolist()
 
 
+def source_chain(size: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
+    """Places start .. start+count of a source's endless chain of shuffles of range(size)."""
+    out, cycle = [], start // size
+    offset = start % size
+    while len(out) < count:
+        order = (torch.randperm(size, generator=torch.Generator().manual_seed(seed + cycle))
+                 .tolist() if shuffle else list(range(size)))
+        out += order[offset:offset + count - len(out)]
+        cycle, offset = cycle + 1, 0
+    return out
+
+
+def mixture_counts(sizes: list[int], weights: list[float]) -> list[int]:
+    """Pairs each source gives an epoch of the mixture."""
+    total, norm = sum(sizes), sum(weights)
+    return [round(total * w / norm) for w in weights]
+
+
+def mixture_order(sizes: list[int], weights: list[float], epoch: int, seed: int,
+                  shuffle: bool) -> list[int]:
+    """One epoch of a weighted mixture of sources (global indices: sources in order)."""
+    counts = mixture_counts(sizes, weights)
+    order, first = [], 0
+    for source, (size, count) in enumerate(zip(sizes, counts, strict=True)):
+        chain_seed = seed + 1_000_003 * (source + 1)  # each source its own chain of shuffles
+        order += [first + i for i in source_chain(size, epoch * count, count, chain_seed,
+                                                  shuffle)]
+        first += size
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+    return order
+
+
 def group_by_length(order: list[int], lengths: list[int], step_size: int, epoch: int,
                     seed: int, shuffle: bool) -> list[int]:
     """`order`'s full steps regrouped by length (longest first within a step); the ragged
@@ -49,9 +90,12 @@ def group_by_length(order: list[int], lengths: list[int], step_size: int, epoch:
 
 
 def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
-                  start_step: int = 0, lengths: list[int] | None = None) -> Iterator[list[int]]:
+                  start_step: int = 0, lengths: list[int] | None = None,
+                  mixture: tuple[list[int], list[float]] | None = None) -> Iterator[list[int]]:
     """Indices of each step's pairs, forever, from `start_step` on; grouped by `lengths`
-    when given."""
+    when given; drawn from the sources by weight with `mixture` = (sizes, weights)."""
+    if mixture is not None:
+        n_pairs = sum(mixture_counts(*mixture))
     per_epoch = steps_per_epoch(n_pairs, step_size)
     if per_epoch < 1:
         raise ValueError(f"the training set has {n_pairs} pairs, fewer than one step's "
@@ -60,7 +104,9 @@ def train_indices(n_pairs: int, step_size: int, seed: int, shuffle: bool,
     while True:
         epoch, position = divmod(step, per_epoch)
         if epoch != cached_epoch:
-            order, cached_epoch = epoch_order(n_pairs, epoch, seed, shuffle), epoch
+            order = (mixture_order(*mixture, epoch, seed, shuffle) if mixture is not None
+                     else epoch_order(n_pairs, epoch, seed, shuffle))
+            cached_epoch = epoch
             if lengths is not None:
                 order = group_by_length(order, lengths, step_size, epoch, seed, shuffle)
         yield order[position * step_size:(position + 1) * step_size]
