@@ -118,6 +118,10 @@ class DataConfig:
     chat_template: str | None = None
     # The source's own split names, e.g. {train: train_prefs, test: test_prefs}.
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    # Keep each split's tokenised pairs on disk, keyed by the data's version, the tokenizer
+    # and the settings: a second run starts in seconds (data/cache.py).
+    cache: bool = True
+    cache_dir: str | None = None  # null: ~/.cache/moedpo/tokenized (or $MOEDPO_CACHE/tokenized)
     # Sampling weights of the `datasets` (same length): each epoch draws round(w x total
     # pairs) from each source. null: every pair once per epoch (concatenation).
     weights: list[float] | None = None

@@ -22,6 +22,14 @@ from moedpo.data.tokenize import TokenizedPair
 from moedpo.models.load import EMBEDDED_TOKENIZER
 
 register_schema()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_data_cache(tmp_path_factory):
+    """The tokenisation cache of this session only (runs in subprocesses inherit it)."""
+    import os
+
+    os.environ["MOEDPO_CACHE"] = str(tmp_path_factory.mktemp("moedpo-cache"))
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("examples_per_second", "tokens_per_second")
 

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import DPOConfig
+from . import cache
 from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
-from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, load_pairs
+from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, open_split, read_pairs
 from .synthetic import synthetic_pairs
 from .templates import use_chat_template
-from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_pairs
+from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_parallel
 
 __all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
            "collate_shared", "eval_indices", "train_indices"]
 
 DRY_RUN_BATCHES = 10
+log = logging.getLogger("moedpo")
 
 
 @dataclass
@@ -56,6 +61,39 @@ def bos_wanted(setting: str, tokenizer) -> bool:
     return setting == "true"
 
 
+def split_pairs(cfg: DPOConfig, name: str, split: str, tokenizer, bundle: DataBundle,
+                add_bos: bool, settings: list | None, limit: int | None) -> list[TokenizedPair]:
+    """The tokenised pairs of one split of a source, from the cache when it holds them
+    (`settings`: what the ids depend on besides the data; None: not cached)."""
+    skipped, stats = SkipLog(strict=cfg.data.strict), TokenizeStats()
+    source, parse = open_split(name, split, cfg.dataset_dir, skipped, cfg.num_proc,
+                               dict(cfg.data.splits), dict(cfg.data.columns or {}))
+    folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache.default_dir()
+    key = (cache.cache_key(settings, name, split, source.digest)
+           if cfg.data.cache and settings is not None else None)
+    hit = cache.load(folder, key, skipped, stats) if key else None
+    if hit is not None:
+        tokenized, formats = hit
+    else:
+        started = time.perf_counter()
+        pairs = read_pairs(source, parse, skipped)
+        if split == "test":
+            pairs = pairs[:EVAL_ROWS_PER_DATASET]
+        pairs = pairs[:limit] if limit is not None else pairs
+        formats = Counter(p.format for p in pairs)
+        tokenized = tokenize_parallel(pairs, tokenizer, cfg.num_proc, skipped, stats,
+                                      cfg.max_length, cfg.max_prompt_length,
+                                      cfg.truncation_mode, add_bos, cfg.data.skip_identical)
+        if key:
+            cache.save(folder, key, tokenized, skipped, stats, formats)
+            log.info("data %s [%s]: %d pairs read and tokenised in %.1f s, cached in %s",
+                     name, split, len(tokenized), time.perf_counter() - started, folder / key)
+    bundle.skipped.merge(skipped)
+    bundle.tokenized.merge(stats)
+    bundle.formats.setdefault(name, Counter()).update(formats)
+    return tokenized
+
+
 def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) -> DataBundle:
     train_step = cfg.per_device_train_batch_size * world_size * cfg.gradient_accumulation_steps
     eval_step = cfg.eval_batch_size * world_size
@@ -69,18 +107,17 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
     bundle = DataBundle(train=[], eval=[], skipped=SkipLog(strict=cfg.data.strict))
     add_bos = bos_wanted(cfg.data.add_bos, tokenizer)
     use_chat_template(tokenizer, cfg.data.chat_template)
+    tokenizer_key = cache.tokenizer_digest(tokenizer)
+    settings = [tokenizer_key, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode,
+                add_bos, cfg.data.skip_identical, dict(cfg.data.columns or {})]
+    # No need to tokenise rows a dry run never sees (and nothing cached from such cuts).
+    limits = ({"train": DRY_RUN_BATCHES * train_step, "test": DRY_RUN_BATCHES * eval_step}
+              if cfg.dry_run else {})
     for name in cfg.dataset_list:
-        train, test = (load_pairs(name, split, cfg.dataset_dir, bundle.skipped, cfg.num_proc,
-                                  dict(cfg.data.splits), dict(cfg.data.columns or {}))
-                       for split in ("train", "test"))
-        test = test[:EVAL_ROWS_PER_DATASET]
-        bundle.formats[name] = Counter(p.format for p in train + test)
-        if cfg.dry_run:  # no need to tokenise rows a dry run never sees
-            train, test = train[:DRY_RUN_BATCHES * train_step], test[:DRY_RUN_BATCHES * eval_step]
-        tokenized = [tokenize_pairs(split, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                    cfg.truncation_mode, bundle.skipped, bundle.tokenized,
-                                    add_bos, cfg.data.skip_identical)
-                     for split in (train, test)]
+        tokenized = [split_pairs(cfg, name, split, tokenizer, bundle, add_bos,
+                                 settings if tokenizer_key and not limits else None,
+                                 limits.get(split))
+                     for split in ("train", "test")]
         bundle.train += tokenized[0]
         bundle.eval += tokenized[1]
         bundle.sources[name] = (len(tokenized[0]), len(tokenized[1]))

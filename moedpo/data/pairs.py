@@ -53,6 +53,10 @@ class SkipLog:
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{origin}: {reason}")
 
+    def merge(self, other: SkipLog) -> None:
+        self.counts.update(other.counts)
+        self.examples += other.examples[:max(self.max_examples - len(self.examples), 0)]
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

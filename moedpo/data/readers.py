@@ -11,16 +11,46 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .pairs import DataError, SkipLog
 
 GZIP_MAGIC = b"\x1f\x8b"
 Rows = Iterator[tuple[dict, str]]
+
+
+@dataclass
+class Split:
+    """One split of a source: its rows (read lazily, when iterated) and a digest of its
+    content's version, for the tokenisation cache (the files' fsspec `ukey`s: size and
+    mtime locally, ETag or checksum remotely; a `datasets` table's fingerprint)."""
+
+    rows: Rows
+    digest: str
+
+
+def files_digest(paths: list[str]) -> str:
+    import fsspec
+
+    h = hashlib.sha256()
+    for path in paths:
+        fs, local = fsspec.core.url_to_fs(path)
+        h.update(f"{path}\0{fs.ukey(local)}\0".encode())
+    return h.hexdigest()
+
+
+def json_split(files: list[str], log: SkipLog) -> Split:
+    return Split((r for path in files for r in read_jsonl(path, log)), files_digest(files))
+
+
+def table_split(table: Any, where: str) -> Split:
+    return Split(_table_rows(table, where), f"datasets:{table._fingerprint}")
 
 
 @contextlib.contextmanager
@@ -157,19 +187,19 @@ def _split_error(where: str, split: str, err: Exception) -> DataError:
                      "data.splits={train: NAME, test: NAME}")
 
 
-def folder_rows(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...] = (),
-                num_proc: int = 1) -> Rows:
-    """Rows of one split of a folder: JSON files read here, any other layout by `datasets`."""
+def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...] = (),
+                 num_proc: int = 1) -> Split:
+    """One split of a folder: JSON files read here, any other layout by `datasets`."""
     import datasets
 
     files = json_files(folder, split, aliases)
     if files:
-        return (r for path in files for r in read_jsonl(path, log))
+        return json_split(files, log)
     if "://" not in folder and os.path.isfile(os.path.join(folder, "dataset_dict.json")):
         table = datasets.load_from_disk(folder)  # a DatasetDict written by save_to_disk
         if split not in table:
             raise _split_error(folder, split, KeyError(f"it has {sorted(table)}"))
-        return _table_rows(table[split], f"{folder}[{split}]")
+        return table_split(table[split], f"{folder}[{split}]")
     builder, found = table_files(folder, split)
     if not found:
         wanted = " or ".join(f"{n}.jsonl[.gz]" for n in (split, *aliases))
@@ -179,11 +209,11 @@ def folder_rows(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...] 
                         "other split names with data.splits={train: NAME, test: NAME}")
     table = datasets.load_dataset(builder, data_files={split: found}, split=split,
                                   num_proc=num_proc if num_proc > 1 else None)
-    return _table_rows(table, f"{folder}[{split}]")
+    return table_split(table, f"{folder}[{split}]")
 
 
-def hub_rows(hub_id: str, config: str | None, split: str, num_proc: int = 1,
-             hint: str = "") -> Rows:
+def hub_split(hub_id: str, config: str | None, split: str, num_proc: int = 1,
+              hint: str = "") -> Split:
     """Rows of a Hub dataset split: `datasets.load_dataset`, else (offline, or the Hub out of
     reach) the snapshot in the local Hub cache (`hf download --repo-type dataset ID`)."""
     import datasets
@@ -198,7 +228,7 @@ def hub_rows(hub_id: str, config: str | None, split: str, num_proc: int = 1,
         table = _cached_snapshot(hub_id, config, split, err, hint)
     except Exception as err:  # datasets raises many types; all mean "not available here"
         table = _cached_snapshot(hub_id, config, split, err, hint)
-    return _table_rows(table, where)
+    return table_split(table, where)
 
 
 def _cached_snapshot(hub_id: str, config: str | None, split: str, err: Exception,

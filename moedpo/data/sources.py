@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .formats import ASSISTANT, ShapeError, parse_hh, parse_row, response, text
 from .pairs import DataError, Pair, RowError, SkipLog
-from .readers import Rows, folder_rows, hub_rows, json_files, read_jsonl
+from .readers import Split, folder_split, hub_split, json_files, json_split
 
 __all__ = ["ASSISTANT", "BUNDLED", "DataError", "EVAL_ROWS_PER_DATASET", "HUB_SOURCES", "Pair",
            "RowError", "SkipLog", "is_hub_id", "load_pairs", "parse_hh", "parse_os",
@@ -90,11 +90,11 @@ HUB_SOURCES = {
 }
 
 
-def _original_rows(name: str, split: str, local: str | None, log: SkipLog,
-                   num_proc: int) -> Rows:
+def _original_split(name: str, split: str, local: str | None, log: SkipLog,
+                    num_proc: int) -> Split:
     source = HUB_SOURCES[name]
     if not local:
-        return hub_rows(source.hub_id, source.config, source.splits[split], num_proc,
+        return hub_split(source.hub_id, source.config, source.splits[split], num_proc,
                         hint=f", or point dataset_dir.{name}=DIR at a local copy holding "
                              f"{split}.jsonl.gz")
     aliases = tuple(v for k, v in source.splits.items() if k == split and v != split)
@@ -102,37 +102,38 @@ def _original_rows(name: str, split: str, local: str | None, log: SkipLog,
     if not files:
         wanted = " or ".join(f"{n}.jsonl[.gz]" for n in (split, *aliases))
         raise DataError(f"{local}: no {wanted} for the {split} split")
-    return (r for path in files for r in read_jsonl(path, log))
+    return json_split(files, log)
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def load_pairs(name: str, split: str, dataset_dir: dict[str, str | None], log: SkipLog,
+def open_split(name: str, split: str, dataset_dir: dict[str, str | None], log: SkipLog,
                num_proc: int = 1, splits: dict[str, str] | None = None,
-               columns: dict[str, str] | None = None) -> list[Pair]:
-    """All usable pairs of one split ("train" or "test") of a source: hh/shp/os, a bundled
-    set, a folder (local or URL) or a Hub id. `splits` names the source's own splits
-    ({train: train_prefs, ...}); `columns` renames its keys ({prompt: question, ...})."""
-    pairs = []
+               columns: dict[str, str] | None = None) -> tuple[Split, Callable[[dict, str],
+                                                                               Pair]]:
+    """(the split, its row parser) of a source: hh/shp/os by their own rules; a bundled set,
+    a folder (local or URL) or a Hub id in any format of `formats.py`."""
     if name in HUB_SOURCES:
         parse = HUB_SOURCES[name].parse
         kind = "standard-implicit" if name == "hh" else "standard-explicit"
-        for row, origin in _original_rows(name, split, dataset_dir.get(name), log, num_proc):
-            try:
-                pairs.append(Pair(*parse(row), origin, kind))
-            except RowError as err:
-                log.skip(origin, str(err))
-        return pairs
+        return (_original_split(name, split, dataset_dir.get(name), log, num_proc),
+                lambda row, origin: Pair(*parse(row), origin, kind))
     theirs = (splits or {}).get(split, split)
     if is_hub_id(name):
-        rows = hub_rows(name, None, theirs, num_proc)
+        source = hub_split(name, None, theirs, num_proc)
     else:
         folder = str(BUNDLED_DIR / name) if name in BUNDLED else name
-        rows = folder_rows(folder, theirs, log, num_proc=num_proc)
-    for index, (row, origin) in enumerate(rows):
+        source = folder_split(folder, theirs, log, num_proc=num_proc)
+    return source, lambda row, origin: parse_row(row, origin, columns)
+
+
+def read_pairs(source: Split, parse: Callable[[dict, str], Pair], log: SkipLog) -> list[Pair]:
+    """The usable pairs of a split; a first row that fits no format stops the source."""
+    pairs = []
+    for index, (row, origin) in enumerate(source.rows):
         try:
-            pairs.append(parse_row(row, origin, columns))
+            pairs.append(parse(row, origin))
         except ShapeError as err:
             if index == 0:
                 raise DataError(f"{origin}: {err}") from None
@@ -140,3 +141,11 @@ def load_pairs(name: str, split: str, dataset_dir: dict[str, str | None], log: S
         except RowError as err:
             log.skip(origin, str(err))
     return pairs
+
+
+def load_pairs(name: str, split: str, dataset_dir: dict[str, str | None], log: SkipLog,
+               num_proc: int = 1, splits: dict[str, str] | None = None,
+               columns: dict[str, str] | None = None) -> list[Pair]:
+    """All usable pairs of one split ("train" or "test") of a source. `splits` names the
+    source's own splits ({train: train_prefs, ...}); `columns` renames its keys."""
+    return read_pairs(*open_split(name, split, dataset_dir, log, num_proc, splits, columns), log)
