@@ -122,6 +122,10 @@ class DataConfig:
     # and the settings: a second run starts in seconds (data/cache.py).
     cache: bool = True
     cache_dir: str | None = None  # null: ~/.cache/moedpo/tokenized (or $MOEDPO_CACHE/tokenized)
+    # Read and tokenise the training rows as steps need them (data/stream.py), through a
+    # shuffle buffer of this many rows; needs max_steps.
+    streaming: bool = False
+    shuffle_buffer: int = 10000
     # Sampling weights of the `datasets` (same length): each epoch draws round(w x total
     # pairs) from each source. null: every pair once per epoch (concatenation).
     weights: list[float] | None = None

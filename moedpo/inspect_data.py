@@ -50,6 +50,7 @@ def show_pair(tokenizer, pair) -> list[str]:
 
 def inspect(cfg: DPOConfig, n_examples: int = 3) -> str:
     cfg.use_synthetic_data = False  # a report of real data, whatever the config's default
+    cfg.data.streaming = False  # the report reads the whole training split
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg, tokenizer, vocab_size=len(tokenizer))

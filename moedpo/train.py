@@ -25,7 +25,7 @@ from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig
-from .data import build_data, collate, collate_shared, eval_indices, train_indices
+from .data import build_data, collate, collate_shared, eval_indices
 from .evaluate import batch_loss, evaluate, generate
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.moe import experts_modules, moe_top_k
@@ -137,6 +137,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     scheduler = build_scheduler(cfg, optimizer, n_steps)
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
+    stream_state = None
     if resume_from:
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
             resume_from, state, own = checkpointer.load_newest(policy, optimizer)
@@ -144,12 +145,11 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             state, own = checkpointer.load(resume_from, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
+        stream_state = state.get("data_stream")
         window = MeanMetrics.from_state(own["window"])
         run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
-    lengths = [pair.length for pair in data.train] if cfg.data.group_by_length else None
-    stream = train_indices(len(data.train), step_size, cfg.seed, cfg.shuffle, start_step,
-                           lengths, data.mixture(cfg.data.weights))
+    steps = data.train_steps(cfg, step_size, start_step, stream_state)
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
     writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main, settings,
                           cfg.exp_name)
@@ -157,6 +157,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     def save(step: int) -> str:
         state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
                  "nonfinite": nonfinite, "config": settings}  # what a resume must match
+        if data.stream is not None:  # where the streamed data is: read again up to there
+            state["data_stream"] = data.stream.state()
         path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()})
         log.info("checkpoint written: %s", path)
         if backend.is_main:  # the metrics that go with it, where output_dir is a URL
@@ -211,7 +213,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
 
             # ---- one optimizer step over gradient_accumulation_steps micro-batches
             started = time.perf_counter()
-            pairs = [data.train[i] for i in next(stream)]
+            pairs = next(steps)
             lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
             outputs = []

@@ -223,6 +223,19 @@ def validate(cfg: DPOConfig) -> None:
                f"datasets: '{name}' is neither a known dataset ({', '.join(DATASET_NAMES)}), "
                "a folder (train and test files: jsonl, json, parquet, csv, or a save_to_disk "
                "folder) nor a Hub dataset id (org/name)")
+    if cfg.data.streaming:
+        _check(cfg.max_steps is not None and cfg.max_steps > 0,
+               "data.streaming=true: the number of training pairs is not known ahead; set "
+               "max_steps")
+        _check(cfg.n_epochs is None, "data.streaming=true with n_epochs: a stream's epochs are "
+                                     "not counted ahead; set max_steps instead")
+        for on, key in ((cfg.reference.precompute, "reference.precompute"),
+                        (cfg.data.group_by_length, "data.group_by_length"),
+                        (cfg.data.weights is not None, "data.weights")):
+            _check(not on, f"data.streaming=true with {key}: that needs the whole training set "
+                           "up front; drop one of the two")
+        _check(cfg.data.shuffle_buffer >= 1,
+               f"data.shuffle_buffer={cfg.data.shuffle_buffer}: must be >= 1 (1: no shuffling)")
     weights = cfg.data.weights
     if weights is not None:
         _check(len(weights) == len(cfg.dataset_list) and all(w >= 0 for w in weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from . import cache
 from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
 from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, open_split, read_pairs
+from .stream import PairStream
 from .synthetic import synthetic_pairs
 from .templates import use_chat_template
-from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_parallel
+from .tokenize import TokenizedPair, TokenizeStats, adds_bos, tokenize_pairs, tokenize_parallel
 
 __all__ = ["DataBundle", "DataError", "Pair", "TokenizedPair", "build_data", "collate",
            "collate_shared", "eval_indices", "train_indices"]
@@ -32,11 +34,26 @@ class DataBundle:
     tokenized: TokenizeStats = field(default_factory=TokenizeStats)
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
     formats: dict[str, Counter] = field(default_factory=dict)  # name -> row formats read
+    stream: PairStream | None = None  # data.streaming: the training pairs, read as needed
 
     def labels(self) -> list[str]:
         """Short names of the sources (a folder's or Hub id's last part), in order."""
         names = [name.rstrip("/").rsplit("/", 1)[-1] or name for name in self.sources]
         return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+    def train_steps(self, cfg: DPOConfig, step_size: int, start_step: int = 0,
+                    stream_state: dict | None = None) -> Iterator[list[TokenizedPair]]:
+        """Each optimizer step's pairs from `start_step` on: drawn from the held pairs by
+        `loader.train_indices`, or taken from the stream (restored to `stream_state`)."""
+        if self.stream is not None:
+            if stream_state is not None:
+                self.stream.restore(stream_state)
+            while True:
+                yield self.stream.take(step_size)
+        lengths = [pair.length for pair in self.train] if cfg.data.group_by_length else None
+        for indices in train_indices(len(self.train), step_size, cfg.seed, cfg.shuffle,
+                                     start_step, lengths, self.mixture(cfg.data.weights)):
+            yield [self.train[i] for i in indices]
 
     def mixture(self, weights: list[float] | None) -> tuple[list[int], list[float]] | None:
         """(train pairs per source, weights) for the loader, with `data.weights` set."""
@@ -94,6 +111,25 @@ def split_pairs(cfg: DPOConfig, name: str, split: str, tokenizer, bundle: DataBu
     return tokenized
 
 
+def training_stream(cfg: DPOConfig, tokenizer, bundle: DataBundle,
+                    add_bos: bool) -> PairStream:
+    """data.streaming: the training splits chained, read and tokenised as steps need them."""
+    def open_rows():
+        for name in cfg.dataset_list:
+            source, parse = open_split(name, "train", cfg.dataset_dir, bundle.skipped,
+                                       cfg.num_proc, dict(cfg.data.splits),
+                                       dict(cfg.data.columns or {}), streaming=True)
+            for row, origin in source.rows:
+                yield row, origin, parse
+
+    def tokenize(pairs: list[Pair], skipped: SkipLog) -> list[TokenizedPair]:
+        return tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                              cfg.truncation_mode, skipped, bundle.tokenized, add_bos,
+                              cfg.data.skip_identical)
+    return PairStream(open_rows, tokenize, cfg.seed, cfg.data.shuffle_buffer if cfg.shuffle
+                      else 1, bundle.skipped)
+
+
 def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) -> DataBundle:
     train_step = cfg.per_device_train_batch_size * world_size * cfg.gradient_accumulation_steps
     eval_step = cfg.eval_batch_size * world_size
@@ -113,21 +149,24 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
     # No need to tokenise rows a dry run never sees (and nothing cached from such cuts).
     limits = ({"train": DRY_RUN_BATCHES * train_step, "test": DRY_RUN_BATCHES * eval_step}
               if cfg.dry_run else {})
+    splits = ("test",) if cfg.data.streaming else ("train", "test")
     for name in cfg.dataset_list:
-        tokenized = [split_pairs(cfg, name, split, tokenizer, bundle, add_bos,
-                                 settings if tokenizer_key and not limits else None,
-                                 limits.get(split))
-                     for split in ("train", "test")]
-        bundle.train += tokenized[0]
-        bundle.eval += tokenized[1]
-        bundle.sources[name] = (len(tokenized[0]), len(tokenized[1]))
+        tokenized = {split: split_pairs(cfg, name, split, tokenizer, bundle, add_bos,
+                                        settings if tokenizer_key and not limits else None,
+                                        limits.get(split))
+                     for split in splits}
+        bundle.train += tokenized.get("train", [])
+        bundle.eval += tokenized["test"]
+        bundle.sources[name] = (len(tokenized.get("train", [])), len(tokenized["test"]))
+    if cfg.data.streaming:
+        bundle.stream = training_stream(cfg, tokenizer, bundle, add_bos)
     if cfg.dry_run:  # 10 global batches in all, not per dataset
         bundle.train = bundle.train[:DRY_RUN_BATCHES * train_step]
         bundle.eval = bundle.eval[:DRY_RUN_BATCHES * eval_step]
     skipped = bundle.skipped
     why = (f"; skipped {skipped.total} rows: {dict(skipped.counts)}; first: "
            + "; ".join(skipped.examples) if skipped.total else "")
-    if len(bundle.train) < train_step:
+    if len(bundle.train) < train_step and bundle.stream is None:
         fix = ("fix the rows (`moedpo data inspect ...` shows them)" if skipped.total
                else "lower the batch size")
         raise DataError(f"datasets={cfg.datasets}: {len(bundle.train)} usable training pairs, "

@@ -158,8 +158,13 @@ def parse_conversation(row: dict, implicit: bool) -> tuple[Messages, Messages, M
         if not prompt:
             raise RowError("chosen and rejected share no leading message: no prompt; give a "
                            "'prompt' field of messages")
-        return prompt, chosen, rejected
-    return messages(row, "prompt"), chosen, rejected
+    else:
+        prompt = messages(row, "prompt")
+    for which, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m.get("content").strip() if isinstance(m.get("content"), str)
+                   else m.get("content") or m.get("tool_calls") for m in reply):
+            raise RowError(f"empty {which} response")
+    return prompt, chosen, rejected
 
 
 # ---------------------------------------------------------------- any row

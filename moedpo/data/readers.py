@@ -50,7 +50,8 @@ def json_split(files: list[str], log: SkipLog) -> Split:
 
 
 def table_split(table: Any, where: str) -> Split:
-    return Split(_table_rows(table, where), f"datasets:{table._fingerprint}")
+    # A streamed (Iterable) dataset has no fingerprint: it is never cached.
+    return Split(_table_rows(table, where), f"datasets:{getattr(table, '_fingerprint', '')}")
 
 
 @contextlib.contextmanager
@@ -188,7 +189,7 @@ def _split_error(where: str, split: str, err: Exception) -> DataError:
 
 
 def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...] = (),
-                 num_proc: int = 1) -> Split:
+                 num_proc: int = 1, streaming: bool = False) -> Split:
     """One split of a folder: JSON files read here, any other layout by `datasets`."""
     import datasets
 
@@ -199,7 +200,8 @@ def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...]
         table = datasets.load_from_disk(folder)  # a DatasetDict written by save_to_disk
         if split not in table:
             raise _split_error(folder, split, KeyError(f"it has {sorted(table)}"))
-        return table_split(table[split], f"{folder}[{split}]")
+        rows = table[split].to_iterable_dataset() if streaming else table[split]
+        return table_split(rows, f"{folder}[{split}]")
     builder, found = table_files(folder, split)
     if not found:
         wanted = " or ".join(f"{n}.jsonl[.gz]" for n in (split, *aliases))
@@ -208,31 +210,34 @@ def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...]
                         f"{split}.parquet, data/{split}-00000-of-00001.parquet, ...); name "
                         "other split names with data.splits={train: NAME, test: NAME}")
     table = datasets.load_dataset(builder, data_files={split: found}, split=split,
-                                  num_proc=num_proc if num_proc > 1 else None)
+                                  streaming=streaming,
+                                  **({"num_proc": num_proc} if num_proc > 1 and not streaming
+                                     else {}))
     return table_split(table, f"{folder}[{split}]")
 
 
 def hub_split(hub_id: str, config: str | None, split: str, num_proc: int = 1,
-              hint: str = "") -> Split:
+              hint: str = "", streaming: bool = False) -> Split:
     """Rows of a Hub dataset split: `datasets.load_dataset`, else (offline, or the Hub out of
     reach) the snapshot in the local Hub cache (`hf download --repo-type dataset ID`)."""
     import datasets
 
     where = f"{hub_id}[{split}]"
     try:
-        table = datasets.load_dataset(hub_id, config, split=split,
-                                      num_proc=num_proc if num_proc > 1 else None)
+        table = datasets.load_dataset(hub_id, config, split=split, streaming=streaming,
+                                      **({"num_proc": num_proc} if num_proc > 1 and not
+                                         streaming else {}))
     except ValueError as err:
         if "unknown split" in str(err).lower():
             raise _split_error(hub_id, split, err) from None
-        table = _cached_snapshot(hub_id, config, split, err, hint)
+        table = _cached_snapshot(hub_id, config, split, err, hint, streaming)
     except Exception as err:  # datasets raises many types; all mean "not available here"
-        table = _cached_snapshot(hub_id, config, split, err, hint)
+        table = _cached_snapshot(hub_id, config, split, err, hint, streaming)
     return table_split(table, where)
 
 
 def _cached_snapshot(hub_id: str, config: str | None, split: str, err: Exception,
-                     hint: str) -> Any:
+                     hint: str, streaming: bool = False) -> Any:
     import datasets
     from huggingface_hub import snapshot_download
 
@@ -246,6 +251,6 @@ def _cached_snapshot(hub_id: str, config: str | None, split: str, err: Exception
         raise DataError(f"cannot load {hub_id} [{split}]{why}: {type(err).__name__}: {first}; "
                         f"download it (hf download --repo-type dataset {hub_id}){hint}") from None
     try:
-        return datasets.load_dataset(local, config, split=split)
+        return datasets.load_dataset(local, config, split=split, streaming=streaming)
     except ValueError as split_err:
         raise _split_error(hub_id, split, split_err) from None

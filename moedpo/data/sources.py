@@ -91,12 +91,12 @@ HUB_SOURCES = {
 
 
 def _original_split(name: str, split: str, local: str | None, log: SkipLog,
-                    num_proc: int) -> Split:
+                    num_proc: int, streaming: bool = False) -> Split:
     source = HUB_SOURCES[name]
     if not local:
         return hub_split(source.hub_id, source.config, source.splits[split], num_proc,
-                        hint=f", or point dataset_dir.{name}=DIR at a local copy holding "
-                             f"{split}.jsonl.gz")
+                         hint=f", or point dataset_dir.{name}=DIR at a local copy holding "
+                              f"{split}.jsonl.gz", streaming=streaming)
     aliases = tuple(v for k, v in source.splits.items() if k == split and v != split)
     files = json_files(local, split, aliases)
     if not files:
@@ -110,21 +110,21 @@ def _original_split(name: str, split: str, local: str | None, log: SkipLog,
 
 def open_split(name: str, split: str, dataset_dir: dict[str, str | None], log: SkipLog,
                num_proc: int = 1, splits: dict[str, str] | None = None,
-               columns: dict[str, str] | None = None) -> tuple[Split, Callable[[dict, str],
-                                                                               Pair]]:
+               columns: dict[str, str] | None = None,
+               streaming: bool = False) -> tuple[Split, Callable[[dict, str], Pair]]:
     """(the split, its row parser) of a source: hh/shp/os by their own rules; a bundled set,
     a folder (local or URL) or a Hub id in any format of `formats.py`."""
     if name in HUB_SOURCES:
         parse = HUB_SOURCES[name].parse
         kind = "standard-implicit" if name == "hh" else "standard-explicit"
-        return (_original_split(name, split, dataset_dir.get(name), log, num_proc),
+        return (_original_split(name, split, dataset_dir.get(name), log, num_proc, streaming),
                 lambda row, origin: Pair(*parse(row), origin, kind))
     theirs = (splits or {}).get(split, split)
     if is_hub_id(name):
-        source = hub_split(name, None, theirs, num_proc)
+        source = hub_split(name, None, theirs, num_proc, streaming=streaming)
     else:
         folder = str(BUNDLED_DIR / name) if name in BUNDLED else name
-        source = folder_split(folder, theirs, log, num_proc=num_proc)
+        source = folder_split(folder, theirs, log, num_proc=num_proc, streaming=streaming)
     return source, lambda row, origin: parse_row(row, origin, columns)
 
 
