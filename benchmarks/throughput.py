@@ -12,8 +12,11 @@ measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and w
     python benchmarks/throughput.py --variants moedpo moedpo+group+precompute trl
     python benchmarks/throughput.py --device cuda --dtype bfloat16 --size medium  # on a GPU
 
-Variants of moedpo add its speed options: `+group` (data.group_by_length=true),
-`+share` (data.share_prompt=true: the prompt runs once per pair; MFU still counts the FLOPs of
+`--data long` trains on HH-like pairs with multi-turn prompts of 300-600 tokens and short
+replies (max_length 1024) instead of the short demo pairs. `moedpo` is its defaults (the
+shared prompt on: `data.share_prompt=auto`). Variants add or remove options: `+plain`
+(data.share_prompt=false), `+group` (data.group_by_length=true),
+`+share` (data.share_prompt=true: the prompt runs once per pair; MFU counts the FLOPs of
 the unshared work, so it reads as useful work per second) and `+precompute`
 (reference.precompute=true: the one-time reference pass happens before step 0 and is not in
 the step times; MFU then counts the policy's FLOPs only) and `+ckpt`
@@ -46,7 +49,8 @@ SIZES = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP = 2
 OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"],
-           "share": ["data.share_prompt=true"], "ckpt": ["model.activation_checkpointing=true"],
+           "share": ["data.share_prompt=true"], "plain": ["data.share_prompt=false"],
+           "ckpt": ["model.activation_checkpointing=true"],
            "compile": ["model.compile=true"]}
 
 
@@ -72,8 +76,40 @@ def demo_pairs() -> list[dict]:
     from moedpo.data.sources import SkipLog, load_pairs
 
     pairs = load_pairs("demo", "train", {}, SkipLog())
-    return [{"prompt": p.prompt, "chosen": " " + p.chosen, "rejected": " " + p.rejected}
-            for p in pairs]
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+
+
+def long_pairs(n: int = 400, seed: int = 0) -> list[dict]:
+    """HH-like pairs with long multi-turn prompts (300-600 tokens of the embedded tokenizer:
+    earlier exchanges of the demo set before the last question) and short replies, as real
+    HH prompts are; the shape where a DPO trainer spends its time."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from moedpo.models.load import EMBEDDED_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
+    rng, base = random.Random(seed), demo_pairs()
+    out = []
+    while len(out) < n:
+        last = rng.choice(base)
+        target, history = rng.randrange(300, 600), ""
+        while len(tokenizer(history + last["prompt"])["input_ids"]) < target:
+            turn = rng.choice(base)
+            history += turn["prompt"] + turn["chosen"]
+        out.append({**last, "prompt": history + last["prompt"]})
+    return out
+
+
+def write_pairs(folder: Path, pairs: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", pairs), ("test", pairs[:16])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def bench_pairs(args: argparse.Namespace) -> list[dict]:
+    return long_pairs() if args.data == "long" else demo_pairs()
 
 
 def run_moedpo(args: argparse.Namespace) -> dict:
@@ -88,7 +124,7 @@ def run_moedpo(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"model.name_or_path={args.model_dir}", f"model.policy_dtype={args.dtype}",
                      f"model.reference_dtype={args.dtype}", f"parallel.backend={args.device}",
-                     "use_synthetic_data=false", "datasets=demo",
+                     "use_synthetic_data=false", f"datasets=[{args.data_dir}]",
                      f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
                      f"max_prompt_length={args.max_length // 2}", "optimizer=AdamW", "lr=5e-4",
                      "sched.warmup_steps=0", f"max_steps={args.steps}", "report_metrics_freq=1",
@@ -131,7 +167,7 @@ def run_trl(args: argparse.Namespace) -> dict:
                            bf16=args.dtype == "bfloat16",
                            save_strategy="no", precompute_ref_log_probs=False, beta=0.1,
                            lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
-        data = datasets.Dataset.from_list(demo_pairs()[:args.batch * 10])
+        data = datasets.Dataset.from_list(bench_pairs(args)[:args.batch * 10])
         trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=data,
                              processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()
@@ -169,7 +205,8 @@ def _timed(fn) -> float:
 def launch(name: str, args: argparse.Namespace, model_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", name, "--model-dir", str(model_dir),
            "--steps", str(args.steps), "--batch", str(args.batch),
-           "--max-length", str(args.max_length), "--device", args.device, "--dtype", args.dtype]
+           "--max-length", str(args.max_length), "--device", args.device, "--dtype", args.dtype,
+           "--data", args.data, "--data-dir", str(model_dir.parent / "data")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -183,7 +220,12 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="default 256 for --data short, 1024 for --data long")
+    parser.add_argument("--data", choices=["short", "long"], default="short",
+                        help="short: the demo pairs (~60 tokens); long: HH-like multi-turn "
+                        "prompts of 300-600 tokens, short replies")
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -195,6 +237,7 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.max_length = args.max_length or (1024 if args.data == "long" else 256)
     if args.worker:
         return worker(args)
     for name in args.variants:
@@ -205,6 +248,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:  # the model folder (GBs at --size medium)
         folder = Path(scratch) / "model"
         params = build_model(args.size, folder, args.dtype)
+        write_pairs(Path(scratch) / "data", bench_pairs(args))
         runs = measure(args, folder)
     report(args, params, matmul_peak(args.device, args.dtype), runs)
 
@@ -253,7 +297,8 @@ def report(args: argparse.Namespace, params: dict, peak: float,
                     "pairs_per_s": summary[name]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
                     "peak_memory": summary[name][memory] / summary["trl"][memory]}
     lines = [f"{args.size} model ({params['total_params'] / 1e6:.1f}M parameters, "
-             f"{params['active_params'] / 1e6:.1f}M active), batch {args.batch}, max_length "
+             f"{params['active_params'] / 1e6:.1f}M active), {args.data} pairs, batch "
+             f"{args.batch}, max_length "
              f"{args.max_length}, {args.dtype} on {args.device}, live reference; matmul peak "
              f"{peak:.0f} GFLOP/s",
              "", f"| trainer | step (s) | pairs/s | tokens/s | {memory_label} (MB) | MFU |",
@@ -269,7 +314,8 @@ def report(args: argparse.Namespace, params: dict, peak: float,
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "device": args.device, "dtype": args.dtype,
+    args.out.write_text(json.dumps({"size": args.size, "data": args.data,
+                                    "device": args.device, "dtype": args.dtype,
                                     "params": params, "peak_gflops": peak,
                                     "machine": platform.machine(), "torch": torch.__version__,
                                     "summary": summary, "ratio": ratio, "runs": runs}, indent=2))

@@ -107,7 +107,13 @@ class DataConfig:
     # Steps of similar-length pairs (less padding); see data/loader.py.
     group_by_length: bool = False
     # One row per pair: the prompt once, both responses after it (README "Shared prompt").
-    share_prompt: bool = False
+    # auto: on wherever it is exact (dynamic padding, dropless/dense MoE or dense model, an
+    # attention that takes a 4-D mask), else off with one info line; true: on or refuse.
+    share_prompt: str = "auto"
+    # Several pairs per row (shared-prompt blocks, kept apart by the mask), up to
+    # max_tokens_per_row tokens (null: 2 x max_length): almost no padding.
+    packing: bool = False
+    max_tokens_per_row: int | None = None
     # The tokenizer's BOS at the start of each prompt. auto: where the tokenizer adds it by
     # default (Llama, Mistral, Mixtral), as TRL and the model's pretraining do.
     add_bos: str = "auto"

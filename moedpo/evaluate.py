@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable
 
 import torch
@@ -23,12 +24,14 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
     """One forward over chosen and rejected together; the routers' record when asked (MoE).
     With a chunked head (model.logps_chunk_size) the model returns token log-probs, never
     the full logits."""
-    extra = {}
-    segments = batch.get("segments")  # shared-prompt rows (data.share_prompt)
-    if segments is not None:
+    extra, layout = {}, None
+    if "segments" in batch:  # shared-prompt rows (data.share_prompt), packed or not
+        layout = {k: batch[k] for k in ("segments", "pair_ids", "pair_rows")}
         extra["position_ids"] = batch["position_ids"]
         dtype = model.get_input_embeddings().weight.dtype
-        attention_mask = shared_prompt_attention(model, segments, batch["position_ids"], dtype)
+        attention_mask = shared_prompt_attention(model, batch["segments"],
+                                                 batch["position_ids"], dtype,
+                                                 batch["pair_ids"])
     else:
         attention_mask = batch["attention_mask"]
     chunked = chunked_head.is_enabled(model)
@@ -39,23 +42,26 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     use_cache=False, **extra)
     to_sums = sequence_logps_from_tokens if chunked else sequence_logps
-    return (to_sums(out.logits, batch["labels"], label_pad, segments),
+    return (to_sums(out.logits, batch["labels"], label_pad, layout),
             record if with_router else None)
 
 
 def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype,
                        positions: torch.Tensor | None = None,
-                       window: int | None = None) -> torch.Tensor:
+                       window: int | None = None,
+                       pair_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, T] segments -> [rows, 1, T, T] additive attention mask: causal, and a position
-    sees the prompt and its own segment only (a response never sees the other one; padding
-    sees itself, so no row of the softmax is empty). Transformers takes a 4-D mask as given.
-    With a sliding `window`, a query also sees only keys whose position (`positions`, the
-    unshared sequence's) is less than `window` before its own, as transformers' sliding
-    mask does."""
+    sees its own pair's prompt and its own segment only (a response never sees the other one
+    nor, in packed rows (`pair_ids`), another pair; padding sees itself, so no row of the
+    softmax is empty). Transformers takes a 4-D mask as given. With a sliding `window`, a
+    query also sees only keys whose position (`positions`, the unshared sequence's) is less
+    than `window` before its own, as transformers' sliding mask does."""
     length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
     query, key = segments[:, :, None], segments[:, None, :]
     allowed = causal & ((key == SEGMENT_PROMPT) | (key == query))
+    if pair_ids is not None:
+        allowed &= pair_ids[:, :, None] == pair_ids[:, None, :]
     if window is not None:
         allowed &= (positions[:, :, None] - positions[:, None, :]) < window
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
@@ -72,24 +78,73 @@ def sliding_window(config) -> tuple[int | None, bool]:
     return window, bool(types - {"sliding_attention"})
 
 
+def takes_mask_per_layer_type(model: torch.nn.Module) -> bool:
+    return "causal_mask_mapping := attention_mask, dict" in inspect.getsource(
+        type(model.base_model).forward)
+
+
+def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
+                         model: torch.nn.Module) -> str | None:
+    """Why one row per pair (shared prompt) would not give the same result here; None when
+    it does."""
+    m = cfg.model
+    if static_shapes:
+        return "static shapes (rows padded to a fixed length)"
+    if m.capacity_factor > 0 or m.moe_implementation == "dropped":
+        return "the dropped MoE (its capacity is per sequence)"
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attention not in ("sdpa", "eager"):
+        return f"attn_implementation={attention}, which takes no 4-D attention mask"
+    _, mixed = sliding_window(model.config)
+    if mixed and not takes_mask_per_layer_type(model):
+        return (f"{type(model).__name__} mixes sliding and full attention layers and takes no "
+                "mask per layer type")
+    return None
+
+
+def use_shared_prompt(cfg: DPOConfig, static_shapes: bool, model: torch.nn.Module) -> bool:
+    """data.share_prompt resolved for this run: auto is on wherever it is exact."""
+    setting = str(cfg.data.share_prompt).lower()
+    if setting == "false":
+        return False
+    why = share_prompt_blocker(cfg, static_shapes, model)
+    if why is None:
+        return True
+    if setting == "true":
+        raise ConfigError(f"data.share_prompt=true is not exact with {why}; set "
+                          "data.share_prompt=auto or false")
+    logging.getLogger("moedpo").info("shared prompt off (data.share_prompt=auto): %s", why)
+    return False
+
+
 def shared_prompt_attention(model: torch.nn.Module, segments: torch.Tensor,
-                            positions: torch.Tensor, dtype: torch.dtype):
+                            positions: torch.Tensor, dtype: torch.dtype,
+                            pair_ids: torch.Tensor | None = None):
     """The shared-prompt mask as the model takes it: one 4-D mask, windowed where every layer
     slides (Mistral), or for models whose layers mix full and sliding attention the mapping
     of both by layer type that their forward accepts in place of a mask."""
     window, mixed = sliding_window(model.config)
-    full = shared_prompt_mask(segments, dtype)
+    full = shared_prompt_mask(segments, dtype, pair_ids=pair_ids)
     if window is None:
         return full
-    windowed = shared_prompt_mask(segments, dtype, positions, window)
+    windowed = shared_prompt_mask(segments, dtype, positions, window, pair_ids)
     if not mixed:
         return windowed
-    if "causal_mask_mapping := attention_mask, dict" not in inspect.getsource(
-            type(model.base_model).forward):
+    if not takes_mask_per_layer_type(model):
         raise ConfigError(f"data.share_prompt=true: {type(model).__name__} mixes sliding and "
                           "full attention layers and takes no mask per layer type; set "
                           "data.share_prompt=false")
     return {"full_attention": full, "sliding_attention": windowed}
+
+
+def router_token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """How many times each token counts in the router losses and statistics: a shared
+    prompt's tokens (but the last, which each response segment repeats) twice, so the losses
+    and expert loads equal the unshared layout's; None (the attention mask) otherwise."""
+    segments = batch.get("segments")
+    if segments is None:
+        return None
+    return batch["attention_mask"] * (1 + (segments == SEGMENT_PROMPT).long())
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -112,7 +167,7 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         m = cfg.model
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
-                                   routers.choices)
+                                   routers.choices, router_token_weights(batch))
         out.loss = (out.loss + m.router_aux_loss_coef * out.router.aux_loss
                     + m.router_z_loss_coef * out.router.z_loss)
     return out

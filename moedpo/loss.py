@@ -28,18 +28,22 @@ class SequenceLogps:
         return values[:half], values[half:]
 
 
-def _sums(values: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """[rows, T-1] per-target values -> per-sequence sums: [rows], or with shared-prompt
-    `segments` ([rows, T], data.collate_shared) [2 x rows]: chosen sums, then rejected."""
-    if segments is None:
+def _sums(values: torch.Tensor, layout: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """[rows, T-1] per-target values -> per-sequence sums: [rows], or for shared-prompt rows
+    (`layout`: segments, pair_ids and pair_rows of data.collate_shared, packed or not)
+    [2 x pairs]: chosen sums, then rejected, in the pairs' order."""
+    if layout is None:
         return values.sum(-1)
-    target = segments[:, 1:]  # position t predicts the token at t + 1
-    return torch.cat([(values * (target == SEGMENT_CHOSEN)).sum(-1),
-                      (values * (target == SEGMENT_REJECTED)).sum(-1)])
+    n_pairs = layout["pair_rows"].shape[0]  # from a shape: no device-to-host read
+    segment = layout["segments"][:, 1:]  # position t predicts the token at t + 1
+    response = (segment == SEGMENT_CHOSEN) | (segment == SEGMENT_REJECTED)
+    slot = layout["pair_ids"][:, 1:].clamp(min=0) + n_pairs * (segment == SEGMENT_REJECTED)
+    sums = torch.zeros(2 * n_pairs, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, slot.reshape(-1), (values * response).reshape(-1))
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = -100,
-                   segments: torch.Tensor | None = None) -> SequenceLogps:
+                   segments: dict[str, torch.Tensor] | None = None) -> SequenceLogps:
     """Sum of log p(label_t | tokens < t) over positions whose label is not `label_pad`."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != label_pad
@@ -53,7 +57,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = 
 
 def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
                                 label_pad: int = -100,
-                                segments: torch.Tensor | None = None) -> SequenceLogps:
+                                segments: dict[str, torch.Tensor] | None = None
+                                ) -> SequenceLogps:
     """The same sums from models.chunked_head's [rows, T, 2] output (per position: log-prob
     of the next label, 0 where it is `label_pad`; mean logit)."""
     mask = labels[:, 1:] != label_pad

@@ -26,7 +26,7 @@ from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
-from .evaluate import batch_loss, evaluate, generate
+from .evaluate import batch_loss, evaluate, generate, use_shared_prompt
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import compute_copies, is_mixed, policy_compute_dtype
@@ -72,16 +72,20 @@ def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
     return cfg.max_length
 
 
-def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend) -> Callable:
-    """pairs -> collated tensors on the backend's device (split over the mesh on XLA)."""
+def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend,
+                shared: bool = False) -> Callable:
+    """pairs -> collated tensors on the backend's device (split over the mesh on XLA); one
+    row per pair with `shared` (use_shared_prompt), several with data.packing."""
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
     pad_to = padded_length(cfg, backend)
-    if cfg.data.share_prompt and pad_to is not None:
-        raise ConfigError("data.share_prompt=true needs dynamic padding, which this backend "
-                          f"({backend.kind}) does not use; set data.share_prompt=false")
-    to_rows = collate_shared if cfg.data.share_prompt else collate
+    if cfg.data.packing and not shared:
+        raise ConfigError("data.packing=true packs shared-prompt rows, which are off for this "
+                          "run (see the line above, or data.share_prompt=false); set "
+                          "data.packing=false")
+    max_tokens = (cfg.data.max_tokens_per_row or 2 * cfg.max_length) if cfg.data.packing else 0
+    to_rows = partial(collate_shared, max_tokens=max_tokens) if shared else collate
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
@@ -115,7 +119,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
                       backend.total_devices)
-    to_batch = batch_maker(cfg, tokenizer, backend)
+    shared = use_shared_prompt(cfg, padded_length(cfg, backend) is not None, policy)
+    to_batch = batch_maker(cfg, tokenizer, backend, shared)
     # One forward's pairs: SPMD splits one batch over all devices of the mesh.
     micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step

@@ -190,7 +190,10 @@ def validate(cfg: DPOConfig) -> None:
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
-    _check(not cfg.data.share_prompt or (m.capacity_factor == 0 and m.moe_implementation
+    share = str(cfg.data.share_prompt).lower()
+    _check(share in ("auto", "true", "false"),
+           f"data.share_prompt={cfg.data.share_prompt}: use auto, true or false")
+    _check(share != "true" or (m.capacity_factor == 0 and m.moe_implementation
                                          in ("auto", "dropless", "dense", "hf", "hf_eager")),
            "data.share_prompt=true puts both responses in one row, which changes what the "
            "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
@@ -201,7 +204,12 @@ def validate(cfg: DPOConfig) -> None:
     _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
            f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
            f"({cfg.max_length}), e.g. [128,256]")
-    _check(not (cfg.data.share_prompt and cfg.data.static_shapes),
+    _check(not cfg.data.packing or share != "false",
+           "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
+    _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
+           f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "
+           f"({cfg.max_length}), or null (2 x max_length)")
+    _check(not (share == "true" and cfg.data.static_shapes),
            "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
            "responses long); set data.static_shapes=false")
     _check(m.logps_chunk_size >= 0,

@@ -52,18 +52,72 @@ def test_mask_keeps_responses_apart():
     assert torch.equal(allowed, expected)
 
 
-def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path):
-    common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true"]
-    run(make_cfg(*common, "exp_name=plain"))
-    run(make_cfg(*common, "exp_name=shared", "data.share_prompt=true"))
-    # Expert-load statistics differ by design: the prompt is routed once, not twice.
-    assert_same_run(tmp_path / "plain", tmp_path / "shared", atol=1e-5, skip_routing=True)
+def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path, caplog):
+    # Router losses on: the shared prompt's tokens count twice in them (and in the expert
+    # loads), as the unshared rows hold them twice.
+    common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true",
+              "model.router_aux_loss_coef=0.05", "model.router_z_loss_coef=0.01"]
+    run(make_cfg(*common, "exp_name=plain", "data.share_prompt=false"))
+    with caplog.at_level("INFO", logger="moedpo"):
+        run(make_cfg(*common, "exp_name=shared"))  # the default: auto, on here
+    assert "shared prompt off" not in caplog.text
+    assert_same_run(tmp_path / "plain", tmp_path / "shared", atol=1e-5)
+
+
+def test_router_losses_and_loads_of_shared_rows_equal_unshared():
+    from moedpo.evaluate import batch_loss
+
+    cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
+                      reference_dtype="float32")
+    policy, _ = build_models(cfg, seed=0)
+    from conftest import compose_cfg
+    run_cfg = compose_cfg("model.router_aux_loss_coef=0.1", "model.router_z_loss_coef=0.1",
+                          "loss.reference_free=true")
+    pairs = random_pairs(6, seed=3)
+    plain, shared = (batch_loss(policy, None, to_batch(pairs, pad_id=0), run_cfg)
+                     for to_batch in (collate, collate_shared))
+    for key in ("aux_loss", "z_loss", "real_tokens"):
+        torch.testing.assert_close(getattr(shared.router, key), getattr(plain.router, key),
+                                   rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.equal(shared.router.expert_counts, plain.router.expert_counts)
+    torch.testing.assert_close(shared.loss, plain.loss, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [["model.capacity_factor=1.25"], ["data.static_shapes=true"]])
-def test_shared_prompt_refuses_dropped_moe_and_static_shapes(make_cfg, extra):
+def test_explicit_shared_prompt_refuses_dropped_moe_and_static_shapes(make_cfg, extra):
     with pytest.raises(ConfigError, match="data.share_prompt=true"):
         validate(make_cfg("data.share_prompt=true", *extra))
+
+
+@pytest.mark.parametrize("extra, static, why", [
+    ([], False, None),
+    (["model.capacity_factor=1.25"], False, "the dropped MoE"),
+    ([], True, "static shapes"),
+    (["model.flash_attention=false"], False, None),  # eager takes the 4-D mask too
+])
+def test_auto_turns_itself_off_where_it_is_not_exact(make_cfg, extra, static, why, caplog):
+    from moedpo.evaluate import use_shared_prompt
+
+    cfg = make_cfg("model=tiny", *extra)
+    assert cfg.data.share_prompt == "auto"
+    policy, _ = build_models(cfg.model, seed=0)
+    with caplog.at_level("INFO", logger="moedpo"):
+        assert use_shared_prompt(cfg, static, policy) == (why is None)
+    assert (f"shared prompt off (data.share_prompt=auto): {why}" in caplog.text) == bool(why)
+
+
+def test_auto_is_off_for_an_attention_without_4d_masks(make_cfg, caplog):
+    from moedpo.evaluate import use_shared_prompt
+
+    cfg = make_cfg("model=tiny")
+    policy, _ = build_models(cfg.model, seed=0)
+    policy.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level("INFO", logger="moedpo"):
+        assert not use_shared_prompt(cfg, False, policy)
+    assert "attn_implementation=flash_attention_2, which takes no 4-D attention mask" in \
+        caplog.text
+    with pytest.raises(ConfigError, match="data.share_prompt=true is not exact with attn_"):
+        use_shared_prompt(make_cfg("model=tiny", "data.share_prompt=true"), False, policy)
 
 
 def windowed_model(name: str):

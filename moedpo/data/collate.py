@@ -58,34 +58,68 @@ def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
     return {**batch, **_reference_logps(pairs)}
 
 
+def _block(pair: TokenizedPair) -> list[tuple[int, list[int]]]:
+    """A pair's shared-prompt block: (segment, tokens) of prompt[:-1], prompt[-1] chosen,
+    prompt[-1] rejected."""
+    shared, last = list(pair.prompt[:-1]), list(pair.prompt[-1:])
+    return [(SEGMENT_PROMPT, shared), (SEGMENT_CHOSEN, last + list(pair.chosen)),
+            (SEGMENT_REJECTED, last + list(pair.rejected))]
+
+
+def pack_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `max_tokens` tokens, first-fit decreasing (a
+    longer one gets a row of its own); `max_tokens` 0: one per row, in order."""
+    if max_tokens <= 0:
+        return [[i] for i in range(len(lengths))]
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if row is None:
+            rows.append([i])
+            room.append(max_tokens - lengths[i])
+        else:
+            rows[row].append(i)
+            room[row] -= lengths[i]
+    return rows
+
+
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
-                   pad_to: PadTo = None) -> dict[str, torch.Tensor]:
-    """Rows `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected | pad`, with the position
-    ids each token has in its own unshared sequence and a `segments` map from which the
-    model's attention mask is built (models.shared_prompt). A response's first token is
-    predicted from its own copy of the last prompt token, so every position predicts at most
-    one label, and the log-probs equal the unshared ones."""
-    rows = []
-    for p in pairs:
-        shared, last = p.prompt[:-1], p.prompt[-1:]
-        rows.append((shared, last + p.chosen, last + p.rejected))
-    length = _padded_length(max(sum(map(len, row)) for row in rows), pad_to)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), label_pad, dtype=torch.long)
-    segments = torch.full((len(rows), length), SEGMENT_PAD, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, (shared, chosen, rejected) in enumerate(rows):
+                   pad_to: PadTo = None, max_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of shared-prompt blocks `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`,
+    one pair per row, or with `max_tokens` (data.packing) as many as fit in that many tokens.
+    Each token keeps the position id it has in its own unshared sequence; `segments` and
+    `pair_ids` (the token's pair, -1 on padding) give the model's attention mask
+    (evaluate.shared_prompt_mask: a token sees its own pair's prompt and its own segment)
+    and the log-prob sums of each pair (`pair_rows`: [pairs], each pair's row). A response's
+    first token is predicted from its own copy of the last prompt token, so every position
+    predicts at most one label, and the log-probs equal the unshared ones."""
+    blocks = [_block(p) for p in pairs]
+    rows = pack_rows([sum(len(t) for _, t in b) for b in blocks], max_tokens)
+    length = _padded_length(max(sum(len(t) for i in row for _, t in blocks[i]) for row in rows),
+                            pad_to)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, label_pad, dtype=torch.long)
+    segments = torch.full(shape, SEGMENT_PAD, dtype=torch.long)
+    pair_ids = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    pair_rows = torch.zeros(len(pairs), dtype=torch.long)
+    for row, members in enumerate(rows):
         start = 0
-        for segment, tokens in ((SEGMENT_PROMPT, shared), (SEGMENT_CHOSEN, chosen),
-                                (SEGMENT_REJECTED, rejected)):
-            end = start + len(tokens)
-            input_ids[row, start:end] = torch.tensor(tokens, dtype=torch.long)
-            segments[row, start:end] = segment
-            offset = 0 if segment == SEGMENT_PROMPT else len(shared)
-            position_ids[row, start:end] = torch.arange(offset, offset + len(tokens))
-            if segment != SEGMENT_PROMPT:  # the response; its first token is the prompt's last
-                labels[row, start + 1:end] = input_ids[row, start + 1:end]
-            start = end
+        for i in members:
+            pair_rows[i] = row
+            n_shared = len(blocks[i][0][1])
+            for segment, tokens in blocks[i]:
+                end = start + len(tokens)
+                input_ids[row, start:end] = torch.tensor(tokens, dtype=torch.long)
+                segments[row, start:end] = segment
+                pair_ids[row, start:end] = i
+                offset = 0 if segment == SEGMENT_PROMPT else n_shared
+                position_ids[row, start:end] = torch.arange(offset, offset + len(tokens))
+                if segment != SEGMENT_PROMPT:  # the response; its first token is the prompt's
+                    labels[row, start + 1:end] = input_ids[row, start + 1:end]
+                start = end
     batch = {"input_ids": input_ids, "attention_mask": (segments != SEGMENT_PAD).long(),
-             "labels": labels, "position_ids": position_ids, "segments": segments}
+             "labels": labels, "position_ids": position_ids, "segments": segments,
+             "pair_ids": pair_ids, "pair_rows": pair_rows}
     return {**batch, **_reference_logps(pairs)}

@@ -95,16 +95,21 @@ class RouterOutput:
 def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor,
                   top_k: int, capacity_factor: float = 0.0, rounding: str = "floor",
                   ignore_padding: bool = True,
-                  choices: Sequence[torch.Tensor | None] | None = None) -> RouterOutput:
+                  choices: Sequence[torch.Tensor | None] | None = None,
+                  token_weights: torch.Tensor | None = None) -> RouterOutput:
     """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
     of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
     mean router probability (softmax of the logits), averaged over layers (HF pools the
     layers' counts instead; with one layer the two agree). z-loss: mean squared logsumexp of
     the router logits (ST-MoE). Assignments, counts and drops are the router's own `choices`
-    (its top-k indices) where given, else the softmax top-k of the logits."""
+    (its top-k indices) where given, else the softmax top-k of the logits. `token_weights`
+    ([batch, seq], default the attention mask) counts a token that many times: a shared
+    prompt's tokens twice, as the two rows of the unshared layout hold them."""
     batch, seq_len = attention_mask.shape
     mask = attention_mask.reshape(-1).bool()
-    n_real = mask.sum().clamp(min=1)
+    weight = (token_weights.reshape(-1).float() if token_weights is not None
+              else mask.float())
+    n_real = weight.sum().clamp(min=1)
     aux, z, counts = [], [], []
     dropped = fully = torch.zeros((), device=attention_mask.device)
     choices = choices or [None] * len(router_logits)
@@ -113,7 +118,6 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
         probs = logits.softmax(-1)
         num_experts = probs.shape[-1]
         top = chosen.long() if chosen is not None else probs.topk(top_k, dim=-1).indices
-        weight = mask.float()
         assigned = torch.zeros(num_experts, device=logits.device).index_add_(
             0, top.reshape(-1), weight.repeat_interleave(top_k))
         share = assigned / n_real

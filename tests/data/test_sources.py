@@ -124,7 +124,7 @@ def test_hub_source_goes_through_datasets_with_the_hub_split(monkeypatch):
 
     calls = []
 
-    def fake_load(path, name=None, split=None, num_proc=None):
+    def fake_load(path, name=None, split=None, **kwargs):
         calls.append((path, name, split))
         row = {"info": {"post": "p", "title": "t", "subreddit": "s"}, "batch": "b",
                "summaries": [{"text": "x"}, {"text": "y"}], "choice": 0}

@@ -1,0 +1,96 @@
+"""data.packing: several pairs per row, kept apart by the mask; log-probs, gradients, router
+losses and whole training runs equal the unpacked computation."""
+
+import pytest
+import torch
+
+from conftest import assert_same_run, random_pairs, tiny_train_overrides
+from moedpo.data import collate, collate_shared
+from moedpo.data.collate import SEGMENT_CHOSEN, SEGMENT_PROMPT, SEGMENT_REJECTED, pack_rows
+from moedpo.data.tokenize import TokenizedPair
+from moedpo.evaluate import batch_logps, shared_prompt_mask
+from moedpo.models.load import build_models
+
+
+def test_first_fit_decreasing_by_hand():
+    rows = pack_rows([5, 9, 3, 4, 6], max_tokens=10)
+    # 9 -> row 0 (1 left); 6 -> row 1 (4 left); 5 -> row 2; 4 -> row 1 (0 left); 3 -> row 2
+    assert rows == [[1], [4, 3], [0, 2]]
+    assert pack_rows([12, 3], max_tokens=10) == [[0], [1]]  # too long alone: its own row
+    assert pack_rows([5, 9, 3], max_tokens=0) == [[0], [1], [2]]
+
+
+def test_packed_layout_by_hand():
+    a = TokenizedPair([5, 6, 7], [8, 9], [10])
+    b = TokenizedPair([20, 21], [22], [23, 24])
+    batch = collate_shared([a, b], pad_id=0, max_tokens=20)
+    P, C, R = SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED
+    # a's block (8 tokens) first (longest), then b's (6): one row of 14.
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 10, 20, 21, 22, 21, 23, 24]]
+    assert batch["segments"].tolist() == [[P, P, C, C, C, R, R, P, C, C, R, R, R]]
+    assert batch["pair_ids"].tolist() == [[0] * 7 + [1] * 6]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9, -100, 10,
+                                         -100, -100, 22, -100, 23, 24]]
+    assert batch["pair_rows"].tolist() == [0, 0]
+    allowed = shared_prompt_mask(batch["segments"], torch.float32,
+                                 pair_ids=batch["pair_ids"])[0, 0] == 0
+    assert not allowed[7:, :7].any()  # b never sees a
+    assert allowed[9, 7:10].tolist() == [True, True, True] and not allowed[11, 8:10].any()
+
+
+@pytest.mark.parametrize("chunk", [0, 16], ids=["full-logits", "chunked"])
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("model", ["mixtral", "neox"])
+def test_packed_logps_and_gradients_equal_unpacked(tiny_neox_dir, model, sdpa, chunk):
+    from moedpo.config import ModelConfig
+
+    source = (dict(config_path="tiny-mixtral.json") if model == "mixtral"
+              else dict(name_or_path=str(tiny_neox_dir)))
+    cfg = ModelConfig(**source, policy_dtype="float32", reference_dtype="float32",
+                      flash_attention=sdpa, logps_chunk_size=chunk)
+    policy, _ = build_models(cfg, seed=0)
+    pairs = random_pairs(8, seed=4)
+    packed_batch = collate_shared(pairs, pad_id=0, max_tokens=48)
+    assert packed_batch["input_ids"].shape[0] < 8  # packing happened
+    results = []
+    for batch in (collate(pairs, pad_id=0), packed_batch):
+        policy.zero_grad()
+        logps, _ = batch_logps(policy, batch, -100)
+        (logps.logps * torch.linspace(-1, 1, 16)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results.append((logps, grads))
+    (plain, plain_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed.logps, plain.logps, rtol=0, atol=1e-5)
+    assert torch.equal(packed.n_tokens, plain.n_tokens)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
+def test_packing_keeps_the_models_sliding_window(name):
+    from test_shared_prompt import windowed_model
+
+    model = windowed_model(name)
+    pairs = random_pairs(6, seed=2)
+    plain, _ = batch_logps(model, collate(pairs, pad_id=0), -100)
+    packed, _ = batch_logps(model, collate_shared(pairs, pad_id=0, max_tokens=40), -100)
+    torch.testing.assert_close(packed.logps, plain.logps, rtol=0, atol=1e-5)
+
+
+def test_training_with_packing_equals_plain(make_cfg, tmp_path):
+    from moedpo.train import run
+
+    common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true",
+              "model.router_aux_loss_coef=0.05"]
+    run(make_cfg(*common, "exp_name=plain", "data.share_prompt=false"))
+    run(make_cfg(*common, "exp_name=packed", "data.packing=true", "data.max_tokens_per_row=160"))
+    assert_same_run(tmp_path / "plain", tmp_path / "packed", atol=1e-5)
+
+
+def test_packing_needs_the_shared_layout(make_cfg):
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
+
+    with pytest.raises(ConfigError, match="data.packing=true packs shared-prompt rows"):
+        validate(make_cfg("data.packing=true", "data.share_prompt=false"))
