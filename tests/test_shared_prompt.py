@@ -13,21 +13,26 @@ from moedpo.train import run
 from moedpo.validate import validate
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["shared", "packed"])
 @pytest.mark.parametrize("chunk", [0, 16], ids=["full-logits", "chunked"])
 @pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "eager"])
 @pytest.mark.parametrize("model", ["mixtral", "neox"])
-def test_shared_logps_and_gradients_equal_unshared(tiny_neox_dir, model, sdpa, chunk):
+def test_shared_logps_and_gradients_equal_unshared(tiny_neox_dir, model, sdpa, chunk, packed):
+    """One pair per row, or packed several to a row (data.packing), against the plain
+    layout: the same log-probs, token counts and gradients."""
     source = (dict(config_path="tiny-mixtral.json") if model == "mixtral"
               else dict(name_or_path=str(tiny_neox_dir)))
     cfg = ModelConfig(**source, policy_dtype="float32", reference_dtype="float32",
                       flash_attention=sdpa, logps_chunk_size=chunk)
     policy, _ = build_models(cfg, seed=0)
-    pairs = random_pairs(6, seed=1)
+    pairs = random_pairs(8, seed=1)
+    other = collate_shared(pairs, pad_id=0, max_tokens=48 if packed else 0)
+    assert (other["input_ids"].shape[0] < 8) == packed  # several pairs to a row when packed
     results = []
-    for to_batch in (collate, collate_shared):
+    for batch in (collate(pairs, pad_id=0), other):
         policy.zero_grad()
-        logps, _ = batch_logps(policy, to_batch(pairs, pad_id=0), -100)
-        (logps.logps * torch.linspace(-1, 1, 12)).sum().backward()  # weigh every row apart
+        logps, _ = batch_logps(policy, batch, -100)
+        (logps.logps * torch.linspace(-1, 1, 16)).sum().backward()  # weigh every row apart
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         results.append((logps, grads))
     (plain, plain_grads), (shared, shared_grads) = results

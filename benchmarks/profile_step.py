@@ -1,0 +1,97 @@
+"""Where the default training step's time goes: torch.profiler over optimizer steps of the
+benchmark's Mixtral (`--size tiny|small`, benchmarks/throughput.py) on the demo pairs with
+moedpo's defaults (shared prompt on, live reference, AdamW, fp32, one process), reporting the
+share of CPU time in matmul kernels and the top operators by self time.
+
+    python benchmarks/profile_step.py --size small   # -> benchmarks/results/profile_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import build_model  # noqa: E402
+
+# Kernels that are matrix products (the useful work of a transformer step).
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::matmul")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "profile_step.json")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from moedpo.config import register_schema
+    from moedpo.data import build_data
+    from moedpo.evaluate import batch_loss, use_shared_prompt
+    from moedpo.optim import build_optimizer
+    from moedpo.parallel.backend import init_backend
+    from moedpo.placement import load_models
+    from moedpo.train import batch_maker
+
+    register_schema()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(args.size, Path(tmp) / "model")
+        overrides = [f"model.name_or_path={Path(tmp) / 'model'}", "use_synthetic_data=false",
+                     "datasets=demo", f"per_device_train_batch_size={args.batch}",
+                     "max_length=256", "max_prompt_length=128", "optimizer=AdamW",
+                     "model.policy_dtype=float32", "model.reference_dtype=float32",
+                     f"output_dir={tmp}", "dry_run=true"]
+        with initialize_config_module("moedpo.conf", version_base=None):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        backend = init_backend("cpu", 1, None, False)
+        tokenizer, policy, reference = load_models(cfg, backend)
+        data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
+        to_batch = batch_maker(cfg, tokenizer, backend, use_shared_prompt(cfg, False, policy))
+        optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+
+        def step(i: int) -> None:
+            pairs = data.train[i * args.batch:(i + 1) * args.batch]
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss(policy, reference, to_batch(pairs), cfg).loss.backward()
+            optimizer.step()
+
+        step(0)  # warm-up
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(1, args.steps + 1):
+                step(i)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / args.steps,
+             "share": e.self_cpu_time_total / total, "calls": e.count // args.steps}
+            for e in top]
+    lines = [f"{args.size} model, batch {args.batch}, defaults (shared prompt), per step: "
+             f"{total / 1e3 / args.steps:.0f} ms CPU self time, {100 * matmul / total:.0f}% "
+             "in matmul kernels", "", "| op | self ms/step | share | calls/step |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['op']} | {r['self_ms']:.1f} | {100 * r['share']:.1f}% | {r['calls']} |"
+              for r in rows]
+    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"size": args.size, "batch": args.batch,
+                                    "matmul_share": matmul / total,
+                                    "step_cpu_ms": total / 1e3 / args.steps, "top": rows},
+                                   indent=2) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
