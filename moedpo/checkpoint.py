@@ -31,7 +31,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -219,16 +221,19 @@ class Checkpointer:
                 fs.rm(entry, recursive=True)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> str:
+             trainer_state: dict[str, Any], rank_state: dict[str, Any] | None = None,
+             extra: dict[str, torch.nn.Module] | None = None) -> str:
         """`trainer_state` is shared (written by rank 0), `rank_state` is this rank's own
-        (with its RNG states, in `rank<R>.json`)."""
+        (with its RNG states, in `rank<R>.json`); `extra`: more models whose weights change
+        in training (a synced reference), saved under their names."""
         final, tmp = self.step_path(step), self.step_path(step, tmp=True)
         fs, _ = _fs(self.root)
         try:
             fs.makedirs(_fs(tmp)[1], exist_ok=True)
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp),
-                     planner=_save_planner(self.xla))
+            others = {k: get_model_state_dict(m) for k, m in (extra or {}).items()}
+            dcp.save({"model": model_sd, "optim": optim_sd, **others},
+                     storage_writer=_writer(tmp), planner=_save_planner(self.xla))
             with fs.open(f"{_fs(tmp)[1]}/rank{self.rank}.json", "w") as f:
                 json.dump({"rng": rng_state(), **(rank_state or {})}, f)
             self.barrier()  # every rank's files are in place before the marker
@@ -268,8 +273,9 @@ class Checkpointer:
         for step in self.complete_steps()[:-self.max_to_keep]:
             fs.rm(_fs(self.step_path(step))[1], recursive=True)
 
-    def load(self, path: str, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             extra: dict[str, torch.nn.Module] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore model and optimizer in place and this rank's RNG; return (trainer_state,
         this rank's state). Resume on as many ranks as saved."""
         fs, root = _fs(path)
@@ -291,12 +297,16 @@ class Checkpointer:
             raise CheckpointError(f"resume={path}: its state files are unreadable "
                                   f"({_first_line(err)})") from None
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        extra = extra or {}
+        state = {"model": model_sd, "optim": optim_sd,
+                 **{k: get_model_state_dict(m) for k, m in extra.items()}}
         try:
             dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"],
                            options=StateDictOptions(strict=True))
+            for key, other in extra.items():
+                set_model_state_dict(other, state[key], options=StateDictOptions(strict=True))
         except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
             n_params = sum(p.numel() for p in model.parameters())
             raise CheckpointError(
@@ -307,6 +317,7 @@ class Checkpointer:
         return trainer_state, rank_state
 
     def load_newest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, torch.nn.Module] | None = None,
                     ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
         """The newest complete checkpoint that loads (resume=auto): one that is torn (a
         truncated .distcp, a bad .metadata, an empty state file) is passed over with a
@@ -318,7 +329,7 @@ class Checkpointer:
         for step in reversed(steps):
             path = self.step_path(step)
             try:
-                trainer_state, rank_state = self.load(path, model, optimizer)
+                trainer_state, rank_state = self.load(path, model, optimizer, extra)
             except CheckpointError as err:
                 first_error = first_error or err
                 log.warning("cannot resume from %s (%s); trying the checkpoint before it",

@@ -21,7 +21,6 @@ MODEL_JSON_DIR = CONF_DIR / "models"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 DATASET_NAMES = ("hh", "shp", "os", "demo", "demo_chat")
-LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -91,9 +90,26 @@ class SchedConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "sigmoid"
+    # One name of moedpo.losses.LOSSES, or a list of them summed with `weights` (README
+    # "Losses"): e.g. [sigmoid, sft] with [1.0, 0.2] is Llama 3's DPO + NLL.
+    name: Any = "sigmoid"
+    weights: list[float] | None = None  # null: 1 for each name
+    # cDPO / rDPO / EXO / AOT / SimPO label noise e (exo_pair needs e > 0).
     label_smoothing: float = 0.0
+    # The DPO family with the reference log-ratios taken as 0 (no reference model).
     reference_free: bool = False
+    simpo_gamma: float = 0.5  # SimPO / AlphaPO target margin
+    cpo_alpha: float = 1.0  # CPO's NLL weight
+    alphapo_alpha: float = 0.25  # AlphaPO's reward shape (-> 0: SimPO)
+    dpop_lambda: float = 50.0  # DPO-Positive's penalty weight
+    rdpo_alpha: float = 0.01  # R-DPO's length penalty per token
+    discopop_tau: float = 0.05  # DiscoPOP's temperature
+    # f-DPO: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (with f_alpha).
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    # LD-DPO: a response's tokens past the pair's shorter length count ld_alpha in its
+    # log-prob (policy and reference); null: off (1).
+    ld_alpha: float | None = None
 
 
 @dataclass
@@ -147,6 +163,11 @@ class ReferenceConfig:
     cache_dir: str | None = None  # null: output_dir/reference_cache
     # FSDP2 only: keep the reference's shards in host memory between uses.
     cpu_offload: bool = False
+    # TR-DPO: every sync_every steps (0: never) the reference moves toward the policy,
+    # ref <- sync_alpha x policy + (1 - sync_alpha) x ref (1: a copy). TRL's 512 and 0.6
+    # are its defaults when on.
+    sync_every: int = 0
+    sync_alpha: float = 0.6
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 
 from .config import ConfigError, DPOConfig
 from .data.collate import SEGMENT_PROMPT
-from .loss import DPOOutput, SequenceLogps, dpo_loss, sequence_logps, sequence_logps_from_tokens
+from .logps import SequenceLogps, sequence_logps, sequence_logps_from_tokens
+from .losses import DPOOutput, LossOptions, loss_names, preference_loss
 from .metrics import MeanMetrics
 from .models import chunked_head
 from .models.moe import moe_top_k
@@ -42,7 +43,7 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     use_cache=False, **extra)
     to_sums = sequence_logps_from_tokens if chunked else sequence_logps
-    return (to_sums(out.logits, batch["labels"], label_pad, layout),
+    return (to_sums(out.logits, batch["labels"], label_pad, layout, batch.get("token_weights")),
             record if with_router else None)
 
 
@@ -147,6 +148,23 @@ def router_token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return batch["attention_mask"] * (1 + (segments == SEGMENT_PROMPT).long())
 
 
+def loss_terms(cfg: DPOConfig) -> tuple[list[str], list[float]]:
+    """(names, weights) of the configured losses; aux_nll_loss_coef > 0, the original's NLL
+    term, is an `sft` term of that weight."""
+    names = loss_names(cfg.loss.name)
+    given = cfg.loss.weights
+    weights = list(given) if given is not None else [1.0] * len(names)
+    if cfg.aux_nll_loss_coef > 0:
+        names, weights = [*names, "sft"], [*weights, cfg.aux_nll_loss_coef]
+    return names, weights
+
+
+def loss_options(cfg: DPOConfig) -> LossOptions:
+    c = cfg.loss
+    return LossOptions(cfg.beta, c.label_smoothing, c.simpo_gamma, c.cpo_alpha,
+                       c.alphapo_alpha, c.dpop_lambda, c.rdpo_alpha, c.discopop_tau)
+
+
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                batch: dict[str, torch.Tensor], cfg: DPOConfig) -> DPOOutput:
     # The reference runs first: its forward's temporaries are gone before the policy's
@@ -161,8 +179,8 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
     if "reference_logps" in batch:  # precomputed (reference.precompute=true)
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))
-    out = dpo_loss(policy_logps, reference_logps, cfg.beta, cfg.loss.name,
-                   cfg.loss.label_smoothing, cfg.aux_nll_loss_coef)
+    out = preference_loss(policy_logps, reference_logps, *loss_terms(cfg), loss_options(cfg),
+                          cfg.loss.f_divergence, cfg.loss.f_alpha)
     if routers is not None and routers.logits:
         m = cfg.model
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import restore_weights
 from .config import ConfigError, DPOConfig
+from .losses import loss_names, needs_reference
 from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
 from .parallel import fsdp, spmd
 from .parallel.backend import Backend
@@ -39,9 +40,11 @@ def load_models(cfg: DPOConfig, backend: Backend):
     weightless, then each process fills only its own shards (README "Loading at scale")."""
     tokenizer = load_tokenizer(cfg.model)
     meta = use_meta_init(cfg, backend)
-    policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta)
+    # No loss reads the reference (SimPO, ORPO, reference-free DPO...): none is built.
+    with_reference = needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)
+    policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta,
+                                     with_reference=with_reference)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
-    reference = None if cfg.loss.reference_free else reference
     models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
     if not meta:
         if cfg.checkpoint_manager_path:

@@ -114,7 +114,7 @@ def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, devices: int =
         "moe": [m.moe_implementation, m.capacity_factor, m.capacity_rounding,
                 m.moe_ignore_padding],
         "pad_to": pad_to, "label_pad_token_id": cfg.label_pad_token_id,
-        "full_precision": cfg.full_precision,
+        "full_precision": cfg.full_precision, "ld_alpha": cfg.loss.ld_alpha,
     }
 
 

@@ -36,6 +36,7 @@ from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
+from .reference_sync import sync_reference
 from .validate import validate
 
 log = logging.getLogger("moedpo")
@@ -85,7 +86,8 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend,
                           "run (see the line above, or data.share_prompt=false); set "
                           "data.packing=false")
     max_tokens = (cfg.data.max_tokens_per_row or 2 * cfg.max_length) if cfg.data.packing else 0
-    to_rows = partial(collate_shared, max_tokens=max_tokens) if shared else collate
+    to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha)
+               if shared else partial(collate, ld_alpha=cfg.loss.ld_alpha))
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
@@ -102,7 +104,11 @@ def run(cfg: DPOConfig) -> RunResult:
                            cfg.local_compile_cache_dir, cfg.full_precision)
     try:
         with run_dir_lib.RunLock(cfg.run_dir, backend):
-            return train(cfg, backend)
+            result = train(cfg, backend)
+        # Ranks leave together: none tears its process group down while another may still
+        # be exchanging with it (a gloo peer gone mid-exchange aborts the other process).
+        backend.barrier()
+        return result
     finally:
         shutdown(backend)
 
@@ -143,16 +149,19 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
     stream_state = None
+    # TR-DPO's reference changes in training: its weights go into checkpoints too.
+    synced = {"reference": reference} if cfg.reference.sync_every else {}
     if resume_from:
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
-            resume_from, state, own = checkpointer.load_newest(policy, optimizer)
+            resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
         else:
-            state, own = checkpointer.load(resume_from, policy, optimizer)
+            state, own = checkpointer.load(resume_from, policy, optimizer, synced)
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
         stream_state = state.get("data_stream")
         window = MeanMetrics.from_state(own["window"])
-        run_dir_lib.trim_metrics(run_dir, start_step)
+        if backend.is_main:  # one writer: ranks racing on the same file tear it
+            run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     steps = data.train_steps(cfg, step_size, start_step, stream_state)
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -164,7 +173,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                  "nonfinite": nonfinite, "config": settings}  # what a resume must match
         if data.stream is not None:  # where the streamed data is: read again up to there
             state["data_stream"] = data.stream.state()
-        path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()})
+        path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()},
+                                 synced)
         log.info("checkpoint written: %s", path)
         if backend.is_main:  # the metrics that go with it, where output_dir is a URL
             run_dir_lib.publish(cfg)
@@ -249,6 +259,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             with warnings.catch_warnings():  # torch warns when a skipped update precedes it
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
+            if synced and (step + 1) % cfg.reference.sync_every == 0:  # TR-DPO
+                sync_reference(reference, policy, cfg.reference.sync_alpha)
             window.seconds += time.perf_counter() - started
             if progress.enabled:  # this rank's window so far, no collective needed
                 progress.step({**window.means(),

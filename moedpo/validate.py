@@ -11,7 +11,6 @@ from pathlib import Path
 from .config import (
     DATASET_NAMES,
     DTYPES,
-    LOSS_NAMES,
     MOE_IMPLEMENTATIONS,
     OPTIMIZER_ALIASES,
     SCHEDULES,
@@ -23,6 +22,8 @@ from .config import (
     resolve_optimizer,
 )
 from .data.sources import is_hub_id
+from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference
+from .losses.divergence import F_DIVERGENCES
 
 
 def _check(ok: bool, message: str) -> None:
@@ -154,13 +155,7 @@ def validate(cfg: DPOConfig) -> None:
     _check(cfg.checkpoint.max_to_keep is None or cfg.checkpoint.max_to_keep >= 1,
            f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep}: must be >= 1 or null")
 
-    _check(cfg.loss.name in LOSS_NAMES,
-           f"loss.name={cfg.loss.name}: use one of {', '.join(LOSS_NAMES)}")
-    _check(0 <= cfg.loss.label_smoothing < 0.5,
-           f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
-    _check(not (cfg.reference.precompute and cfg.loss.reference_free),
-           "reference.precompute=true with loss.reference_free=true: reference-free DPO has no "
-           "reference to precompute; drop one of the two")
+    check_loss(cfg)
     _check(cfg.sched.name in SCHEDULES,
            f"sched.name={cfg.sched.name}: use one of {', '.join(SCHEDULES)} (or sched=NAME)")
     _check(cfg.sched.warmup_steps >= 0,
@@ -267,3 +262,57 @@ def validate(cfg: DPOConfig) -> None:
                f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")
         _check(folder is None or Path(folder).expanduser().is_dir(),
                f"dataset_dir.{name}={folder}: no such folder")
+
+
+def check_loss(cfg: DPOConfig) -> None:
+    """loss.*: names in the registry, weights that match them, options in range, and the
+    combinations that cannot work (README "Losses")."""
+    loss = cfg.loss
+    names = loss_names(loss.name)
+    _check(bool(names), "loss.name is empty: give one loss name or a list of them")
+    for name in names:
+        _check(name in LOSSES, f"loss.name={name}: unknown loss; use one of "
+               f"{', '.join(LOSSES)}")
+    _check(len(set(names)) == len(names), f"loss.name={names}: a loss is named twice")
+    if loss.weights is not None:
+        _check(len(loss.weights) == len(names),
+               f"loss.weights={list(loss.weights)}: {len(loss.weights)} weights for "
+               f"{len(names)} losses {names}; give one weight per name")
+        _check(all(math.isfinite(w) and w >= 0 for w in loss.weights),
+               f"loss.weights={list(loss.weights)}: weights must be finite and >= 0")
+    _check(not (cfg.aux_nll_loss_coef > 0 and "sft" in names),
+           f"aux_nll_loss_coef={cfg.aux_nll_loss_coef} with sft in loss.name: both add the "
+           "NLL term; keep one (loss.weights sets the sft weight)")
+    _check(0 <= loss.label_smoothing < 0.5,
+           f"loss.label_smoothing={loss.label_smoothing}: must be in [0, 0.5)")
+    _check("exo_pair" not in names or loss.label_smoothing > 0,
+           "loss.name=exo_pair needs loss.label_smoothing > 0 (its target is (1 - e, e); "
+           "the EXO paper uses 1e-3)")
+    _check(loss.f_divergence in F_DIVERGENCES,
+           f"loss.f_divergence={loss.f_divergence}: use one of {', '.join(F_DIVERGENCES)}")
+    off = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+    _check(loss.f_divergence == "reverse_kl" or not off,
+           f"loss.f_divergence={loss.f_divergence} does not apply to {', '.join(off)}: it "
+           f"scores the log-ratios of {', '.join(sorted(F_DIVERGENCE_LOSSES))}; use "
+           "reverse_kl with these")
+    _check(loss.alphapo_alpha != 0, "loss.alphapo_alpha=0 is SimPO: use loss.name=simpo")
+    _check(loss.ld_alpha is None or 0 <= loss.ld_alpha <= 1,
+           f"loss.ld_alpha={loss.ld_alpha}: must be in [0, 1] (1: plain DPO) or null")
+    _check(loss.discopop_tau > 0, f"loss.discopop_tau={loss.discopop_tau}: must be > 0")
+    for key in ("cpo_alpha", "dpop_lambda"):
+        _check(getattr(loss, key) >= 0, f"loss.{key}={getattr(loss, key)}: must be >= 0")
+    reference = needs_reference(names, loss.reference_free)
+    sync = cfg.reference.sync_every
+    _check(sync >= 0, f"reference.sync_every={sync}: must be >= 0 (0: never)")
+    _check(0 < cfg.reference.sync_alpha <= 1,
+           f"reference.sync_alpha={cfg.reference.sync_alpha}: must be in (0, 1]")
+    _check(not (sync and cfg.reference.precompute),
+           f"reference.sync_every={sync} with reference.precompute=true: precomputed "
+           "log-probs are of the starting reference; drop one of the two")
+    _check(not (sync and not reference),
+           f"reference.sync_every={sync} with loss.name={names}: these losses read no "
+           "reference to update; set reference.sync_every=0")
+    _check(not (cfg.reference.precompute and not reference),
+           f"reference.precompute=true with loss.name={names}"
+           f"{' and loss.reference_free=true' if loss.reference_free else ''}: these losses "
+           "read no reference, so there is nothing to precompute; drop reference.precompute")

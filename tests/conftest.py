@@ -30,6 +30,8 @@ def _own_data_cache(tmp_path_factory):
     import os
 
     os.environ["MOEDPO_CACHE"] = str(tmp_path_factory.mktemp("moedpo-cache"))
+    # A run that dies of a fatal signal (SIGABRT, SIGSEGV) prints its Python stacks.
+    os.environ["PYTHONFAULTHANDLER"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("examples_per_second", "tokens_per_second")
 
@@ -200,19 +202,23 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
 
 
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+def final_weights(ckpt_dir: Path, prefixes: tuple[str, ...] = ("model.",)
+                  ) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's tensors under `prefixes` (the policy's: `model.`)."""
     (step_dir,) = sorted(ckpt_dir.glob("step_*"))[-1:]
     reader = dcp.FileSystemReader(str(step_dir))
     metadata = reader.read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+             for k, m in metadata.state_dict_metadata.items() if k.startswith(prefixes)}
     dcp.load(state, storage_reader=reader)
     return state
 
 
 def run_ok(cmd: list[str]) -> None:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (f"exit {done.returncode}\n--- stdout (end) ---\n"
+                                  f"{done.stdout[-2500:]}\n--- stderr (end) ---\n"
+                                  f"{done.stderr[-4000:]}")
 
 
 def routing_tolerance(row: dict, split: str, flips: int) -> float:

@@ -74,7 +74,8 @@ def test_collate_carries_reference_in_row_order():
 
 
 def test_precompute_conflicts_with_reference_free(make_cfg):
-    with pytest.raises(ConfigError, match="reference.precompute=true with loss.reference_free"):
+    with pytest.raises(ConfigError,
+                       match="reference.precompute=true with loss.name=.* and loss.reference_free"):
         validate(make_cfg("reference.precompute=true", "loss.reference_free=true"))
 
 

@@ -123,9 +123,14 @@ def training_stream(cfg: DPOConfig, tokenizer, bundle: DataBundle,
                 yield row, origin, parse
 
     def tokenize(pairs: list[Pair], skipped: SkipLog) -> list[TokenizedPair]:
-        return tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                              cfg.truncation_mode, skipped, bundle.tokenized, add_bos,
-                              cfg.data.skip_identical)
+        chunk = TokenizeStats()
+        out = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                             cfg.truncation_mode, skipped, chunk, add_bos,
+                             cfg.data.skip_identical)
+        # Counts only: a stream has no end, and three lengths a pair would grow without one.
+        chunk.lengths = {key: [] for key in chunk.lengths}
+        bundle.tokenized.merge(chunk)
+        return out
     return PairStream(open_rows, tokenize, cfg.seed, cfg.data.shuffle_buffer if cfg.shuffle
                       else 1, bundle.skipped)
 

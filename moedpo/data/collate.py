@@ -7,6 +7,9 @@ carrying precomputed reference log-probs add `reference_logps` [2B], in the same
 
 `collate_shared` (data.share_prompt): one row per pair, the prompt once and both responses
 after it, each response attending only to the prompt and itself (see `SEGMENT_*`).
+
+With `ld_alpha` (LD-DPO, loss.ld_alpha) both add `token_weights`, aligned with `labels`: 1 on
+a response's first min(|chosen|, |rejected|) tokens, ld_alpha on the rest of the longer one.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def _reference_logps(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
 PadTo = int | Sequence[int] | None
 
 
+def ld_weights(n: int, shared: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's weights of a response's n tokens: 1 up to the pair's shorter length, then
+    ld_alpha (arXiv 2409.06411: the verbose tail counts less)."""
+    weights = torch.full((n,), float(ld_alpha))
+    weights[:shared] = 1.0
+    return weights
+
+
 def _padded_length(longest: int, pad_to: PadTo) -> int:
     """None: the longest sequence; an int: exactly that; lengths: the shortest that fits."""
     if pad_to is None:
@@ -43,18 +54,25 @@ def _padded_length(longest: int, pad_to: PadTo) -> int:
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
-            pad_to: PadTo = None) -> dict[str, torch.Tensor]:
+            pad_to: PadTo = None, ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
     sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     length = _padded_length(max(len(prompt) + len(resp) for prompt, resp in sequences), pad_to)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), length), label_pad, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    weights = torch.zeros((len(sequences), length))
     for row, (prompt, response) in enumerate(sequences):
         n_prompt, n = len(prompt), len(prompt) + len(response)
         input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
         labels[row, n_prompt:n] = input_ids[row, n_prompt:n]
         attention_mask[row, :n] = 1
+        if ld_alpha is not None:
+            pair = pairs[row % len(pairs)]
+            shared = min(len(pair.chosen), len(pair.rejected))
+            weights[row, n_prompt:n] = ld_weights(len(response), shared, ld_alpha)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if ld_alpha is not None:
+        batch["token_weights"] = weights
     return {**batch, **_reference_logps(pairs)}
 
 
@@ -84,7 +102,8 @@ def pack_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
-                   pad_to: PadTo = None, max_tokens: int = 0) -> dict[str, torch.Tensor]:
+                   pad_to: PadTo = None, max_tokens: int = 0,
+                   ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """Rows of shared-prompt blocks `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`,
     one pair per row, or with `max_tokens` (data.packing) as many as fit in that many tokens.
     Each token keeps the position id it has in its own unshared sequence; `segments` and
@@ -104,11 +123,13 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
     pair_ids = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     pair_rows = torch.zeros(len(pairs), dtype=torch.long)
+    weights = torch.zeros(shape)
     for row, members in enumerate(rows):
         start = 0
         for i in members:
             pair_rows[i] = row
             n_shared = len(blocks[i][0][1])
+            shorter = min(len(pairs[i].chosen), len(pairs[i].rejected))
             for segment, tokens in blocks[i]:
                 end = start + len(tokens)
                 input_ids[row, start:end] = torch.tensor(tokens, dtype=torch.long)
@@ -118,8 +139,13 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
                 position_ids[row, start:end] = torch.arange(offset, offset + len(tokens))
                 if segment != SEGMENT_PROMPT:  # the response; its first token is the prompt's
                     labels[row, start + 1:end] = input_ids[row, start + 1:end]
+                    if ld_alpha is not None:
+                        weights[row, start + 1:end] = ld_weights(end - start - 1, shorter,
+                                                                 ld_alpha)
                 start = end
     batch = {"input_ids": input_ids, "attention_mask": (segments != SEGMENT_PAD).long(),
              "labels": labels, "position_ids": position_ids, "segments": segments,
              "pair_ids": pair_ids, "pair_rows": pair_rows}
+    if ld_alpha is not None:
+        batch["token_weights"] = weights
     return {**batch, **_reference_logps(pairs)}

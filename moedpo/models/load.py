@@ -137,13 +137,15 @@ def own_storage(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
-                 on_meta: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+                 on_meta: bool = False, with_reference: bool = True
+                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """(policy, reference) with identical starting weights, on the CPU; the policy's
     parameters in its storage dtype (float32 under mixed precision), the reference's in
     `model.reference_dtype`. `for_xla` rules out
     MoE implementations whose shapes depend on the routing, and uses eager attention (HF's
     sdpa path reads the attention mask on the host to choose a kernel, a sync that splits
-    the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding."""
+    the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding. Without
+    `with_reference` (losses that read none) the reference is None: never copied."""
     model = initial_model(cfg, seed, for_xla, on_meta)
     if on_meta and getattr(model.config, "tie_word_embeddings", False):
         raise ModelLoadError(
@@ -158,13 +160,16 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                  f" (capacity_factor {cfg.capacity_factor}, {cfg.capacity_rounding})"
                  if moe == "dropped" else "")
     # Parameters only: buffers (rotary inv_freq) stay float32, as from_pretrained leaves them.
-    reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
-    reference.eval().requires_grad_(False)
+    reference = None
+    if with_reference:
+        reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
+        reference.eval().requires_grad_(False)
     # A mixed-precision policy keeps float32 masters (models/precision.py).
     policy = cast_parameters(model, storage_dtype(cfg)).train()
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
-            chunked_head.enable(each, cfg.logps_chunk_size)
+            if each is not None:
+                chunked_head.enable(each, cfg.logps_chunk_size)
     return policy, reference
 
 

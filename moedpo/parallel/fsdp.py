@@ -10,6 +10,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -40,3 +41,13 @@ def load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor] 
     # A copy: the call puts the sharded values back into the dict it is given.
     set_model_state_dict(model, dict(full_state or {}), options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True, strict=True))
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 module's registered parameters back to their sharded DTensors. A module
+    whose forward ran without a backward (the root of the no-grad reference) keeps its
+    unsharded ones until its next forward; code that pairs two models' parameters shard by
+    shard (reference_sync) needs both sharded. A no-op on a model FSDP2 did not wrap."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

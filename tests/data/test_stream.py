@@ -90,3 +90,19 @@ def test_takes_are_endless(tokenizer):
     stream = make_stream(tokenizer, chat_rows("train", 5), buffer=1)
     got = list(itertools.chain.from_iterable(stream.take(3) for _ in range(5)))
     assert ids(got) == ids(got[:5]) * 3  # buffer 1: file order, epoch after epoch
+
+
+def test_streamed_pairs_are_counted_not_kept(make_cfg, tokenizer):
+    """A stream has no end: its truncation counts grow, its per-pair lengths are not kept."""
+    from moedpo.data import build_data
+
+    cfg = make_cfg(*tiny_train_overrides(), "data.streaming=true", "max_length=40",
+                   "max_prompt_length=20")
+    data = build_data(cfg, tokenizer, vocab_size=len(tokenizer))
+    kept = {k: len(v) for k, v in data.tokenized.lengths.items()}
+    cut = sum(data.tokenized.counts.values())
+    steps = data.train_steps(cfg, step_size=4)
+    for _ in range(30):  # 120 pairs: three epochs of the demo's 40
+        next(steps)
+    assert {k: len(v) for k, v in data.tokenized.lengths.items()} == kept
+    assert sum(data.tokenized.counts.values()) > cut

@@ -5,8 +5,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from conftest import ROOT, assert_same_run, assert_same_update, run_ok, wait_for
+from conftest import ROOT, assert_same_run, assert_same_update, final_weights, run_ok, wait_for
 from moedpo.checkpoint import COMPLETE, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
@@ -57,10 +58,16 @@ def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
 
 
 def test_two_rank_kill_and_resume(tmp_path):
+    """With TR-DPO's hard sync every 2 steps: the sharded reference is the policy at each
+    checkpoint, and a resumed run reads it back (or it would train against the old one)."""
     args = [*COMMON, "max_steps=8", "dry_run=false", "per_device_train_batch_size=4",
             "gradient_accumulation_steps=2", "checkpoint.save_frequency=2",
-            f"output_dir={tmp_path}"]
+            "reference.sync_every=2", "reference.sync_alpha=1.0", f"output_dir={tmp_path}"]
     run_ok(torchrun(*args, "exp_name=straight"))
+    saved = final_weights(tmp_path / "straight" / "checkpoints", ("model.", "reference."))
+    policy = {k: v for k, v in saved.items() if k.startswith("model.")}
+    assert policy and all(torch.equal(v, saved["reference." + k.removeprefix("model.")])
+                          for k, v in policy.items())
     cmd = torchrun(*args, "exp_name=killed")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(tmp_path / "killed" / "checkpoints" / "step_00000004" / COMPLETE, proc, 300)

@@ -1,0 +1,201 @@
+"""Each loss against a float64 hand formula written from its paper with the math module, on
+random log-probs; its closed form at step 0 (policy == reference); weighted sums."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from moedpo.logps import SequenceLogps
+from moedpo.losses import LOSSES, LossOptions, preference_loss
+
+OPTS = LossOptions(beta=0.3, label_smoothing=0.15, simpo_gamma=0.4, cpo_alpha=0.7,
+                   alphapo_alpha=0.3, dpop_lambda=5.0, rdpo_alpha=0.02, discopop_tau=0.05)
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+def hand_pair(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> float:
+    """One pair's loss from scalars, formulas as in each paper (moedpo.losses docstrings)."""
+    b, e = o.beta, o.label_smoothing
+    hc, hr = pc - rc, pr - rr
+    d = hc - hr
+    mc, mr = pc / nc, pr / nr
+    nll = -mc
+    formulas = {
+        "sigmoid": lambda: -(1 - e) * logsig(b * d) - e * logsig(-b * d),
+        "sigmoid_norm": lambda: -logsig(b * (hc / nc - hr / nr)),
+        "robust": lambda: (-(1 - e) * logsig(b * d) + e * logsig(-b * d)) / (1 - 2 * e),
+        "hinge": lambda: max(0.0, 1 - b * d),
+        "ipo": lambda: (hc / nc - hr / nr - 1 / (2 * b)) ** 2,
+        "exo_pair": lambda: (sig(b * d) * (logsig(b * d) - math.log(1 - e))
+                             + sig(-b * d) * (logsig(-b * d) - math.log(e))),
+        "discopop": lambda: ((1 - sig(b * d / o.discopop_tau)) * -logsig(b * d)
+                             + sig(b * d / o.discopop_tau) * math.exp(-b * d)),
+        "dpop": lambda: -logsig(b * (d - o.dpop_lambda * max(0.0, rc - pc))),
+        "rdpo": lambda: -logsig(b * d - o.rdpo_alpha * (nc - nr)),
+        "nca_pair": lambda: -logsig(b * hc) - 0.5 * logsig(-b * hc) - 0.5 * logsig(-b * hr),
+        "bco_pair": lambda: -logsig(b * hc) - logsig(-b * hr),
+        "sppo_hard": lambda: (hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2,
+        "apo_zero": lambda: 1 - sig(b * hc) + sig(b * hr),
+        "apo_down": lambda: sig(b * hc) + 1 - sig(b * (hc - hr)),
+        "cal_dpo": lambda: -logsig(d) + (hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2,
+        "simpo": lambda: (-(1 - e) * logsig(b * (mc - mr) - o.simpo_gamma)
+                          - e * logsig(-(b * (mc - mr) - o.simpo_gamma))),
+        "cpo": lambda: (-(1 - e) * logsig(b * (pc - pr)) - e * logsig(-b * (pc - pr))
+                        + o.cpo_alpha * nll),
+        "alphapo": lambda: _alphapo(mc, mr, o),
+        "orpo": lambda: nll - b * logsig(
+            (mc - mr) - (math.log(1 - math.exp(mc)) - math.log(1 - math.exp(mr)))),
+        "sft": lambda: nll,
+    }
+    return formulas[name]()
+
+
+def hand(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> list[float]:
+    """Per-pair losses of a batch; AOT's are batch statistics: sorted, matched by rank."""
+    b, e = o.beta, o.label_smoothing
+    if name in ("aot", "aot_unpaired"):
+        pairs = range(len(pc))
+        if name == "aot":
+            x = sorted(pc[i] - pr[i] for i in pairs)
+            y = sorted(rc[i] - rr[i] for i in pairs)
+        else:
+            x = sorted(pc[i] - rc[i] for i in pairs)
+            y = sorted(pr[i] - rr[i] for i in pairs)
+        return [-(1 - e) * logsig(b * (u - w)) - e * logsig(-b * (u - w))
+                for u, w in zip(x, y, strict=True)]
+    return [hand_pair(name, *values, o) for values in zip(pc, pr, rc, rr, nc, nr, strict=True)]
+
+
+def _alphapo(mc: float, mr: float, o: LossOptions) -> float:
+    a = o.alphapo_alpha
+    r_c, r_r = (1 - math.exp(mc) ** -a) / a, (1 - math.exp(mr) ** -a) / a
+    z = o.beta * (r_c - r_r) - o.simpo_gamma
+    return -(1 - o.label_smoothing) * logsig(z) - o.label_smoothing * logsig(-z)
+
+
+def random_batch(seed: int, pairs: int = 6):
+    rng = random.Random(seed)
+    nc = [float(rng.randint(1, 40)) for _ in range(pairs)]
+    nr = [float(rng.randint(1, 40)) for _ in range(pairs)]
+    # Log-probs of real responses: about -0.5 to -3 nats a token; the reference near.
+    pc = [-n * rng.uniform(0.5, 3) for n in nc]
+    pr = [-n * rng.uniform(0.5, 3) for n in nr]
+    rc = [v + rng.uniform(-3, 3) for v in pc]
+    rr = [v + rng.uniform(-3, 3) for v in pr]
+    return pc, pr, rc, rr, nc, nr
+
+
+def seq(chosen, rejected, nc, nr) -> SequenceLogps:
+    return SequenceLogps(torch.tensor(chosen + rejected, dtype=torch.double),
+                         torch.tensor(nc + nr, dtype=torch.double),
+                         torch.zeros(2 * len(chosen), dtype=torch.double))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_loss_equals_its_hand_formula(name, seed):
+    pc, pr, rc, rr, nc, nr = random_batch(seed)
+    reference = seq(rc, rr, nc, nr) if LOSSES[name].reference else None
+    if reference is None:
+        rc, rr = [0.0] * len(pc), [0.0] * len(pr)
+    out = preference_loss(seq(pc, pr, nc, nr), reference, [name], None, OPTS)
+    expected = hand(name, pc, pr, rc, rr, nc, nr, OPTS)
+    assert len(expected) == len(pc)
+    torch.testing.assert_close(out.metrics["loss"], torch.tensor(expected, dtype=torch.double),
+                               rtol=1e-12, atol=1e-12)
+    assert out.loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+
+# Step 0: policy == reference, beta 0.1 (the issue's table; reference-free losses excluded).
+AT_START = {"sigmoid": math.log(2), "robust": math.log(2), "sigmoid_norm": math.log(2),
+            "dpop": math.log(2), "rdpo": None, "ipo": 25.0, "hinge": 1.0, "apo_zero": 1.0,
+            "apo_down": 1.0, "nca_pair": 2 * math.log(2), "sppo_hard": 50.0,
+            "bco_pair": 2 * math.log(2), "cal_dpo": math.log(2) + 50.0,
+            "aot": math.log(2), "aot_unpaired": math.log(2), "discopop": None,
+            "exo_pair": None}
+
+
+@pytest.mark.parametrize("name", [n for n, v in AT_START.items() if v is not None])
+def test_value_at_step_zero(name):
+    pc, pr, _, _, nc, nr = random_batch(3)
+    policy = seq(pc, pr, nc, nr)
+    out = preference_loss(policy, policy, [name], None, LossOptions(beta=0.1))
+    torch.testing.assert_close(out.metrics["loss"],
+                               torch.full((len(pc),), AT_START[name], dtype=torch.double))
+    assert out.metrics["rewards/margins"].abs().max() == 0
+
+
+def test_discopop_at_step_zero_blends_half_and_half():
+    """m = sigma(0) = 1/2: (ln 2 + e^0) / 2."""
+    pc, pr, _, _, nc, nr = random_batch(4)
+    policy = seq(pc, pr, nc, nr)
+    out = preference_loss(policy, policy, ["discopop"], None, LossOptions(beta=0.1))
+    assert out.loss.item() == pytest.approx((math.log(2) + 1) / 2)
+
+
+def test_weighted_sum_of_losses_and_their_terms():
+    pc, pr, rc, rr, nc, nr = random_batch(5)
+    policy, reference = seq(pc, pr, nc, nr), seq(rc, rr, nc, nr)
+    out = preference_loss(policy, reference, ["sigmoid", "sft"], [1.0, 0.2], OPTS)
+    dpo = hand("sigmoid", pc, pr, rc, rr, nc, nr, OPTS)
+    nll = [-pc[i] / nc[i] for i in range(len(pc))]
+    total = sum(d + 0.2 * n for d, n in zip(dpo, nll, strict=True))
+    assert out.loss.item() == pytest.approx(total / 6)
+    torch.testing.assert_close(out.metrics["loss/sft"], torch.tensor(nll, dtype=torch.double))
+    torch.testing.assert_close(out.metrics["loss/sigmoid"],
+                               torch.tensor(dpo, dtype=torch.double))
+
+
+def test_gradients_reach_only_the_policy_through_each_loss():
+    pc, pr, rc, rr, nc, nr = random_batch(6)
+    for name, spec in LOSSES.items():
+        logps = torch.tensor(pc + pr, dtype=torch.double, requires_grad=True)
+        policy = SequenceLogps(logps, torch.tensor(nc + nr, dtype=torch.double),
+                               torch.zeros(12, dtype=torch.double))
+        reference = seq(rc, rr, nc, nr) if spec.reference else None
+        preference_loss(policy, reference, [name], None, OPTS).loss.backward()
+        assert torch.isfinite(logps.grad).all() and logps.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_scores_replace_the_log_ratios(kind):
+    """f-DPO: sigmoid of beta (f'(t_c) - f'(t_r)), t = pi / pi_ref, f' by hand."""
+    pc, pr, rc, rr, nc, nr = random_batch(7)
+    a = 0.3
+    fprime = {"forward_kl": lambda h: 1 - math.exp(-h),
+              "js_divergence": lambda h: math.log(2 * math.exp(h) / (1 + math.exp(h))),
+              "alpha_divergence": lambda h: (math.exp(h) ** (a - 1) - 1) / (a - 1)}[kind]
+    out = preference_loss(seq(pc, pr, nc, nr), seq(rc, rr, nc, nr), ["sigmoid"], None,
+                          LossOptions(beta=0.3), f_divergence=kind, f_alpha=a)
+    expected = [-logsig(0.3 * (fprime(pc[i] - rc[i]) - fprime(pr[i] - rr[i])))
+                for i in range(6)]
+    torch.testing.assert_close(out.metrics["loss"], torch.tensor(expected, dtype=torch.double))
+
+
+def test_rewards_accuracy_is_strict_and_reference_free_uses_zero():
+    policy = seq([-1.0, -2.0], [-2.0, -2.0], [1.0, 1.0], [1.0, 1.0])
+    ref = seq([-1.5, -2.0], [-1.5, -2.0], [1.0, 1.0], [1.0, 1.0])
+    out = preference_loss(policy, ref, ["sigmoid"], None, LossOptions(beta=0.1))
+    assert out.metrics["rewards/chosen"].tolist() == pytest.approx([0.05, 0.0])
+    assert out.metrics["rewards/accuracies"].tolist() == [1.0, 0.0]  # a tie is not a win
+    free = preference_loss(policy, None, ["sigmoid"], None, LossOptions(beta=0.1))
+    assert free.loss.item() == pytest.approx(-(logsig(0.1) + logsig(0.0)) / 2)
+
+
+def test_ipo_rewards_are_of_sums_while_the_loss_sees_means():
+    policy = seq([-4.0, -2.0], [-6.0, -2.0], [2.0, 1.0], [3.0, 1.0])
+    ref = seq([0.0, 0.0], [0.0, 0.0], [2.0, 1.0], [3.0, 1.0])
+    out = preference_loss(policy, ref, ["ipo"], None, LossOptions(beta=0.5))
+    # pair 0: (-4/2) - (-6/3) = 0 -> (0 - 1)^2; pair 1: 0 -> 1
+    assert out.loss.item() == pytest.approx(1.0)
+    assert out.metrics["rewards/chosen"].tolist() == [-2.0, -1.0]
+    assert out.metrics["rewards/margins"].tolist() == [1.0, 0.0]

@@ -1,0 +1,90 @@
+"""LD-DPO (loss.ld_alpha): each response's log-prob counts its tokens past the pair's shorter
+length ld_alpha times; the same sums in every row layout, and TRL's reading of the rule."""
+
+import pytest
+import torch
+
+from conftest import random_pairs
+from moedpo.config import ModelConfig
+from moedpo.data.collate import collate, collate_shared
+from moedpo.evaluate import batch_logps
+from moedpo.models.load import build_models
+
+ALPHA = 0.3
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, _ = build_models(ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32"),
+                            seed=2, with_reference=False)
+    return model.eval()
+
+
+def by_hand(model, pairs) -> torch.Tensor:
+    """One unpadded sequence at a time, float64: sum of the first min(|c|, |r|) response
+    token log-probs plus ALPHA x the rest."""
+    sums = []
+    for response_of in (lambda p: p.chosen, lambda p: p.rejected):
+        for p in pairs:
+            shorter = min(len(p.chosen), len(p.rejected))
+            ids = torch.tensor([p.prompt + response_of(p)])
+            with torch.no_grad():
+                logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            terms = [logprobs[t - 1, ids[0, t]] for t in range(len(p.prompt), ids.shape[1])]
+            sums.append(float(sum(terms[:shorter]) + ALPHA * sum(terms[shorter:])))
+    return torch.tensor(sums, dtype=torch.double)
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared", "packed"])
+def test_weighted_sums_equal_hand_computation(policy, layout):
+    pairs = random_pairs(5, seed=3)
+    if layout == "plain":
+        batch = collate(pairs, pad_id=1, ld_alpha=ALPHA)
+    else:
+        batch = collate_shared(pairs, pad_id=1, ld_alpha=ALPHA,
+                               max_tokens=60 if layout == "packed" else 0)
+    got, _ = batch_logps(policy, batch, -100)
+    torch.testing.assert_close(got.logps.double(), by_hand(policy, pairs), rtol=1e-5, atol=1e-4)
+    unweighted, _ = batch_logps(policy, {k: v for k, v in batch.items()
+                                         if k != "token_weights"}, -100)
+    longer = [max(len(p.chosen), len(p.rejected)) > min(len(p.chosen), len(p.rejected))
+              for p in pairs]
+    assert any(longer)  # some tails were down-weighted, so the sums differ there
+    assert not torch.allclose(got.logps, unweighted.logps)
+    assert torch.equal(got.n_tokens, unweighted.n_tokens)  # lengths stay whole
+
+
+def test_alpha_one_is_plain_dpo(policy):
+    pairs = random_pairs(4, seed=4)
+    plain, _ = batch_logps(policy, collate(pairs, pad_id=1), -100)
+    one, _ = batch_logps(policy, collate(pairs, pad_id=1, ld_alpha=1.0), -100)
+    torch.testing.assert_close(one.logps, plain.logps)
+
+
+def test_trl_reads_the_rule_the_same_way():
+    """TRL 1.16's DPOTrainer with ld_alpha, fed per-token log-probs, gives the loss of the
+    sums weighted as above."""
+    pytest.importorskip("trl")
+    from test_trl_parity import B, T, trl_loss
+
+    from moedpo.logps import SequenceLogps
+    from moedpo.losses import LossOptions, preference_loss
+
+    g = torch.Generator().manual_seed(9)
+    lengths = torch.randint(2, T - 3, (2 * B,), generator=g)
+    completion = torch.zeros(2 * B, T, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        completion[i, T - n:] = 1
+    per_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.double) * completion[:, 1:]
+    ref_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.double) * completion[:, 1:]
+    shorter = torch.minimum(lengths[:B], lengths[B:]).repeat(2)
+    position = completion[:, 1:].cumsum(1)  # 1-based index within the response
+    weights = torch.where(position <= shorter[:, None], 1.0, ALPHA).double()
+    sums = (per_token * weights).sum(1)
+    ref_sums = (ref_token * weights).sum(1)
+
+    expected = trl_loss("sigmoid", completion, per_token, ref_sums, 0.2, 0.0, ld_alpha=ALPHA)
+    policy = SequenceLogps(sums, lengths.double(), torch.zeros(2 * B, dtype=torch.double))
+    reference = SequenceLogps(ref_sums, lengths.double(), torch.zeros(2 * B, dtype=torch.double))
+    got = preference_loss(policy, reference, ["sigmoid"], None, LossOptions(beta=0.2))
+    assert got.loss.item() == pytest.approx(expected, rel=1e-9)
