@@ -110,6 +110,8 @@ class LossConfig:
     # LD-DPO: a response's tokens past the pair's shorter length count ld_alpha in its
     # log-prob (policy and reference); null: off (1).
     ld_alpha: float | None = None
+    # WPO: each pair's loss weighted by how likely the policy is to produce its responses.
+    use_weighting: bool = False
 
 
 @dataclass

@@ -21,10 +21,11 @@ from .models.router import RouterRecord, record_router_logits, router_losses
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pad: int,
-                with_router: bool = False) -> tuple[SequenceLogps, RouterRecord | None]:
-    """One forward over chosen and rejected together; the routers' record when asked (MoE).
-    With a chunked head (model.logps_chunk_size) the model returns token log-probs, never
-    the full logits."""
+                with_router: bool = False, wpo: bool = False
+                ) -> tuple[SequenceLogps, RouterRecord | None]:
+    """One forward over chosen and rejected together; the routers' record when asked (MoE);
+    WPO's weights with `wpo`. With a chunked head (model.logps_chunk_size) the model returns
+    token log-probs, never the full logits."""
     extra, layout = {}, None
     if "segments" in batch:  # shared-prompt rows (data.share_prompt), packed or not
         layout = {k: batch[k] for k in ("segments", "pair_ids", "pair_rows")}
@@ -36,15 +37,16 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
     else:
         attention_mask = batch["attention_mask"]
     chunked = chunked_head.is_enabled(model)
-    scope = (chunked_head.labels_for(model, batch["labels"], label_pad) if chunked
+    scope = (chunked_head.labels_for(model, batch["labels"], label_pad, sum_sq=wpo) if chunked
              else contextlib.nullcontext())
     routers = record_router_logits(model) if with_router else contextlib.nullcontext()
     with scope, routers as record:
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     use_cache=False, **extra)
     to_sums = sequence_logps_from_tokens if chunked else sequence_logps
-    return (to_sums(out.logits, batch["labels"], label_pad, layout, batch.get("token_weights")),
-            record if with_router else None)
+    sums = to_sums(out.logits, batch["labels"], label_pad, layout, batch.get("token_weights"),
+                   wpo=wpo)
+    return sums, record if with_router else None
 
 
 def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype,
@@ -162,7 +164,8 @@ def loss_terms(cfg: DPOConfig) -> tuple[list[str], list[float]]:
 def loss_options(cfg: DPOConfig) -> LossOptions:
     c = cfg.loss
     return LossOptions(cfg.beta, c.label_smoothing, c.simpo_gamma, c.cpo_alpha,
-                       c.alphapo_alpha, c.dpop_lambda, c.rdpo_alpha, c.discopop_tau)
+                       c.alphapo_alpha, c.dpop_lambda, c.rdpo_alpha, c.discopop_tau,
+                       c.use_weighting)
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -175,7 +178,8 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
             reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
     top_k = moe_top_k(policy)
     policy_logps, routers = batch_logps(policy, batch, cfg.label_pad_token_id,
-                                        with_router=top_k is not None)
+                                        with_router=top_k is not None,
+                                        wpo=cfg.loss.use_weighting)
     if "reference_logps" in batch:  # precomputed (reference.precompute=true)
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.collate import SEGMENT_CHOSEN, SEGMENT_REJECTED
+from .models.chunked_head import log_sum_sq_probs
 
 
 @dataclass
@@ -21,6 +22,9 @@ class SequenceLogps:
     logps: torch.Tensor  # summed log-probabilities, [2B]
     n_tokens: torch.Tensor  # response tokens, [2B]
     mean_logits: torch.Tensor  # mean raw logit over response positions and vocab, [2B] (metric)
+    # WPO (loss.use_weighting): mean over response tokens of log p_t - log sum_v p_v^2, [2B],
+    # without gradient; None unless asked for.
+    wpo: torch.Tensor | None = None
 
     def halves(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         half = values.shape[0] // 2
@@ -43,9 +47,10 @@ def _sums(values: torch.Tensor, layout: dict[str, torch.Tensor] | None) -> torch
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = -100,
                    segments: dict[str, torch.Tensor] | None = None,
-                   weights: torch.Tensor | None = None) -> SequenceLogps:
+                   weights: torch.Tensor | None = None, wpo: bool = False) -> SequenceLogps:
     """Sum of log p(label_t | tokens < t) over positions whose label is not `label_pad`;
-    each term times `weights` [rows, T] (aligned with labels: LD-DPO's) where given."""
+    each term times `weights` [rows, T] (aligned with labels: LD-DPO's) where given; with
+    `wpo`, WPO's per-sequence log-weight too."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != label_pad
     token_logps = -F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~mask, -100),
@@ -53,7 +58,21 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = 
     n_tokens = _sums(mask.long(), segments)
     with torch.no_grad():
         mean_logits = _sums(logits.mean(-1) * mask, segments) / n_tokens.clamp(min=1)
-    return SequenceLogps(_sums(_weighted(token_logps, weights), segments), n_tokens, mean_logits)
+        sum_sq = log_sum_sq_probs(logits) if wpo else None
+    return SequenceLogps(_sums(_weighted(token_logps, weights), segments), n_tokens, mean_logits,
+                         _wpo(token_logps, sum_sq, mask, n_tokens, segments))
+
+
+def _wpo(token_logps: torch.Tensor, sum_sq: torch.Tensor | None, mask: torch.Tensor,
+         n_tokens: torch.Tensor, segments) -> torch.Tensor | None:
+    """WPO's log-weight of each sequence (arXiv 2406.11827, eq. 2, length-normalised as TRL):
+    the mean over its tokens of log p_t - log sum_v p_v^2, the log-prob relative to what the
+    model's own sampling would give; None without `sum_sq`."""
+    if sum_sq is None:
+        return None
+    with torch.no_grad():
+        aligned = (token_logps.detach() - sum_sq) * mask
+        return _sums(aligned, segments) / n_tokens.clamp(min=1)
 
 
 def _weighted(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +82,8 @@ def _weighted(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
 def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
                                 label_pad: int = -100,
                                 segments: dict[str, torch.Tensor] | None = None,
-                                weights: torch.Tensor | None = None) -> SequenceLogps:
+                                weights: torch.Tensor | None = None,
+                                wpo: bool = False) -> SequenceLogps:
     """The same sums from models.chunked_head's [rows, T, 2] output (per position: log-prob
     of the next label, 0 where it is `label_pad`; mean logit)."""
     mask = labels[:, 1:] != label_pad
@@ -71,5 +91,6 @@ def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
     n_tokens = _sums(mask.long(), segments)
     with torch.no_grad():
         mean_logits = _sums(values[..., 1] * mask, segments) / n_tokens.clamp(min=1)
+    sum_sq = values[..., 2] if wpo else None
     return SequenceLogps(_sums(_weighted(values[..., 0], weights), segments), n_tokens,
-                         mean_logits)
+                         mean_logits, _wpo(values[..., 0], sum_sq, mask, n_tokens, segments))

@@ -296,6 +296,10 @@ def check_loss(cfg: DPOConfig) -> None:
            f"scores the log-ratios of {', '.join(sorted(F_DIVERGENCE_LOSSES))}; use "
            "reverse_kl with these")
     _check(loss.alphapo_alpha != 0, "loss.alphapo_alpha=0 is SimPO: use loss.name=simpo")
+    batchwise = [n for n in names if n in ("aot", "aot_unpaired")]
+    _check(not (loss.use_weighting and batchwise),
+           f"loss.use_weighting=true with {', '.join(batchwise)}: AOT matches pairs by rank "
+           "across the batch, so there is no per-pair loss to weight (TRL refuses it too)")
     _check(loss.ld_alpha is None or 0 <= loss.ld_alpha <= 1,
            f"loss.ld_alpha={loss.ld_alpha}: must be in [0, 1] (1: plain DPO) or null")
     _check(loss.discopop_tau > 0, f"loss.discopop_tau={loss.discopop_tau}: must be > 0")

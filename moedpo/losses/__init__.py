@@ -86,6 +86,17 @@ def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None,
     return p
 
 
+def wpo_weights(policy: SequenceLogps) -> torch.Tensor:
+    """WPO (Zhou et al., arXiv 2406.11827, eq. 2): each pair's weight, the product of its
+    responses' exp(mean_t log p_t - log sum_v p_v^2) under the policy, without gradient: an
+    off-policy pair the model would rarely sample counts less."""
+    if policy.wpo is None:
+        raise ValueError("loss.use_weighting: the policy's log-probs carry no WPO weights "
+                         "(batch_logps(..., wpo=True))")
+    chosen, rejected = policy.halves(policy.wpo.to(policy.logps.dtype))
+    return torch.exp(chosen + rejected)
+
+
 def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
                     names: Sequence[str], weights: Sequence[float] | None,
                     options: LossOptions, f_divergence: str = "reverse_kl",
@@ -99,8 +110,11 @@ def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
     weights = list(weights) if weights is not None else [1.0] * len(names)
     per_pair = torch.zeros_like(p.chosen)
     terms = {}
+    wpo = wpo_weights(policy) if options.use_weighting else None
     for name, weight in zip(names, weights, strict=True):
         term = LOSSES[name].fn(p, options)
+        if wpo is not None:
+            term = term * wpo
         per_pair = per_pair + weight * term
         terms[f"loss/{name}"] = term.detach()
     chosen_rewards = options.beta * p.chosen_logratios.detach()
@@ -120,6 +134,8 @@ def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
     }
     if len(names) > 1:
         metrics.update(terms)
+    if wpo is not None:
+        metrics["wpo_weight"] = wpo
     if "orpo" in names:  # TRL's ORPO names: the log odds ratio, and log sigma of it
         log_odds = reference_free.log_odds_ratio(p).detach()
         metrics["log_odds_chosen"] = log_odds

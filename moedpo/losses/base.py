@@ -73,6 +73,7 @@ class LossOptions:
     dpop_lambda: float = 50.0
     rdpo_alpha: float = 0.01
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO: each pair's loss times its responses' weights
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]

@@ -86,29 +86,42 @@ def unknown_transform(model: nn.Module) -> str | None:
     return None
 
 
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 of each softmax(logits) row (WPO's weights), without gradient."""
+    with torch.no_grad():
+        return torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+
+
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  targets: torch.Tensor, ignore: int,
-                 transform: LogitTransform = LogitTransform()) -> torch.Tensor:
-    """[N, H] hidden, [N] targets -> [N, 2]: log p(target) (0 where ignored), mean logit."""
+                 transform: LogitTransform = LogitTransform(),
+                 sum_sq: bool = False) -> torch.Tensor:
+    """[N, H] hidden, [N] targets -> [N, 2]: log p(target) (0 where ignored), mean logit;
+    [N, 3] with `sum_sq`: and log sum_v p_v^2."""
     logits = transform(F.linear(hidden, weight, bias).float())
     logps = -F.cross_entropy(logits, targets, ignore_index=ignore, reduction="none")
-    return torch.stack([logps, logits.detach().mean(-1)], dim=-1)
+    columns = [logps, logits.detach().mean(-1)]
+    if sum_sq:
+        columns.append(log_sum_sq_probs(logits))
+    return torch.stack(columns, dim=-1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                         ignore: int, chunk: int,
-                        transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+                        transform: LogitTransform = LogitTransform(),
+                        sum_sq: bool = False) -> torch.Tensor:
     """[rows, T, H] last hidden states -> [rows, T, 2]: at position t, log p(labels[t+1]) and
-    the mean logit; position T-1 (no next label) and ignored labels give log-prob 0."""
+    the mean logit; position T-1 (no next label) and ignored labels give log-prob 0. With
+    `sum_sq` [rows, T, 3]: log sum_v p_v^2 as well (loss.use_weighting)."""
     rows, length, width = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), ignore)], dim=1).reshape(-1)
     flat = hidden.reshape(-1, width)
     run = _checkpointed if torch.is_grad_enabled() and hidden.requires_grad else _chunk_logps
     parts = [run(flat[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], ignore,
-                 transform) for i in range(0, flat.shape[0], chunk)]
+                 transform, sum_sq) for i in range(0, flat.shape[0], chunk)]
     # A new tensor, not a view ([rows, T, 2] is small): FSDP2 cannot hook in-place ops on a
     # view returned by the root module and warns on every forward.
-    return torch.cat(parts).view(rows, length, 2).clone()
+    return torch.cat(parts).view(rows, length, -1).clone()
 
 
 def _checkpointed(*args) -> torch.Tensor:
@@ -139,9 +152,10 @@ def enable(model: nn.Module, chunk: int) -> bool:
         if labels is None:
             return plain_forward(hidden)
         return chunked_token_logps(hidden, head, labels, head.moedpo_ignore, head.moedpo_chunk,
-                                   head.moedpo_transform)
+                                   head.moedpo_transform, head.moedpo_sum_sq)
 
     head.moedpo_chunk, head.moedpo_labels, head.moedpo_ignore = chunk, None, -100
+    head.moedpo_sum_sq = False
     head.forward = forward
     return True
 
@@ -151,11 +165,13 @@ def is_enabled(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def labels_for(model: nn.Module, labels: torch.Tensor, ignore: int) -> Iterator[None]:
+def labels_for(model: nn.Module, labels: torch.Tensor, ignore: int,
+               sum_sq: bool = False) -> Iterator[None]:
     """Within this block the model's "logits" output is [rows, T, 2] token log-probs (the
-    model's own logit transform, applied in the chunks, is switched off in its forward)."""
+    model's own logit transform, applied in the chunks, is switched off in its forward);
+    [rows, T, 3] with `sum_sq`."""
     head = model.get_output_embeddings()
-    head.moedpo_labels, head.moedpo_ignore = labels, ignore
+    head.moedpo_labels, head.moedpo_ignore, head.moedpo_sum_sq = labels, ignore, sum_sq
     switched = [(owner, key, getattr(owner, key)) for owner in (model, model.config)
                 for key in NEUTRAL if getattr(owner, key, None) is not None]
     for owner, key, _ in switched:
@@ -163,6 +179,6 @@ def labels_for(model: nn.Module, labels: torch.Tensor, ignore: int) -> Iterator[
     try:
         yield
     finally:
-        head.moedpo_labels = None
+        head.moedpo_labels, head.moedpo_sum_sq = None, False
         for owner, key, value in switched:
             setattr(owner, key, value)

@@ -36,14 +36,15 @@ class StandInModel(torch.nn.Module):
     """Returns per-token log-probs spread evenly over each row's completion tokens, so that
     their sums are the given per-sequence log-probs (what TRL's fused head would give)."""
 
-    def __init__(self, per_token: torch.Tensor):
+    def __init__(self, per_token: torch.Tensor, sum_sq: torch.Tensor | None = None):
         super().__init__()
-        self.per_token = per_token
+        self.per_token, self.sum_sq = per_token, sum_sq
 
     def forward(self, **kwargs):
         zeros = torch.zeros_like(self.per_token)
         return SimpleNamespace(log_probs=self.per_token, entropy=zeros, mean_logits=zeros,
-                               is_top1=zeros.bool(), aux_loss=None)
+                               is_top1=zeros.bool(), aux_loss=None,
+                               log_sum_sq_probs=self.sum_sq)
 
 
 def batch(seed: int, equal_lengths: bool):
@@ -61,17 +62,17 @@ def batch(seed: int, equal_lengths: bool):
 
 
 def trl_loss(name: str, completion, per_token, ref, beta, ls, f_div="reverse_kl",
-             f_alpha=0.5, tau=0.05, ld_alpha=None) -> float:
+             f_alpha=0.5, tau=0.05, ld_alpha=None, sum_sq=None) -> float:
     """TRL's loss; `ref`: the reference's per-sequence sums (TRL's precomputed path)."""
     t = DPOTrainer.__new__(DPOTrainer)
     t.loss_types, t.loss_weights = [name], [1.0]
     t.beta, t.label_smoothing, t.ld_alpha = beta, ls, ld_alpha
     t.f_divergence_type, t.f_alpha_divergence_coef = f_div, f_alpha
-    t.use_weighting, t.aux_loss_enabled, t.precompute_ref_logps = False, False, True
+    t.use_weighting, t.aux_loss_enabled, t.precompute_ref_logps = sum_sq is not None, False, True
     t.args = SimpleNamespace(discopop_tau=tau, gradient_checkpointing_kwargs=None)
     t.accelerator, t._metrics = Accelerator(), defaultdict(lambda: defaultdict(list))
     t._total_train_tokens, t._tp_size = 0, 1
-    t.model = StandInModel(per_token).train()
+    t.model = StandInModel(per_token, sum_sq).train()
     ones = torch.ones_like(completion)
     inputs = {"input_ids": ones, "attention_mask": ones, "completion_mask": completion,
               "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
