@@ -112,6 +112,9 @@ class LossConfig:
     ld_alpha: float | None = None
     # WPO: each pair's loss weighted by how likely the policy is to produce its responses.
     use_weighting: bool = False
+    # KTO / apo_zero_unpaired: weights of desirable and undesirable rows (TRL's names).
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
 
 @dataclass

@@ -165,7 +165,7 @@ def loss_options(cfg: DPOConfig) -> LossOptions:
     c = cfg.loss
     return LossOptions(cfg.beta, c.label_smoothing, c.simpo_gamma, c.cpo_alpha,
                        c.alphapo_alpha, c.dpop_lambda, c.rdpo_alpha, c.discopop_tau,
-                       c.use_weighting)
+                       c.use_weighting, c.kto_desirable_weight, c.kto_undesirable_weight)
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -184,7 +184,7 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))
     out = preference_loss(policy_logps, reference_logps, *loss_terms(cfg), loss_options(cfg),
-                          cfg.loss.f_divergence, cfg.loss.f_alpha)
+                          cfg.loss.f_divergence, cfg.loss.f_alpha, batch.get("kto_labels"))
     if routers is not None and routers.logits:
         m = cfg.model
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,

@@ -22,6 +22,7 @@ PANELS = [
     ("accuracy", "reward accuracy", ["rewards/accuracies"]),
     ("margin", "reward margin", ["rewards/margins"]),
     ("rewards", "rewards (chosen solid, rejected dotted)", ["rewards/chosen", "rewards/rejected"]),
+    ("kl", "KTO: KL estimate z0", ["kl"]),
     ("lr", "learning rate", ["lr"]),
     ("grad_norm", "gradient norm", ["grad_norm"]),
     ("throughput", "pairs / s", ["examples_per_second"]),

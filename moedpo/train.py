@@ -37,7 +37,7 @@ from .placement import load_models
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 from .reference_sync import sync_reference
-from .validate import validate
+from .validate import check_rows_fit_losses, validate
 
 log = logging.getLogger("moedpo")
 
@@ -125,6 +125,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
                       backend.total_devices)
+    check_rows_fit_losses(cfg, data.unpaired)
     shared = use_shared_prompt(cfg, padded_length(cfg, backend) is not None, policy)
     to_batch = batch_maker(cfg, tokenizer, backend, shared)
     # One forward's pairs: SPMD splits one batch over all devices of the mesh.

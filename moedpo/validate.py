@@ -22,7 +22,7 @@ from .config import (
     resolve_optimizer,
 )
 from .data.sources import is_hub_id
-from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference
+from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
 
 
@@ -296,6 +296,12 @@ def check_loss(cfg: DPOConfig) -> None:
            f"scores the log-ratios of {', '.join(sorted(F_DIVERGENCE_LOSSES))}; use "
            "reverse_kl with these")
     _check(loss.alphapo_alpha != 0, "loss.alphapo_alpha=0 is SimPO: use loss.name=simpo")
+    if unpaired_losses(names):
+        _check(len(names) == 1, f"loss.name={names}: an unpaired loss (kto, "
+               "apo_zero_unpaired) reads rows a pair loss cannot; use it alone")
+        _check(loss.ld_alpha is None and not loss.use_weighting,
+               "loss.ld_alpha / loss.use_weighting weigh a pair's two responses against each "
+               f"other; {names[0]} has one completion a row: leave them off")
     batchwise = [n for n in names if n in ("aot", "aot_unpaired")]
     _check(not (loss.use_weighting and batchwise),
            f"loss.use_weighting=true with {', '.join(batchwise)}: AOT matches pairs by rank "
@@ -320,3 +326,16 @@ def check_loss(cfg: DPOConfig) -> None:
            f"reference.precompute=true with loss.name={names}"
            f"{' and loss.reference_free=true' if loss.reference_free else ''}: these losses "
            "read no reference, so there is nothing to precompute; drop reference.precompute")
+
+
+def check_rows_fit_losses(cfg: DPOConfig, unpaired: bool) -> None:
+    """After the data is read: unpaired rows need an unpaired loss and pairs a pair loss."""
+    names = loss_names(cfg.loss.name)
+    if unpaired and not unpaired_losses(names):
+        raise ConfigError(f"datasets={cfg.datasets} holds unpaired rows (prompt, completion, "
+                          f"label) but loss.name={names} compares pairs; set loss.name=kto "
+                          "(or apo_zero_unpaired)")
+    if not unpaired and unpaired_losses(names):
+        raise ConfigError(f"loss.name={names[0]} reads unpaired rows (prompt, completion, "
+                          f"label); datasets={cfg.datasets} holds preference pairs: give "
+                          "unpaired rows, or a pair loss (sigmoid ...)")

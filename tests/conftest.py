@@ -145,6 +145,23 @@ def chat_rows(split: str, n: int) -> list[dict]:
         return [json.loads(next(f)) for _ in range(n)]
 
 
+def write_unpaired(folder: Path, n_train: int, n_test: int, chat: bool = False) -> Path:
+    """A jsonl folder of unpaired rows (prompt, completion, label) made from the bundled demo
+    pairs: each pair gives a desirable row (its chosen) and an undesirable one (rejected);
+    text from `demo`, messages from `demo_chat`."""
+    from moedpo.data.formats import parse_row
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i, row in enumerate(chat_rows(split, n) if chat else demo_rows(split, n)):
+            pair = parse_row(row, f"demo {i}")
+            rows += [{"prompt": pair.prompt, "completion": pair.chosen, "label": True},
+                     {"prompt": pair.prompt, "completion": pair.rejected, "label": False}]
+        write_jsonl_gz(folder / f"{split}.jsonl.gz", rows)
+    return folder
+
+
 def demo_rows(split: str, n: int) -> list[dict]:
     with gzip.open(DEMO_DIR / f"{split}.jsonl.gz", "rt") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]

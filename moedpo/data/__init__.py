@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DPOConfig
-from . import cache
+from . import cache, unpaired
 from .collate import collate, collate_shared
 from .loader import eval_indices, train_indices
 from .sources import EVAL_ROWS_PER_DATASET, DataError, Pair, SkipLog, open_split, read_pairs
@@ -35,6 +35,7 @@ class DataBundle:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (train, eval)
     formats: dict[str, Counter] = field(default_factory=dict)  # name -> row formats read
     stream: PairStream | None = None  # data.streaming: the training pairs, read as needed
+    unpaired: bool = False  # rows (prompt, completion, label) for KTO-style losses
 
     def labels(self) -> list[str]:
         """Short names of the sources (a folder's or Hub id's last part), in order."""
@@ -130,9 +131,29 @@ def training_stream(cfg: DPOConfig, tokenizer, bundle: DataBundle,
         # Counts only: a stream has no end, and three lengths a pair would grow without one.
         chunk.lengths = {key: [] for key in chunk.lengths}
         bundle.tokenized.merge(chunk)
+        if any(p.label is not None for p in out):
+            raise DataError(f"datasets={cfg.datasets}: unpaired rows (prompt, completion, "
+                            "label) are not streamed (their KL completions come from the whole "
+                            "split); set data.streaming=false")
         return out
     return PairStream(open_rows, tokenize, cfg.seed, cfg.data.shuffle_buffer if cfg.shuffle
                       else 1, bundle.skipped)
+
+
+def unpaired_rows(cfg: DPOConfig, bundle: DataBundle) -> bool:
+    """Whether the rows are unpaired (KTO); then each gets its KL completion. Refuses a mix
+    of pairs and unpaired rows (no loss reads both)."""
+    kind = unpaired.labeled(bundle.train + bundle.eval)
+    if kind is None:
+        raise DataError(f"datasets={cfg.datasets}: both preference pairs and unpaired rows "
+                        "(prompt, completion, label); a run reads one kind: split them into "
+                        "two runs")
+    if kind:
+        bundle.train = unpaired.with_kl_completions(bundle.train, cfg.seed, cfg.max_length,
+                                                    "train split")
+        bundle.eval = unpaired.with_kl_completions(bundle.eval, cfg.seed + 1, cfg.max_length,
+                                                   "test split")
+    return kind
 
 
 def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) -> DataBundle:
@@ -168,6 +189,7 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
     if cfg.dry_run:  # 10 global batches in all, not per dataset
         bundle.train = bundle.train[:DRY_RUN_BATCHES * train_step]
         bundle.eval = bundle.eval[:DRY_RUN_BATCHES * eval_step]
+    bundle.unpaired = unpaired_rows(cfg, bundle)
     skipped = bundle.skipped
     why = (f"; skipped {skipped.total} rows: {dict(skipped.counts)}; first: "
            + "; ".join(skipped.examples) if skipped.total else "")

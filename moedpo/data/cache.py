@@ -30,7 +30,7 @@ from .pairs import DataError, SkipLog
 from .tokenize import TokenizedPair, TokenizeStats
 
 log = logging.getLogger("moedpo")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: labels.npy (unpaired rows)
 # The code that turns rows into ids is part of the key: an edited parser or tokeniser never
 # reads ids its older self wrote.
 CODE = ("formats.py", "pairs.py", "readers.py", "sources.py", "templates.py", "tokenize.py")
@@ -80,6 +80,9 @@ def save(folder: Path, key: str, pairs: list[TokenizedPair], skipped: SkipLog,
             else np.zeros(0, dtype=np.int32)
         np.save(tmp / "ids.npy", ids)
         np.save(tmp / "lengths.npy", lengths)
+        # Unpaired rows' labels: -1 for a pair, 0 / 1 for an undesirable / desirable row.
+        np.save(tmp / "labels.npy", np.array([-1 if p.label is None else int(p.label)
+                                              for p in pairs], dtype=np.int8))
         np.save(tmp / "raw_lengths.npy", np.array(list(stats.lengths.values()),
                                                   dtype=np.int64).reshape(3, -1))
         (tmp / "meta.json").write_text(json.dumps({
@@ -108,6 +111,7 @@ def load(folder: Path, key: str, skipped: SkipLog,
         ids = np.load(entry / "ids.npy", allow_pickle=False)
         lengths = np.load(entry / "lengths.npy", allow_pickle=False)
         raw = np.load(entry / "raw_lengths.npy", allow_pickle=False)
+        labels = np.load(entry / "labels.npy", allow_pickle=False).tolist()
     except (OSError, ValueError, json.JSONDecodeError):
         return None
     if skipped.strict and meta["skipped"]["counts"]:
@@ -123,7 +127,8 @@ def load(folder: Path, key: str, skipped: SkipLog,
     ends = np.cumsum(lengths.reshape(-1))
     starts = ends - lengths.reshape(-1)
     pieces = [_int32(ids[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-    pairs = [TokenizedPair(*(pieces[i:i + 3])) for i in range(0, len(pieces), 3)]
+    pairs = [TokenizedPair(*(pieces[i:i + 3]), label=None if label < 0 else bool(label))
+             for i, label in zip(range(0, len(pieces), 3), labels, strict=True)]
     return pairs, Counter(meta["formats"])
 
 

@@ -25,11 +25,16 @@ from .tokenize import TokenizedPair
 SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
 
 
-def _reference_logps(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
-    if not all(p.reference is not None for p in pairs):
-        return {}
-    return {"reference_logps": torch.tensor([p.reference[0] for p in pairs]
-                                            + [p.reference[1] for p in pairs])}
+def _per_pair(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    """Precomputed reference log-probs [2B] (chosen rows, then rejected), and unpaired rows'
+    labels [B] (1.0 desirable) as `kto_labels`."""
+    out = {}
+    if all(p.reference is not None for p in pairs):
+        out["reference_logps"] = torch.tensor([p.reference[0] for p in pairs]
+                                              + [p.reference[1] for p in pairs])
+    if all(p.label is not None for p in pairs):
+        out["kto_labels"] = torch.tensor([float(p.label) for p in pairs])
+    return out
 
 
 PadTo = int | Sequence[int] | None
@@ -73,7 +78,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if ld_alpha is not None:
         batch["token_weights"] = weights
-    return {**batch, **_reference_logps(pairs)}
+    return {**batch, **_per_pair(pairs)}
 
 
 def _block(pair: TokenizedPair) -> list[tuple[int, list[int]]]:
@@ -148,4 +153,4 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
              "pair_ids": pair_ids, "pair_rows": pair_rows}
     if ld_alpha is not None:
         batch["token_weights"] = weights
-    return {**batch, **_reference_logps(pairs)}
+    return {**batch, **_per_pair(pairs)}

@@ -7,7 +7,8 @@
     conversational-implicit  {"chosen": [msgs], "rejected": [msgs]}   (prompt: the longest
                              common leading run of messages; a text "prompt" beside them, as
                              UltraFeedback binarized has, is ignored as TRL does)
-    unpaired                 {"prompt", "completion", "label": bool}   (KTO-style losses)
+    unpaired                 {"prompt", "completion", "label": bool}   (text or message lists;
+                             loss.name=kto / apo_zero_unpaired)
 
 Messages are {"role": ..., "content": ...} dicts. Conversational rows may carry `tools` (a
 list or its JSON text) and `chat_template_kwargs` (a dict), passed to the chat template.
@@ -19,7 +20,7 @@ import json
 import os
 from typing import Any
 
-from .pairs import DataError, Messages, Pair, RowError
+from .pairs import Messages, Pair, RowError
 
 
 class ShapeError(RowError):
@@ -167,17 +168,36 @@ def parse_conversation(row: dict, implicit: bool) -> tuple[Messages, Messages, M
     return prompt, chosen, rejected
 
 
+# ---------------------------------------------------------------- unpaired rows
+
+
+def parse_unpaired(row: dict, origin: str) -> Pair:
+    """{"prompt", "completion", "label"}: text, or message lists (the chat template renders
+    them as it does pairs). The label is a bool (0/1 accepted: datasets stores bools so)."""
+    label = row.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise RowError(f"field 'label' is {label!r}: give true (desirable) or false")
+    if is_messages(row.get("completion")):
+        prompt, completion = messages(row, "prompt"), messages(row, "completion")
+        if not any(m.get("content") or m.get("tool_calls") for m in completion):
+            raise RowError("empty completion")
+        return Pair(prompt, completion, completion, origin, "unpaired", template_kwargs(row),
+                    label=bool(label))
+    completion = response(text(row, "completion"), "completion")
+    return Pair(text(row, "prompt"), completion, completion, origin, "unpaired",
+                label=bool(label))
+
+
 # ---------------------------------------------------------------- any row
 
 
 def parse_row(row: dict, origin: str, columns: dict[str, str] | None = None) -> Pair:
-    """A user row of any paired format as a Pair; RowError says why it cannot be one."""
+    """A user row of any format as a Pair (an unpaired row: a Pair with a label); RowError
+    says why it cannot be one."""
     row = renamed(row, columns or {})
     kind = detect(row)
     if kind == "unpaired":
-        raise DataError(f"{origin}: unpaired rows (prompt, completion, label) are for "
-                        "KTO-style losses, which this version does not have; give paired rows "
-                        f"({ACCEPTED})")
+        return parse_unpaired(row, origin)
     if kind.startswith("conversational"):
         prompt, chosen, rejected = parse_conversation(row, kind.endswith("implicit"))
         return Pair(prompt, chosen, rejected, origin, kind, template_kwargs(row))

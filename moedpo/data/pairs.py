@@ -30,6 +30,9 @@ class Pair:
     origin: str  # "file:line" or "hub_id[split] row N", for error messages
     format: str = "standard"  # formats.FORMATS key
     template_kwargs: dict[str, Any] | None = None
+    # Unpaired rows (KTO): the completion is `chosen` (and, until data/unpaired.py gives it
+    # another row's completion for the KL estimate, `rejected`); True = desirable.
+    label: bool | None = None
 
     @property
     def conversational(self) -> bool:

@@ -40,6 +40,9 @@ class TokenizedPair:
     rejected: Sequence[int]
     # (chosen, rejected) summed reference log-probs, when precomputed (moedpo.reference)
     reference: tuple[float, float] | None = None
+    # Unpaired rows (KTO): chosen is the completion, rejected another row's (the KL
+    # estimate's mismatched completion, data/unpaired.py); True = desirable.
+    label: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt", "chosen", "rejected"):
@@ -161,6 +164,9 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
             p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats)
             if not c or not r:
                 log.skip(pair.origin, "no response tokens left after truncation")
+                continue
+            if pair.label is not None:  # unpaired: its KL completion is chosen later
+                out.append(TokenizedPair(p, c, c, label=pair.label))
                 continue
             if c == r:
                 stats.identical += 1

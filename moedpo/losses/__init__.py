@@ -5,6 +5,7 @@ TRL reports beside them.
     dpo.py             losses on the chosen-rejected score difference (DPO and kin)
     pointwise.py       losses on each response's own log-ratio (NCA, BCO, SPPO, APO, Cal-DPO)
     reference_free.py  losses without a reference model (SimPO, CPO, AlphaPO, ORPO, SFT)
+    unpaired.py        losses on unpaired rows (KTO, unpaired APO)
     divergence.py      f-DPO's scores of the log-ratios
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from ..logps import SequenceLogps
-from . import divergence, dpo, pointwise, reference_free
+from . import divergence, dpo, pointwise, reference_free, unpaired
 from .base import Loss, LossOptions, PairLogps
 
 LS, TAU = ("label_smoothing",), ("discopop_tau",)
@@ -46,6 +47,10 @@ LOSSES: dict[str, Loss] = {
                     options=("alphapo_alpha", "simpo_gamma", *LS)),
     "orpo": Loss(reference_free.orpo, "2403.07691", reference=False),
     "sft": Loss(reference_free.sft, "2404.19733", reference=False),
+    "kto": Loss(unpaired.kto, "2402.01306", unpaired=True,
+                options=("kto_desirable_weight", "kto_undesirable_weight")),
+    "apo_zero_unpaired": Loss(unpaired.apo_zero_unpaired, "2408.06266", unpaired=True,
+                              options=("kto_desirable_weight", "kto_undesirable_weight")),
 }
 # TRL 1.16's DPOTrainer takes these f-divergences only with these losses (same rule here).
 F_DIVERGENCE_LOSSES = frozenset(n for n, spec in LOSSES.items() if spec.f_divergence) | {"sft"}
@@ -70,8 +75,13 @@ class DPOOutput:
     router: Any = None  # models.router.RouterOutput of the policy, for MoE models
 
 
+def unpaired_losses(names: Sequence[str]) -> bool:
+    return any(LOSSES[n].unpaired for n in names)
+
+
 def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None,
-               f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> PairLogps:
+               f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+               labels: torch.Tensor | None = None) -> PairLogps:
     """The per-pair view of one forward's per-sequence sums (rows: chosen..., rejected...)."""
     chosen, rejected = policy.halves(policy.logps)
     if reference is None:
@@ -79,7 +89,7 @@ def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None,
     else:
         ref_chosen, ref_rejected = reference.halves(reference.logps.to(chosen.dtype))
     tokens_c, tokens_r = policy.halves(policy.n_tokens.to(chosen.dtype))
-    p = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r)
+    p = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r, labels=labels)
     if f_divergence != "reverse_kl":
         p.chosen_scores = divergence.scores(p.chosen_logratios, f_divergence, f_alpha)
         p.rejected_scores = divergence.scores(p.rejected_logratios, f_divergence, f_alpha)
@@ -100,13 +110,14 @@ def wpo_weights(policy: SequenceLogps) -> torch.Tensor:
 def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
                     names: Sequence[str], weights: Sequence[float] | None,
                     options: LossOptions, f_divergence: str = "reverse_kl",
-                    f_alpha: float = 0.5) -> DPOOutput:
+                    f_alpha: float = 0.5, labels: torch.Tensor | None = None) -> DPOOutput:
     """sum_i w_i mean_pairs(loss_i): the step's loss, and per-pair metrics named as TRL's.
 
     Rewards are beta x the summed log-ratios for every loss (TRL's definition), so that the
     reward metrics of two runs with different losses compare; with no reference they are
-    beta x the policy's log-probs."""
-    p = pair_logps(policy, reference, f_divergence, f_alpha)
+    beta x the policy's log-probs. Unpaired rows (`labels`) log losses/unpaired.py's metrics
+    over the pair ones that mean nothing for them."""
+    p = pair_logps(policy, reference, f_divergence, f_alpha, labels)
     weights = list(weights) if weights is not None else [1.0] * len(names)
     per_pair = torch.zeros_like(p.chosen)
     terms = {}
@@ -136,6 +147,10 @@ def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
         metrics.update(terms)
     if wpo is not None:
         metrics["wpo_weight"] = wpo
+    if unpaired_losses(names):
+        for key in ("rewards/chosen", "rewards/rejected", "logps/rejected", "logits/rejected"):
+            del metrics[key]
+        metrics.update(unpaired.unpaired_metrics(p, options))
     if "orpo" in names:  # TRL's ORPO names: the log odds ratio, and log sigma of it
         log_odds = reference_free.log_odds_ratio(p).detach()
         metrics["log_odds_chosen"] = log_odds
@@ -144,4 +159,4 @@ def preference_loss(policy: SequenceLogps, reference: SequenceLogps | None,
 
 
 __all__ = ["LOSSES", "DPOOutput", "Loss", "LossOptions", "PairLogps", "loss_names",
-           "needs_reference", "pair_logps", "preference_loss"]
+           "needs_reference", "pair_logps", "preference_loss", "unpaired_losses"]

@@ -26,6 +26,8 @@ class PairLogps:
     # themselves under reverse KL, DPO's own.
     chosen_scores: torch.Tensor | None = None
     rejected_scores: torch.Tensor | None = None
+    # Unpaired rows (losses/unpaired.py): 1 desirable, 0 undesirable; None for pairs.
+    labels: torch.Tensor | None = None
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -74,6 +76,8 @@ class LossOptions:
     rdpo_alpha: float = 0.01
     discopop_tau: float = 0.05
     use_weighting: bool = False  # WPO: each pair's loss times its responses' weights
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]
@@ -87,6 +91,7 @@ class Loss:
     paper: str  # arXiv id (or "-" for a plain NLL)
     reference: bool = True  # reads the reference's log-probs (else no reference model at all)
     f_divergence: bool = False  # scores the log-ratios through loss.f_divergence
+    unpaired: bool = False  # reads unpaired rows (prompt, completion, label), not pairs
     options: tuple[str, ...] = field(default=())  # the LossOptions it reads besides beta
 
 

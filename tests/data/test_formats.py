@@ -88,7 +88,7 @@ def test_a_later_row_of_another_shape_is_skipped_not_fatal(tmp_path):
     assert log.total == 1 and "train.jsonl.gz:2: not a preference row" in log.examples[0]
 
 
-def test_unpaired_rows_are_refused_until_an_unpaired_loss_exists(tmp_path):
+def test_the_documented_unpaired_row_reads_as_a_labeled_completion(tmp_path):
     write_jsonl_gz(tmp_path / "train.jsonl.gz", [json.loads(FORMATS["unpaired"])])
-    with pytest.raises(DataError, match="unpaired rows .* KTO-style losses"):
-        load_pairs(str(tmp_path), "train", {}, SkipLog())
+    (pair,) = load_pairs(str(tmp_path), "train", {}, SkipLog())
+    assert (pair.prompt, pair.chosen, pair.label) == ("2+2?", " 4.", True)

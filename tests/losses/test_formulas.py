@@ -59,6 +59,21 @@ def hand_pair(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> float:
     return formulas[name]()
 
 
+def hand_unpaired(name: str, pc, rc, kl_pc, kl_rc, labels, o: LossOptions) -> list[float]:
+    """KTO (eq. 7-8) and unpaired APO-zero per row; z0 = max(0, mean KL log-ratio)."""
+    b = o.beta
+    z = max(0.0, sum(a - r for a, r in zip(kl_pc, kl_rc, strict=True)) / len(kl_pc))
+    out = []
+    for h, y in zip((a - r for a, r in zip(pc, rc, strict=True)), labels, strict=True):
+        if name == "kto":
+            out.append(o.kto_desirable_weight * (1 - sig(b * (h - z))) if y
+                       else o.kto_undesirable_weight * (1 - sig(b * (z - h))))
+        else:
+            out.append(o.kto_desirable_weight * (1 - sig(b * h)) if y
+                       else o.kto_undesirable_weight * sig(b * h))
+    return out
+
+
 def hand(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> list[float]:
     """Per-pair losses of a batch; AOT's are batch statistics: sorted, matched by rank."""
     b, e = o.beta, o.label_smoothing
@@ -100,7 +115,30 @@ def seq(chosen, rejected, nc, nr) -> SequenceLogps:
                          torch.zeros(2 * len(chosen), dtype=torch.double))
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+PAIRED = [n for n, spec in LOSSES.items() if not spec.unpaired]
+UNPAIRED = [n for n, spec in LOSSES.items() if spec.unpaired]
+
+
+@pytest.mark.parametrize("name", UNPAIRED)
+@pytest.mark.parametrize("z_positive", [True, False])
+def test_each_unpaired_loss_equals_its_hand_formula(name, z_positive):
+    pc, pr, rc, rr, nc, nr = random_batch(8)
+    if z_positive:  # the KL completions more likely under the policy: z0 > 0
+        rr = [v - 4.0 for v in pr]
+    labels = [True, False, True, True, False, False]
+    opts = LossOptions(beta=0.3, kto_desirable_weight=1.3, kto_undesirable_weight=0.7)
+    out = preference_loss(seq(pc, pr, nc, nr), seq(rc, rr, nc, nr), [name], None, opts,
+                          labels=torch.tensor(labels, dtype=torch.double))
+    expected = hand_unpaired(name, pc, rc, pr, rr, labels, opts)
+    torch.testing.assert_close(out.metrics["loss"], torch.tensor(expected, dtype=torch.double))
+    z = out.metrics["kl"][0].item()
+    assert (z > 0) == z_positive or (name != "kto" and z >= 0)
+    h = [a - r for a, r in zip(pc, rc, strict=True)]
+    right = [float((hi > z) == y) for hi, y in zip(h, labels, strict=True)]
+    assert out.metrics["rewards/accuracies"].tolist() == right
+
+
+@pytest.mark.parametrize("name", PAIRED)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_each_loss_equals_its_hand_formula(name, seed):
     pc, pr, rc, rr, nc, nr = random_batch(seed)
@@ -121,14 +159,15 @@ AT_START = {"sigmoid": math.log(2), "robust": math.log(2), "sigmoid_norm": math.
             "apo_down": 1.0, "nca_pair": 2 * math.log(2), "sppo_hard": 50.0,
             "bco_pair": 2 * math.log(2), "cal_dpo": math.log(2) + 50.0,
             "aot": math.log(2), "aot_unpaired": math.log(2), "discopop": None,
-            "exo_pair": None}
+            "exo_pair": None, "kto": 0.5, "apo_zero_unpaired": 0.5}
 
 
 @pytest.mark.parametrize("name", [n for n, v in AT_START.items() if v is not None])
 def test_value_at_step_zero(name):
     pc, pr, _, _, nc, nr = random_batch(3)
     policy = seq(pc, pr, nc, nr)
-    out = preference_loss(policy, policy, [name], None, LossOptions(beta=0.1))
+    labels = torch.tensor([1.0, 0.0] * 3, dtype=torch.double) if LOSSES[name].unpaired else None
+    out = preference_loss(policy, policy, [name], None, LossOptions(beta=0.1), labels=labels)
     torch.testing.assert_close(out.metrics["loss"],
                                torch.full((len(pc),), AT_START[name], dtype=torch.double))
     assert out.metrics["rewards/margins"].abs().max() == 0
@@ -157,13 +196,17 @@ def test_weighted_sum_of_losses_and_their_terms():
 
 def test_gradients_reach_only_the_policy_through_each_loss():
     pc, pr, rc, rr, nc, nr = random_batch(6)
+    labels = torch.tensor([1.0, 0.0] * 3, dtype=torch.double)
     for name, spec in LOSSES.items():
         logps = torch.tensor(pc + pr, dtype=torch.double, requires_grad=True)
         policy = SequenceLogps(logps, torch.tensor(nc + nr, dtype=torch.double),
                                torch.zeros(12, dtype=torch.double))
         reference = seq(rc, rr, nc, nr) if spec.reference else None
-        preference_loss(policy, reference, [name], None, OPTS).loss.backward()
+        preference_loss(policy, reference, [name], None, OPTS,
+                        labels=labels if spec.unpaired else None).loss.backward()
         assert torch.isfinite(logps.grad).all() and logps.grad.abs().sum() > 0, name
+        if spec.unpaired:  # the KL completions only set z0: no gradient through them
+            assert logps.grad[6:].abs().sum() == 0, name
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])

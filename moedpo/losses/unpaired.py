@@ -1,0 +1,55 @@
+"""Losses on unpaired rows (prompt, completion, label): each row's completion is judged on
+its own, desirable or not. In PairLogps the completion is `chosen`; `rejected` is another
+row's completion for the same prompt (data/unpaired.py), whose log-ratio estimates KTO's KL
+reference point; `labels` is 1 for a desirable row, 0 for an undesirable one."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LossOptions, PairLogps
+
+
+def kl_estimate(p: PairLogps) -> torch.Tensor:
+    """KTO's reference point z0: the micro-batch's mean log-ratio of mismatched completions
+    (a KL(pi || pi_ref) estimate), floored at 0 and without gradient (paper, section 4.1)."""
+    return p.rejected_logratios.detach().mean().clamp(min=0)
+
+
+def _labels(p: PairLogps) -> torch.Tensor:
+    if p.labels is None:
+        raise ValueError("an unpaired loss on pairs without labels (rows need prompt, "
+                         "completion, label)")
+    return p.labels.to(p.chosen.dtype)
+
+
+def kto(p: PairLogps, o: LossOptions) -> torch.Tensor:
+    """KTO (Ethayarajh et al., arXiv 2402.01306, eq. 7-8), with h the completion's log-ratio
+    and z0 = kl_estimate: desirable rows lambda_D (1 - sigma(beta (h - z0))), undesirable
+    rows lambda_U (1 - sigma(beta (z0 - h))); lambda = kto_desirable_weight /
+    kto_undesirable_weight."""
+    y, h, z = _labels(p), p.chosen_logratios, kl_estimate(p)
+    desirable = o.kto_desirable_weight * (1 - torch.sigmoid(o.beta * (h - z)))
+    undesirable = o.kto_undesirable_weight * (1 - torch.sigmoid(o.beta * (z - h)))
+    return y * desirable + (1 - y) * undesirable
+
+
+def apo_zero_unpaired(p: PairLogps, o: LossOptions) -> torch.Tensor:
+    """APO-zero on unpaired rows (D'Oosterlinck et al., arXiv 2408.06266, eq. 7 per row, as
+    TRL's KTO trainer has it): desirable 1 - sigma(beta h), undesirable sigma(beta h)."""
+    y, h = _labels(p), p.chosen_logratios
+    return (y * (1 - torch.sigmoid(o.beta * h)) * o.kto_desirable_weight
+            + (1 - y) * torch.sigmoid(o.beta * h) * o.kto_undesirable_weight)
+
+
+def unpaired_metrics(p: PairLogps, o: LossOptions) -> dict[str, torch.Tensor]:
+    """Per-row metrics where a pair's make no sense: `kl` (z0), the completion's reward and
+    log-prob, and `rewards/accuracies`: whether the reward's side of z0 matches the label
+    (h > z0 for a desirable row). `rewards/margins` is the signed distance beta (h - z0)
+    (negated for undesirable rows): positive when the row is on its right side."""
+    y, h, z = _labels(p).detach(), p.chosen_logratios.detach(), kl_estimate(p)
+    sign = 2 * y - 1
+    return {"kl": z.expand_as(h), "rewards/completion": o.beta * h,
+            "rewards/accuracies": ((h > z).to(y.dtype) == y).to(y.dtype),
+            "rewards/margins": o.beta * (h - z) * sign,
+            "rewards/desirable_fraction": y}
