@@ -63,6 +63,8 @@ class ModelConfig:
     # Padding tokens claim no expert capacity (the dropped path) and count in no router loss.
     moe_ignore_padding: bool = True
     router_aux_loss_coef: float = 0.0
+    # Router (gate) weights and biases frozen: no gradient, no optimizer state.
+    freeze_router: bool = False
     router_z_loss_coef: float = 0.0
     # Tokens per chunk for log-probs from the last hidden state (no full logits); 0: off.
     logps_chunk_size: int = 1024

@@ -27,6 +27,8 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
 from .evaluate import batch_loss, evaluate, generate, use_shared_prompt
+from .losses import loss_names
+from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import compute_copies, is_mixed, policy_compute_dtype
@@ -96,6 +98,14 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend,
     return make
 
 
+def reward_shift(cfg: DPOConfig, backend: Backend) -> RewardShift | None:
+    """BCO's running reward mean, averaged over ranks (one scalar a micro-batch)."""
+    if "bco" not in loss_names(cfg.loss.name):
+        return None
+    return RewardShift(lambda x: float(backend.all_reduce_sum(x.reshape(1).cpu().double())[0])
+                       / backend.world_size)
+
+
 def run(cfg: DPOConfig) -> RunResult:
     """Train as configured (continuing from a checkpoint when there is one); returns the final
     eval metrics and the trained policy."""
@@ -152,6 +162,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     stream_state = None
     # TR-DPO's reference changes in training: its weights go into checkpoints too.
     synced = {"reference": reference} if cfg.reference.sync_every else {}
+    shift = reward_shift(cfg, backend)  # BCO's running reward mean, None for other losses
     if resume_from:
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
             resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
@@ -160,6 +171,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
         stream_state = state.get("data_stream")
+        if shift is not None:
+            shift.restore(state["bco_shift"])
         window = MeanMetrics.from_state(own["window"])
         if backend.is_main:  # one writer: ranks racing on the same file tear it
             run_dir_lib.trim_metrics(run_dir, start_step)
@@ -174,6 +187,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                  "nonfinite": nonfinite, "config": settings}  # what a resume must match
         if data.stream is not None:  # where the streamed data is: read again up to there
             state["data_stream"] = data.stream.state()
+        if shift is not None:
+            state["bco_shift"] = shift.state()
         path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()},
                                  synced)
         log.info("checkpoint written: %s", path)
@@ -195,7 +210,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         n_batches = -(-len(data.eval) // (eval_batch * world))
         with computing():
             metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
-                               backend.sync, groups)
+                               backend.sync, groups, shift)
         metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
@@ -237,7 +252,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 mine = start + backend.rank * micro  # micro-batch of the step
                 chunk = pairs[mine:mine + micro]
                 with computing():
-                    out = batch_loss(policy, reference, to_batch(chunk), cfg)
+                    out = batch_loss(policy, reference, to_batch(chunk), cfg, shift)
                     (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 window.tokens += sum(p.n_tokens for p in chunk)

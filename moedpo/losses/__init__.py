@@ -5,7 +5,7 @@ TRL reports beside them.
     dpo.py             losses on the chosen-rejected score difference (DPO and kin)
     pointwise.py       losses on each response's own log-ratio (NCA, BCO, SPPO, APO, Cal-DPO)
     reference_free.py  losses without a reference model (SimPO, CPO, AlphaPO, ORPO, SFT)
-    unpaired.py        losses on unpaired rows (KTO, unpaired APO)
+    unpaired.py        losses on unpaired rows (KTO, BCO, unpaired APO)
     divergence.py      f-DPO's scores of the log-ratios
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..logps import SequenceLogps
 from . import divergence, dpo, pointwise, reference_free, unpaired
 from .base import Loss, LossOptions, PairLogps
@@ -51,16 +52,22 @@ LOSSES: dict[str, Loss] = {
                 options=("kto_desirable_weight", "kto_undesirable_weight")),
     "apo_zero_unpaired": Loss(unpaired.apo_zero_unpaired, "2408.06266", unpaired=True,
                               options=("kto_desirable_weight", "kto_undesirable_weight")),
+    "bco": Loss(unpaired.bco, "2404.04656", unpaired=True,
+                options=("kto_desirable_weight", "kto_undesirable_weight")),
 }
 # TRL 1.16's DPOTrainer takes these f-divergences only with these losses (same rule here).
 F_DIVERGENCE_LOSSES = frozenset(n for n, spec in LOSSES.items() if spec.f_divergence) | {"sft"}
 
 
 def loss_names(name: Any) -> list[str]:
-    """`loss.name` as a list: one name, a list of names, or a comma-separated string."""
+    """`loss.name` as a list: one name, a list of names, or a comma-separated string;
+    ConfigError for anything else (a number, null)."""
     if isinstance(name, str):
         return [n.strip() for n in name.split(",") if n.strip()]
-    return [str(n) for n in name]
+    if isinstance(name, Sequence) and all(isinstance(n, str) for n in name):
+        return list(name)
+    raise ConfigError(f"loss.name={name}: give a loss name or a list of them (e.g. sigmoid, "
+                      "or [sigmoid,sft])")
 
 
 def needs_reference(names: Sequence[str], reference_free: bool = False) -> bool:

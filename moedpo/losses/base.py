@@ -78,6 +78,7 @@ class LossOptions:
     use_weighting: bool = False  # WPO: each pair's loss times its responses' weights
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    bco_delta: float = 0.0  # BCO's reward shift, from losses.unpaired.RewardShift
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]

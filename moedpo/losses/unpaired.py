@@ -1,11 +1,13 @@
 """Losses on unpaired rows (prompt, completion, label): each row's completion is judged on
-its own, desirable or not. In PairLogps the completion is `chosen`; `rejected` is another
-row's completion for the same prompt (data/unpaired.py), whose log-ratio estimates KTO's KL
-reference point; `labels` is 1 for a desirable row, 0 for an undesirable one."""
+its own, desirable or not (KTO, BCO, unpaired APO). In PairLogps the completion is `chosen`;
+`rejected` is another row's completion for the same prompt (data/unpaired.py), whose
+log-ratio estimates KTO's KL reference point; `labels` is 1 for a desirable row, 0 for an
+undesirable one."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import LossOptions, PairLogps
 
@@ -53,3 +55,36 @@ def unpaired_metrics(p: PairLogps, o: LossOptions) -> dict[str, torch.Tensor]:
             "rewards/accuracies": ((h > z).to(y.dtype) == y).to(y.dtype),
             "rewards/margins": o.beta * (h - z) * sign,
             "rewards/desirable_fraction": y}
+
+
+def bco(p: PairLogps, o: LossOptions) -> torch.Tensor:
+    """BCO (Jung et al., arXiv 2404.04656, eq. 8, without the density-ratio matching of its
+    section 4): a binary classifier on r = beta h shifted by delta, the running mean of the
+    rewards (RewardShift): desirable rows -log sigma(r - delta), undesirable rows
+    -log sigma(-(r - delta)), weighted as KTO's."""
+    y, r = _labels(p), o.beta * p.chosen_logratios
+    shifted = r - o.bco_delta
+    return (y * -F.logsigmoid(shifted) * o.kto_desirable_weight
+            + (1 - y) * -F.logsigmoid(-shifted) * o.kto_undesirable_weight)
+
+
+class RewardShift:
+    """BCO's delta: the running mean of each training micro-batch's mean reward beta h over
+    its rows (all ranks' rows: `reduce` averages over them), updated before the loss reads
+    it, as TRL's BCO trainer did. Plain floats, saved in checkpoints (`state`), so a resumed
+    run continues with the same delta."""
+
+    def __init__(self, reduce=lambda x: float(x)) -> None:
+        self.mean, self.count, self.reduce = 0.0, 0, reduce
+
+    def update(self, rewards: torch.Tensor) -> float:
+        value = self.reduce(rewards.detach().float().mean())
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+        return self.mean
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+    def restore(self, state: dict) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])

@@ -22,6 +22,7 @@ from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
 from . import chunked_head
 from .moe import apply_moe_implementation
 from .precision import cast_parameters, storage_dtype
+from .router import freeze_routers
 
 log = logging.getLogger(__name__)
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer"
@@ -166,6 +167,9 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
         reference.eval().requires_grad_(False)
     # A mixed-precision policy keeps float32 masters (models/precision.py).
     policy = cast_parameters(model, storage_dtype(cfg)).train()
+    if cfg.freeze_router and not freeze_routers(policy):
+        raise ModelLoadError(f"model.freeze_router=true: {type(policy).__name__} has no "
+                             "router (a dense model); set model.freeze_router=false")
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
             if each is not None:

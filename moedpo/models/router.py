@@ -62,7 +62,6 @@ def _router_sink(model: torch.nn.Module) -> dict:
     target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
     if target is None:
         return sink
-    target_class = getattr(target, "target_class", target)
     index = getattr(target, "index", 0)
 
     @torch.compiler.disable
@@ -73,11 +72,29 @@ def _router_sink(model: torch.nn.Module) -> dict:
             record.logits.append(output[index] if isinstance(output, tuple) else output)
             record.choices.append(_chosen_experts(output))
 
-    for module in model.modules():
-        if isinstance(module, target_class):
-            module._moedpo_router_sink = sink
-            module.register_forward_hook(keep)
+    for module in router_modules(model):
+        module._moedpo_router_sink = sink
+        module.register_forward_hook(keep)
     return sink
+
+
+def router_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's router (gate) modules: the class transformers records router logits from
+    (`_can_record_outputs["router_logits"]`); none for a dense model."""
+    target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if target is None:
+        return []
+    target_class = getattr(target, "target_class", target)
+    return [m for m in model.modules() if isinstance(m, target_class)]
+
+
+def freeze_routers(model: torch.nn.Module) -> int:
+    """model.freeze_router: router weights and biases take no gradient (and so get no
+    optimizer state); returns how many parameters were frozen."""
+    params = [p for m in router_modules(model) for p in m.parameters()]
+    for param in params:
+        param.requires_grad_(False)
+    return len(params)
 
 
 @dataclass

@@ -60,7 +60,8 @@ def hand_pair(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> float:
 
 
 def hand_unpaired(name: str, pc, rc, kl_pc, kl_rc, labels, o: LossOptions) -> list[float]:
-    """KTO (eq. 7-8) and unpaired APO-zero per row; z0 = max(0, mean KL log-ratio)."""
+    """KTO (eq. 7-8), BCO (eq. 8) and unpaired APO-zero per row; z0 = max(0, mean KL
+    log-ratio)."""
     b = o.beta
     z = max(0.0, sum(a - r for a, r in zip(kl_pc, kl_rc, strict=True)) / len(kl_pc))
     out = []
@@ -68,6 +69,10 @@ def hand_unpaired(name: str, pc, rc, kl_pc, kl_rc, labels, o: LossOptions) -> li
         if name == "kto":
             out.append(o.kto_desirable_weight * (1 - sig(b * (h - z))) if y
                        else o.kto_undesirable_weight * (1 - sig(b * (z - h))))
+        elif name == "bco":
+            r = b * h - o.bco_delta
+            out.append(o.kto_desirable_weight * -logsig(r) if y
+                       else o.kto_undesirable_weight * -logsig(-r))
         else:
             out.append(o.kto_desirable_weight * (1 - sig(b * h)) if y
                        else o.kto_undesirable_weight * sig(b * h))
@@ -126,7 +131,8 @@ def test_each_unpaired_loss_equals_its_hand_formula(name, z_positive):
     if z_positive:  # the KL completions more likely under the policy: z0 > 0
         rr = [v - 4.0 for v in pr]
     labels = [True, False, True, True, False, False]
-    opts = LossOptions(beta=0.3, kto_desirable_weight=1.3, kto_undesirable_weight=0.7)
+    opts = LossOptions(beta=0.3, kto_desirable_weight=1.3, kto_undesirable_weight=0.7,
+                       bco_delta=0.25)
     out = preference_loss(seq(pc, pr, nc, nr), seq(rc, rr, nc, nr), [name], None, opts,
                           labels=torch.tensor(labels, dtype=torch.double))
     expected = hand_unpaired(name, pc, rc, pr, rr, labels, opts)
@@ -159,7 +165,7 @@ AT_START = {"sigmoid": math.log(2), "robust": math.log(2), "sigmoid_norm": math.
             "apo_down": 1.0, "nca_pair": 2 * math.log(2), "sppo_hard": 50.0,
             "bco_pair": 2 * math.log(2), "cal_dpo": math.log(2) + 50.0,
             "aot": math.log(2), "aot_unpaired": math.log(2), "discopop": None,
-            "exo_pair": None, "kto": 0.5, "apo_zero_unpaired": 0.5}
+            "exo_pair": None, "kto": 0.5, "apo_zero_unpaired": 0.5, "bco": math.log(2)}
 
 
 @pytest.mark.parametrize("name", [n for n, v in AT_START.items() if v is not None])
@@ -242,3 +248,18 @@ def test_ipo_rewards_are_of_sums_while_the_loss_sees_means():
     assert out.loss.item() == pytest.approx(1.0)
     assert out.metrics["rewards/chosen"].tolist() == [-2.0, -1.0]
     assert out.metrics["rewards/margins"].tolist() == [1.0, 0.0]
+
+
+def test_bco_reward_shift_is_the_running_mean_of_batch_means_and_resumes():
+    from moedpo.losses.unpaired import RewardShift
+
+    shift = RewardShift()
+    batches = [torch.tensor([1.0, 3.0]), torch.tensor([-2.0]), torch.tensor([0.5, 0.5, 2.0])]
+    got = [shift.update(b) for b in batches]
+    means = [2.0, -2.0, 1.0]
+    assert got == pytest.approx([sum(means[:i + 1]) / (i + 1) for i in range(3)])
+    again = RewardShift()
+    again.restore(shift.state())
+    assert again.update(torch.tensor([4.0])) == shift.update(torch.tensor([4.0]))
+    halved = RewardShift(reduce=lambda x: float(x) / 2)  # e.g. an average over two ranks
+    assert halved.update(torch.tensor([3.0])) == 1.5

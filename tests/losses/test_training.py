@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import tiny_train_overrides, write_unpaired
+from conftest import tiny_train_overrides, train_rows, write_unpaired
 from moedpo.config import ConfigError
 from moedpo.losses import LOSSES
 from moedpo.parallel.backend import init_backend
@@ -82,3 +82,19 @@ def test_each_loss_learns_the_demo_task(make_cfg, name, unpaired_demo):
         return
     lead = lambda r: r["eval/logps/chosen"] - r["eval/logps/rejected"]  # noqa: E731
     assert lead(last) > lead(first) + 1.0, (name, lead(first), lead(last))
+
+
+def test_bco_resumes_with_its_reward_shift(make_cfg, tmp_path, unpaired_demo):
+    """BCO's running reward mean is in the checkpoints: 2 + 2 steps == 4 steps straight (the
+    shift moves every step, so a resumed run without it would train differently)."""
+    common = [*tiny_train_overrides(), "loss.name=bco", f"datasets=[{unpaired_demo}]",
+              "dry_run=false", "eval_frequency=100", "report_metrics_freq=1"]
+    run(make_cfg(*common, "max_steps=4", "exp_name=straight"))
+    run(make_cfg(*common, "max_steps=2", "exp_name=resumed"))
+    run(make_cfg(*common, "max_steps=4", "exp_name=resumed"))
+    rows = {name: [r for r in train_rows(tmp_path / name) if "train/loss" in r]
+            for name in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"] and len(rows["straight"]) == 4
+    state = json.loads(next((tmp_path / "resumed" / "checkpoints").glob("step_00000004"))
+                       .joinpath("trainer_state.json").read_text())
+    assert state["bco_shift"]["count"] == 4 and state["bco_shift"]["mean"] != 0

@@ -113,3 +113,37 @@ def test_statistics_count_the_routers_own_choice_deepseek_v3():
     torch.testing.assert_close(out.expert_counts, expected)
     softmax_pick = router_losses(record.logits, mask, 2).expert_counts
     assert not torch.equal(softmax_pick, expected)  # the old statistics counted other experts
+
+
+def test_freeze_router_leaves_routers_bit_identical_and_without_optimizer_state(make_cfg):
+    """model.freeze_router=true: after training every router weight is exactly the starting
+    one and has no optimizer state, while the experts and attention moved; unfrozen, the
+    routers move too."""
+    import torch.distributed.checkpoint as dcp
+
+    from conftest import tiny_train_overrides
+    from moedpo.models.load import build_models
+    from moedpo.models.router import router_modules
+    from moedpo.train import run
+
+    common = [*tiny_train_overrides(), "dry_run=false", "max_steps=2"]
+    frozen_cfg = make_cfg(*common, "model.freeze_router=true", "exp_name=frozen")
+    frozen = run(frozen_cfg).policy
+    free = run(make_cfg(*common, "exp_name=free")).policy
+    start, _ = build_models(frozen_cfg.model, frozen_cfg.seed, with_reference=False)
+    names = {n for n, _ in start.named_parameters()}
+    routers = {f"{prefix}.{n}" for prefix, m in start.named_modules() if m in router_modules(start)
+               for n, _ in m.named_parameters()}
+    assert routers and routers < names
+    before = dict(start.named_parameters())
+    after = dict(frozen.named_parameters())
+    moved = dict(free.named_parameters())
+    for name in names:
+        same = torch.equal(after[name], before[name])
+        assert same == (name in routers), name  # frozen routers equal; everything else moved
+        if name in routers:
+            assert not torch.equal(moved[name], before[name]), name  # they train otherwise
+    (step,) = sorted((frozen_cfg.run_dir / "checkpoints").glob("step_*"))[-1:]
+    saved = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    optim = [k for k in saved if k.startswith("optim.state.")]
+    assert optim and not any(r in k for r in routers for k in optim)
