@@ -36,6 +36,16 @@ def test_two_ranks_equal_one_process(tmp_path, moe):
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
+def test_packed_shared_prompt_rows_on_two_ranks_equal_one_process(tmp_path):
+    """data.packing (several pairs a row, prompts shared) under FSDP2 on 2 ranks: each rank
+    packs its own pairs; the run equals one process packing all of them."""
+    args = [*(a for a in COMMON if not a.startswith("data.static_shapes")),
+            "data.packing=true", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+
+
 def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
     """checkpoint_manager_path under FSDP2: models built on the meta device, each rank reads
     its shards, the reference lives in host memory between uses; same run as one process."""
