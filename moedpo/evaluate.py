@@ -13,8 +13,15 @@ import torch
 from .config import ConfigError, DPOConfig
 from .data.collate import SEGMENT_PROMPT
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_tokens
-from .losses import DPOOutput, LossOptions, loss_names, pair_logps, preference_loss
-from .losses.unpaired import RewardShift
+from .losses import (
+    DPOOutput,
+    LossOptions,
+    loss_names,
+    pair_logps,
+    preference_loss,
+    unpaired_losses,
+)
+from .losses.unpaired import RewardShift, global_kl_estimate
 from .metrics import MeanMetrics
 from .models import chunked_head
 from .models.moe import moe_top_k
@@ -171,7 +178,11 @@ def loss_options(cfg: DPOConfig) -> LossOptions:
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                batch: dict[str, torch.Tensor], cfg: DPOConfig,
-               shift: RewardShift | None = None) -> DPOOutput:
+               shift: RewardShift | None = None,
+               sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+               rows: int | None = None) -> DPOOutput:
+    """The step's loss on one micro-batch. Unpaired losses take KTO's z0 over every rank's
+    share of the micro-batch (`sum_over_ranks`), of which only the first `rows` count."""
     # The reference runs first: its forward's temporaries are gone before the policy's
     # activations, kept for the backward, are made.
     reference_logps = None
@@ -185,11 +196,14 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
     if "reference_logps" in batch:  # precomputed (reference.precompute=true)
         reference_logps = SequenceLogps(batch["reference_logps"], policy_logps.n_tokens,
                                         torch.zeros_like(batch["reference_logps"]))
-    options = loss_options(cfg)
-    if shift is not None:  # BCO: training batches move the reward shift, eval reads it
-        rewards = cfg.beta * pair_logps(policy_logps, reference_logps).chosen_logratios
-        options.bco_delta = shift.update(rewards) if policy.training else shift.mean
-    out = preference_loss(policy_logps, reference_logps, *loss_terms(cfg), options,
+    options, names = loss_options(cfg), loss_terms(cfg)
+    if unpaired_losses(names[0]):
+        view = pair_logps(policy_logps, reference_logps)
+        options.kto_kl = global_kl_estimate(view, sum_over_ranks, rows)
+        if shift is not None:  # BCO: training batches move the reward shift, eval reads it
+            rewards = cfg.beta * view.chosen_logratios
+            options.bco_delta = shift.update(rewards) if policy.training else shift.mean
+    out = preference_loss(policy_logps, reference_logps, *names, options,
                           cfg.loss.f_divergence, cfg.loss.f_alpha, batch.get("kto_labels"))
     if routers is not None and routers.logits:
         m = cfg.model
@@ -204,7 +218,9 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches,
              cfg: DPOConfig, sync: Callable[[], None] = lambda: None,
-             groups: list[str] | None = None, shift: RewardShift | None = None) -> MeanMetrics:
+             groups: list[str] | None = None, shift: RewardShift | None = None,
+             sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+             ) -> MeanMetrics:
     """Metrics over this rank's eval pairs; `batches` yields (collated batch, valid, labels):
     only the first `valid` pairs of a batch count (the rest pad ranks to equal work); with
     `groups` (several data sources), per-pair metrics are also kept by each pair's label.
@@ -213,7 +229,7 @@ def evaluate(policy: torch.nn.Module, reference: torch.nn.Module | None, batches
     policy.eval()
     metrics = MeanMetrics()
     for batch, valid, labels in batches:
-        out = batch_loss(policy, reference, batch, cfg, shift)
+        out = batch_loss(policy, reference, batch, cfg, shift, sum_over_ranks, valid)
         sync()
         if groups:
             metrics.add_grouped({k: v[:valid] for k, v in out.metrics.items()},

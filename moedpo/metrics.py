@@ -94,30 +94,52 @@ class MeanMetrics:
         return metrics
 
     def reduced(self, backend) -> MeanMetrics:
-        """The same window summed over all ranks (itself in a single process). Every rank
-        holds the same keys, so one flat all-reduce in sorted key order carries it all."""
+        """The same window summed over all ranks (itself in a single process): one flat
+        all-reduce over the union of the ranks' keys, which differ where a rank saw no pair
+        (an eval set smaller than a round of eval batches leaves the last ranks none)."""
         if not backend.distributed:
             return self
-        sums, scalars, routing = sorted(self.sums), sorted(self.scalars), sorted(self.routing)
-        grouped = [(g, k) for g in sorted(self.groups) for k in sorted(self.groups[g])]
-        flat = [self.sums[k] for k in sums] + [float(self.count)]
-        flat += [sum(self.scalars[k]) / len(self.scalars[k]) for k in scalars]
-        flat += [self.routing[k] for k in routing]
-        flat += [self.groups[g][k] for g, k in grouped]
-        counts = [] if self.expert_counts is None else self.expert_counts.reshape(-1).tolist()
-        total = backend.all_reduce_sum(torch.tensor(flat + counts, dtype=torch.float64))
-        out, i = MeanMetrics(), 0
-        for k in sums:
-            out.sums[k], i = float(total[i]), i + 1
-        out.count, i = int(total[i]), i + 1
-        for k in scalars:  # per-step values: the mean over ranks
-            out.scalars[k], i = [float(total[i]) / backend.world_size], i + 1
-        for k in routing:
-            out.routing[k], i = float(total[i]), i + 1
-        for g, k in grouped:
-            out.groups.setdefault(g, {})[k], i = float(total[i]), i + 1
+        names = [f"s\0{k}" for k in self.sums] + [f"c\0{k}" for k in self.scalars]
+        names += [f"r\0{k}" for k in self.routing]
+        names += [f"g\0{g}\0{k}" for g, sums in self.groups.items() for k in sums]
         if self.expert_counts is not None:
-            out.expert_counts = total[i:].float().reshape(self.expert_counts.shape)
+            names.append("e\0" + ",".join(map(str, self.expert_counts.shape)))
+        names = backend.union(names)
+        flat = [float(self.count)]
+        for name in names:
+            kind, _, key = name.partition("\0")
+            if kind == "s":
+                flat.append(self.sums.get(key, 0.0))
+            elif kind == "c":  # per-step values: mean over the ranks that have them
+                values = self.scalars.get(key)
+                flat += [sum(values) / len(values), 1.0] if values else [0.0, 0.0]
+            elif kind == "r":
+                flat.append(self.routing.get(key, 0.0))
+            elif kind == "g":
+                group, _, key = key.partition("\0")
+                flat.append(self.groups.get(group, {}).get(key, 0.0))
+        shape = [tuple(int(n) for n in name[2:].split(",")) for name in names
+                 if name.startswith("e\0")]
+        if shape:
+            counts = (torch.zeros(shape[0]) if self.expert_counts is None
+                      else self.expert_counts)
+            flat += counts.reshape(-1).tolist()
+        total = backend.all_reduce_sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        out = MeanMetrics()
+        out.count, i = int(total[0]), 1
+        for name in names:
+            kind, _, key = name.partition("\0")
+            if kind == "s":
+                out.sums[key], i = total[i], i + 1
+            elif kind == "c":
+                out.scalars[key], i = [total[i] / max(total[i + 1], 1.0)], i + 2
+            elif kind == "r":
+                out.routing[key], i = total[i], i + 1
+            elif kind == "g":
+                group, _, key = key.partition("\0")
+                out.groups.setdefault(group, defaultdict(float))[key], i = total[i], i + 1
+        if shape:
+            out.expert_counts = torch.tensor(total[i:]).float().reshape(shape[0])
         return out
 
     def means(self) -> dict[str, float]:

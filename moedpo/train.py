@@ -102,7 +102,7 @@ def reward_shift(cfg: DPOConfig, backend: Backend) -> RewardShift | None:
     """BCO's running reward mean, averaged over ranks (one scalar a micro-batch)."""
     if "bco" not in loss_names(cfg.loss.name):
         return None
-    return RewardShift(lambda x: float(backend.all_reduce_sum(x.reshape(1).cpu().double())[0])
+    return RewardShift(lambda x: float(backend.sum_over_ranks(x.reshape(1))[0])
                        / backend.world_size)
 
 
@@ -210,7 +210,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         n_batches = -(-len(data.eval) // (eval_batch * world))
         with computing():
             metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
-                               backend.sync, groups, shift)
+                               backend.sync, groups, shift, backend.sum_over_ranks)
         metrics = metrics.reduced(backend)
         row = writer.write(step, step * step_size, "eval", metrics)
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
@@ -252,7 +252,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 mine = start + backend.rank * micro  # micro-batch of the step
                 chunk = pairs[mine:mine + micro]
                 with computing():
-                    out = batch_loss(policy, reference, to_batch(chunk), cfg, shift)
+                    out = batch_loss(policy, reference, to_batch(chunk), cfg, shift,
+                                     backend.sum_over_ranks)
                     (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 window.tokens += sum(p.n_tokens for p in chunk)
@@ -349,7 +350,7 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
     if top_k:  # each token runs k of E experts
         experts = experts_modules(policy)
         per_expert = sum(p.numel() for m in experts for p in m.parameters())
-        active -= per_expert * (1 - top_k / experts[0].gate_up_proj.shape[0])
+        active -= per_expert * (1 - top_k / experts[0].down_proj.shape[0])
     source = cfg.model.config_path or cfg.model.name_or_path
     precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",

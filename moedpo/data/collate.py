@@ -65,7 +65,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), length), label_pad, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    weights = torch.zeros((len(sequences), length))
+    weights = torch.zeros((len(sequences), length)) if ld_alpha is not None else None
     for row, (prompt, response) in enumerate(sequences):
         n_prompt, n = len(prompt), len(prompt) + len(response)
         input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
@@ -128,7 +128,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
     pair_ids = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     pair_rows = torch.zeros(len(pairs), dtype=torch.long)
-    weights = torch.zeros(shape)
+    weights = torch.zeros(shape) if ld_alpha is not None else None  # only for LD-DPO
     for row, members in enumerate(rows):
         start = 0
         for i in members:

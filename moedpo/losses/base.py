@@ -79,6 +79,9 @@ class LossOptions:
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     bco_delta: float = 0.0  # BCO's reward shift, from losses.unpaired.RewardShift
+    # KTO's z0 over every rank's rows (losses.unpaired.global_kl_estimate); None: the
+    # micro-batch's own.
+    kto_kl: torch.Tensor | None = None
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]

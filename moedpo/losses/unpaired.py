@@ -6,16 +6,35 @@ undesirable one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .base import LossOptions, PairLogps
 
 
-def kl_estimate(p: PairLogps) -> torch.Tensor:
+def kl_estimate(p: PairLogps, o: LossOptions | None = None) -> torch.Tensor:
     """KTO's reference point z0: the micro-batch's mean log-ratio of mismatched completions
-    (a KL(pi || pi_ref) estimate), floored at 0 and without gradient (paper, section 4.1)."""
+    (a KL(pi || pi_ref) estimate), floored at 0 and without gradient (paper, section 4.1);
+    `o.kto_kl` where the caller took it over every rank's rows (global_kl_estimate)."""
+    if o is not None and o.kto_kl is not None:
+        return o.kto_kl
     return p.rejected_logratios.detach().mean().clamp(min=0)
+
+
+def global_kl_estimate(p: PairLogps, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+                       rows: int | None = None) -> torch.Tensor:
+    """z0 over the global micro-batch: every rank's mismatched log-ratios summed and divided
+    by their number, so that N ranks of b rows give one process's z0 over N b rows (TRL
+    averages the ranks' estimates, the same for equal batches). Only the first `rows` rows
+    count (eval pads a rank's last batch with repeats)."""
+    ratios = p.rejected_logratios.detach().float()
+    counted = torch.ones_like(ratios)
+    if rows is not None:
+        counted = (torch.arange(ratios.numel(), device=ratios.device) < rows).float()
+    totals = sum_over_ranks(torch.stack([(ratios * counted).sum(), counted.sum()]))
+    return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).to(p.chosen.dtype)
 
 
 def _labels(p: PairLogps) -> torch.Tensor:
@@ -30,7 +49,7 @@ def kto(p: PairLogps, o: LossOptions) -> torch.Tensor:
     and z0 = kl_estimate: desirable rows lambda_D (1 - sigma(beta (h - z0))), undesirable
     rows lambda_U (1 - sigma(beta (z0 - h))); lambda = kto_desirable_weight /
     kto_undesirable_weight."""
-    y, h, z = _labels(p), p.chosen_logratios, kl_estimate(p)
+    y, h, z = _labels(p), p.chosen_logratios, kl_estimate(p, o)
     desirable = o.kto_desirable_weight * (1 - torch.sigmoid(o.beta * (h - z)))
     undesirable = o.kto_undesirable_weight * (1 - torch.sigmoid(o.beta * (z - h)))
     return y * desirable + (1 - y) * undesirable
@@ -49,7 +68,7 @@ def unpaired_metrics(p: PairLogps, o: LossOptions) -> dict[str, torch.Tensor]:
     log-prob, and `rewards/accuracies`: whether the reward's side of z0 matches the label
     (h > z0 for a desirable row). `rewards/margins` is the signed distance beta (h - z0)
     (negated for undesirable rows): positive when the row is on its right side."""
-    y, h, z = _labels(p).detach(), p.chosen_logratios.detach(), kl_estimate(p)
+    y, h, z = _labels(p).detach(), p.chosen_logratios.detach(), kl_estimate(p, o)
     sign = 2 * y - 1
     return {"kl": z.expand_as(h), "rewards/completion": o.beta * h,
             "rewards/accuracies": ((h > z).to(y.dtype) == y).to(y.dtype),

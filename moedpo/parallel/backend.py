@@ -73,6 +73,24 @@ class Backend:
         dist.all_reduce(reduced)
         return reduced.cpu().double()
 
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """A small tensor summed over ranks where it lives, with no host read (a batch
+        statistic inside the step, such as KTO's z0); itself in one process."""
+        if not self.distributed:
+            return values
+        values = values.clone()
+        dist.all_reduce(values)
+        return values
+
+    def union(self, names: list[str]) -> list[str]:
+        """Every rank's `names` together, sorted: what a reduce by name must cover when some
+        ranks hold names others lack (a rank with no eval pair has no metric at all)."""
+        if not self.distributed:
+            return sorted(set(names))
+        gathered: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(set(names)))
+        return sorted(set().union(*gathered))
+
 
 def choose_kind(requested: str) -> str:
     if requested != "auto":

@@ -47,16 +47,31 @@ def test_weights_zero_leaves_a_source_out():
 
 
 class Gather:
-    """A backend of 2 ranks in one process: the other rank's flat tensor is added."""
+    """A backend of 2 ranks in one process: the other rank's key names are joined and its
+    flat tensor is added (`other` a Gather that saw the other rank's reduce)."""
 
     distributed, world_size = True, 2
 
-    def __init__(self, other=None):
-        self.other, self.seen = other, None
+    def __init__(self, other: "Gather | None" = None):
+        self.other, self.seen, self.names = other, None, []
+
+    def union(self, names):
+        self.names = sorted(set(names) | set(self.other.names if self.other else []))
+        return self.names
 
     def all_reduce_sum(self, tensor):
         self.seen = tensor
-        return tensor if self.other is None else tensor + self.other
+        return tensor if self.other is None else tensor + self.other.seen
+
+
+def reduce_two(first: MeanMetrics, second: MeanMetrics) -> MeanMetrics:
+    """`first` reduced with `second` as the other rank: both see the union of their keys."""
+    names = Gather()
+    second.reduced(names)  # its own names
+    first.reduced(names)  # names of both, so first's flat tensor has every key
+    other = Gather(names)
+    second.reduced(other)  # the other rank's flat tensor over the union
+    return first.reduced(Gather(other))
 
 
 def test_per_source_eval_means_over_ranks_equal_a_hand_computation():
@@ -68,13 +83,25 @@ def test_per_source_eval_means_over_ranks_equal_a_hand_computation():
         m.add({"rewards/accuracies": acc[part]})
         m.add_grouped({"rewards/accuracies": acc[part]}, labels[part], ["a", "b"])
         ranks.append(m)
-    capture = Gather()
-    ranks[1].reduced(capture)
-    means = ranks[0].reduced(Gather(capture.seen)).means()
+    means = reduce_two(ranks[0], ranks[1]).means()
     assert means["rewards/accuracies"] == pytest.approx(4 / 6)
     assert means["a/rewards/accuracies"] == pytest.approx(3 / 3)
     assert means["b/rewards/accuracies"] == pytest.approx(1 / 3)
     assert means["a/num_examples"] == 3 and means["b/num_examples"] == 3
+
+
+def test_a_rank_with_no_pair_reduces_with_one_that_has_some():
+    """An eval set smaller than a round of eval batches leaves a rank no pair: its window
+    holds no keys at all, and the reduce still gives the other rank's means."""
+    full, empty = MeanMetrics(), MeanMetrics()
+    full.add({"loss": torch.tensor([0.5, 0.7]), "kl": torch.tensor([0.1, 0.1])})
+    full.add_scalars({"grad_norm": 2.0})
+    full.expert_counts = torch.tensor([[3.0, 1.0]])
+    for a, b in ((full, empty), (empty, full)):
+        means = reduce_two(a, b).means()
+        assert means["loss"] == pytest.approx(0.6) and means["kl"] == pytest.approx(0.1)
+        assert means["num_examples"] == 2 and means["grad_norm"] == 2.0
+        assert means["moe/expert_load"] == [[1.5, 0.5]]
 
 
 def test_mixed_run_of_text_and_chat_sources_reports_each_source(make_cfg):

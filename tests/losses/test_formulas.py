@@ -263,3 +263,30 @@ def test_bco_reward_shift_is_the_running_mean_of_batch_means_and_resumes():
     assert again.update(torch.tensor([4.0])) == shift.update(torch.tensor([4.0]))
     halved = RewardShift(reduce=lambda x: float(x) / 2)  # e.g. an average over two ranks
     assert halved.update(torch.tensor([3.0])) == 1.5
+
+
+def test_kto_kl_estimate_over_ranks_is_the_global_micro_batchs():
+    """z0 of two ranks' rows summed over ranks == z0 of all rows in one batch (hand mean);
+    rows past `rows` (eval's padding) do not count; floored at 0."""
+    from moedpo.losses.base import PairLogps
+    from moedpo.losses.unpaired import global_kl_estimate, kl_estimate
+
+    def view(mismatched: list[float]) -> PairLogps:
+        n = len(mismatched)
+        zeros = torch.zeros(n, dtype=torch.double)
+        return PairLogps(zeros, torch.tensor(mismatched, dtype=torch.double), zeros, zeros,
+                         zeros + 1, zeros + 1)
+
+    a, b = view([0.5, 2.0, 1.0]), view([4.0, -9.0])  # rank 1's last row is padding
+
+    def plus(other: torch.Tensor):  # the other rank's [sum, count], as all_reduce adds it
+        return lambda values: values + other
+
+    z = global_kl_estimate(a, plus(torch.tensor([4.0, 1.0])))
+    assert float(z) == pytest.approx((0.5 + 2.0 + 1.0 + 4.0) / 4)
+    assert float(global_kl_estimate(b, plus(torch.tensor([3.5, 3.0])), rows=1)) == \
+        pytest.approx(float(z))
+    alone = view([-1.0, -3.0])
+    assert float(global_kl_estimate(alone, lambda x: x)) == 0.0
+    assert float(kl_estimate(alone)) == 0.0
+    assert float(kl_estimate(alone, LossOptions(kto_kl=torch.tensor(0.25)))) == 0.25

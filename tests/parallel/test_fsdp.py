@@ -7,7 +7,15 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_run, assert_same_update, final_weights, run_ok, wait_for
+from conftest import (
+    ROOT,
+    assert_same_run,
+    assert_same_update,
+    final_weights,
+    run_ok,
+    wait_for,
+    write_unpaired,
+)
 from moedpo.checkpoint import COMPLETE, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
@@ -41,6 +49,19 @@ def test_packed_shared_prompt_rows_on_two_ranks_equal_one_process(tmp_path):
     packs its own pairs; the run equals one process packing all of them."""
     args = [*(a for a in COMMON if not a.startswith("data.static_shapes")),
             "data.packing=true", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kto", "bco"])
+def test_unpaired_losses_on_two_ranks_equal_one_process(tmp_path, loss):
+    """KTO's per-micro-batch KL estimate and BCO's reward shift (averaged over ranks) on 2
+    ranks equal one process. 40 eval rows in the demo's eval batch of 50 leave rank 1 with
+    no eval row at all: its metrics window holds no keys, and the reduce must still agree."""
+    rows = write_unpaired(tmp_path / "rows", 20, 20)
+    args = [*(a for a in COMMON if a != "dry_run=true"), "dry_run=false", f"loss.name={loss}",
+            f"datasets=[{rows}]", f"output_dir={tmp_path}"]
     run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
     run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
