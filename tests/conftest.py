@@ -251,7 +251,7 @@ def routing_tolerance(row: dict, split: str, flips: int) -> float:
 
 
 def assert_same_run(a, b, atol: float, rel: float = 0.0, routing_atol: float = 0.0,
-                    skip_routing: bool = False, routing_flips: int = 2) -> None:
+                    skip_routing: bool = False, routing_flips: int = 6) -> None:
     """Same metrics rows (b may log more keys) and same final weights, within `atol` (plus
     `rel` of the value for metrics). Routing statistics, discrete, within what
     `routing_flips` tokens choosing other experts change (and `routing_atol`), or not

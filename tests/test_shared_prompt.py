@@ -66,7 +66,12 @@ def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path, caplog):
     with caplog.at_level("INFO", logger="moedpo"):
         run(make_cfg(*common, "exp_name=shared"))  # the default: auto, on here
     assert "shared prompt off" not in caplog.text
-    assert_same_run(tmp_path / "plain", tmp_path / "shared", atol=1e-5)
+    # Metrics within 1e-4 of their size: the two layouts sum in other orders, and once the
+    # weights differ by that rounding a near-tie in some router's top-k can flip on one
+    # machine's kernels and not another's (seen: one of 6293 eval tokens at step 4 on an
+    # AVX-512 CPU, moving the eval rewards by 5e-5 of their size). A wrong mask or position
+    # is off by far more, from step 0.
+    assert_same_run(tmp_path / "plain", tmp_path / "shared", atol=1e-5, rel=1e-4)
 
 
 def test_router_losses_and_loads_of_shared_rows_equal_unshared():
