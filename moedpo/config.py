@@ -25,6 +25,7 @@ SCHEDULES = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATION_MODES = ("keep_end", "keep_start")
 MOE_IMPLEMENTATIONS = ("auto", "hf", "hf_eager", "dropless", "dense", "dropped")
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 # The original's XLA-only optimizer; off XLA it is plain torch AdamW.
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 
@@ -55,6 +56,11 @@ class ModelConfig:
     # low-precision parameters and optimizer state (half the memory; DPO-sized updates
     # round away).
     mixed_precision: bool = True
+    # The attention kernel (README "Attention"): auto = sdpa where the model class has it,
+    # else eager; or sdpa, eager, flash_attention_2, flex_attention as transformers names them.
+    attn_implementation: str = "auto"
+    # The seed's switch, kept as an alias: false = eager attention (with attn_implementation
+    # auto).
     flash_attention: bool = True
     capacity_factor: float = 0.0
     # auto: dropped when capacity_factor > 0, else dropless. README "MoE implementations".

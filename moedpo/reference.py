@@ -110,7 +110,7 @@ def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, devices: int =
         # The dropped MoE's capacity depends on each batch's padded length, so on which
         # pairs share a batch: the precompute batch and how many devices split it.
         "batch": [cfg.eval_batch_size, devices] if dropped and pad_to is None else None,
-        "dtype": m.reference_dtype, "flash_attention": m.flash_attention,
+        "dtype": m.reference_dtype, "attention": [m.attn_implementation, m.flash_attention],
         "moe": [m.moe_implementation, m.capacity_factor, m.capacity_rounding,
                 m.moe_ignore_padding],
         "pad_to": pad_to, "label_pad_token_id": cfg.label_pad_token_id,

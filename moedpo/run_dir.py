@@ -133,6 +133,7 @@ SAFE_ON_RESUME = (
     "num_proc", "local_compile_cache_dir", "per_device_eval_batch_size", "parallel.",
     "tensor_parallelism", "model.compile", "model.activation_checkpointing",
     "model.meta_init", "model.logps_chunk_size", "model.flash_attention",
+    "model.attn_implementation",
     "model.fsdp_config.", "reference.cpu_offload", "reference.cache_dir",
     "reference.precompute", "data.share_prompt", "data.static_shapes", "data.length_buckets",
     "data.strict",

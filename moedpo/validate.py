@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .config import (
+    ATTENTION_IMPLEMENTATIONS,
     DATASET_NAMES,
     DTYPES,
     MOE_IMPLEMENTATIONS,
@@ -178,6 +179,12 @@ def validate(cfg: DPOConfig) -> None:
     _check(m.moe_implementation in MOE_IMPLEMENTATIONS,
            f"model.moe_implementation={m.moe_implementation}: use one of "
            f"{', '.join(MOE_IMPLEMENTATIONS)}")
+    _check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+           f"model.attn_implementation={m.attn_implementation}: use one of "
+           f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    _check(m.attn_implementation in ("auto", "eager") or m.flash_attention,
+           f"model.flash_attention=false (eager attention) contradicts "
+           f"model.attn_implementation={m.attn_implementation}; set only one of them")
     _check(m.capacity_rounding in ("floor", "ceil"),
            f"model.capacity_rounding={m.capacity_rounding}: use floor or ceil")
     _check(m.moe_implementation in ("auto", "dropped") or m.capacity_factor == 0,

@@ -56,6 +56,9 @@ def test_cosine_schedule_group(make_cfg):
     ("datasets=[not-a-hub/id/x]", "a folder (train and test files: jsonl, json, parquet"),
     ("data.columns={answer:x}", "data.columns.answer: unknown key; use prompt, chosen"),
     ("data.chat_template=/no/t.jinja", "data.chat_template=/no/t.jinja: no such file"),
+    ("model.attn_implementation=flash", "model.attn_implementation=flash: use one of auto, sdpa"),
+    ("model.attn_implementation=sdpa model.flash_attention=false",
+     "model.flash_attention=false (eager attention) contradicts model.attn_implementation=sdpa"),
 ])
 def test_validation_names_the_key(make_cfg, override, message):
     with pytest.raises(ConfigError) as err:

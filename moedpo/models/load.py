@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import json
 import logging
@@ -89,9 +90,42 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
     return _without_dropout(config)
 
 
-def attention_implementation(cfg: ModelConfig) -> str:
-    # sdpa dispatches to flash / memory-efficient kernels where the device has them.
-    return "sdpa" if cfg.flash_attention else "eager"
+# What each implementation needs of the model class (transformers' own flags).
+_SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                 "flex_attention": "_supports_flex_attn"}
+
+
+def model_class(config: PretrainedConfig) -> type | None:
+    """The causal-LM class transformers builds for `config` (None: remote code, unknown)."""
+    return AutoModelForCausalLM._model_mapping.get(type(config), None)
+
+
+def attention_implementation(cfg: ModelConfig, config: PretrainedConfig | None = None,
+                             for_xla: bool = False) -> str:
+    """model.attn_implementation resolved for this model. auto: sdpa (fused kernels where
+    the device has them; it takes the 4-D masks of prompt sharing and packing) where the
+    model class supports it, else eager (gpt-oss, whose attention sinks sdpa lacks). XLA:
+    eager (HF's sdpa path reads the mask on the host to choose a kernel, splitting the
+    graph). An implementation the class lacks is a one-line error naming what it has."""
+    name = cfg.attn_implementation
+    if for_xla:
+        if name not in ("auto", "eager"):
+            log.info("model.attn_implementation=%s: XLA runs eager attention", name)
+        return "eager"
+    klass = model_class(config) if config is not None else None
+    if name == "auto":
+        if not cfg.flash_attention:
+            return "eager"
+        return "sdpa" if klass is None or getattr(klass, "_supports_sdpa", False) else "eager"
+    flag = _SUPPORT_FLAG.get(name)
+    if klass is not None and flag and not getattr(klass, flag, False):
+        have = ["eager", *(n for n, f in _SUPPORT_FLAG.items() if getattr(klass, f, False))]
+        raise ModelLoadError(f"model.attn_implementation={name}: {klass.__name__} does not "
+                             f"support it; use auto or one of {', '.join(have)}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelLoadError("model.attn_implementation=flash_attention_2 needs the flash-attn "
+                             "package (CUDA only); install it or use auto (sdpa)")
+    return name
 
 
 def _load_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -107,7 +141,7 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     initialised from `seed`. `on_meta`: the same modules with no storage (shapes only)."""
     config = model_config(cfg)
     dtype = _load_dtype(cfg)
-    attn = "eager" if for_xla else attention_implementation(cfg)
+    attn = attention_implementation(cfg, config, for_xla)
     if on_meta or cfg.config_path:
         if cfg.config_path:
             torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """Experts implementations registered with transformers' experts interface.
 
-transformers 5.x builds the experts of Mixtral (and Qwen-MoE, OLMoE, ...) as one module with
-fused weights `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`, whose forward dispatches
+transformers 5.x builds the experts of Mixtral (and Qwen-MoE, OLMoE, gpt-oss, ...) as one
+module with fused weights (`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`, or another
+layout: models/expert_layout.py reads them all), whose forward dispatches
 on `config._experts_implementation` to a function `fn(experts, hidden [T, H], top_k_index
 [T, k], top_k_weights [T, k]) -> [T, H]`. moedpo registers its own functions there:
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..config import ConfigError
+from .expert_layout import all_experts_mlp, expert_weights, is_experts, unsupported_reason
 from .grouped_mlp import routed_expert_mlp
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,11 @@ def kept_slots(top_k_index: torch.Tensor, num_experts: int, slots: int,
     return (place >= 0) & (place < slots)
 
 
-def _expert_mlp(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """All experts at once on [E, N, H] inputs -> [E, N, H]."""
-    gate_up = torch.bmm(x, experts.gate_up_proj.transpose(1, 2))
-    return torch.bmm(experts._apply_gate(gate_up), experts.down_proj.transpose(1, 2))
-
-
 def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
-    num_experts = experts.gate_up_proj.shape[0]
+    w = expert_weights(experts)
+    num_experts = w.num_experts
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # routing slots sorted by expert
     counts = torch.bincount(flat, minlength=num_experts)
@@ -81,16 +78,18 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
     if hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 \
             and hasattr(F, "grouped_mm"):
         offsets = counts.cumsum(0).to(torch.int32)
-        gate_up = F.grouped_mm(hidden[slot_token], experts.gate_up_proj.transpose(1, 2),
-                               offs=offsets)
-        out_sorted = F.grouped_mm(experts._apply_gate(gate_up),
-                                  experts.down_proj.transpose(1, 2), offs=offsets)
+        slot_expert = flat[order]
+        gate_up = F.grouped_mm(hidden[slot_token], w.first.transpose(1, 2), offs=offsets)
+        if w.first_bias is not None:
+            gate_up = gate_up + w.first_bias[slot_expert]
+        out_sorted = F.grouped_mm(w.activate(gate_up), w.down.transpose(1, 2), offs=offsets)
+        if w.down_bias is not None:
+            out_sorted = out_sorted + w.down_bias[slot_expert]
         out_sorted = out_sorted * slot_weight[:, None]
     else:
         # One matmul per expert is as fast as grouped_mm on CPU (measured) and works for
         # every dtype; the split sizes cost one host sync per layer.
-        out_sorted = routed_expert_mlp(hidden, slot_token, slot_weight, counts.tolist(),
-                                       experts)
+        out_sorted = routed_expert_mlp(hidden, slot_token, slot_weight, counts.tolist(), w)
     # Back to (token, rank) order and summed over ranks, as HF does: deterministic, and the
     # same accumulation order in bf16.
     # index_select's backward keeps only the index (index_copy's would keep `out_sorted`).
@@ -109,7 +108,8 @@ def dropped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_inde
     batch, seq_len = getattr(experts, "moedpo_batch_shape", None) or (1, tokens)
     top_k = top_k_index.shape[-1]
     token_mask = getattr(experts, "moedpo_token_mask", None)
-    num_experts = experts.gate_up_proj.shape[0]
+    w = expert_weights(experts)
+    num_experts = w.num_experts
     slots = capacity(seq_len, top_k, num_experts, experts.moedpo_capacity_factor,
                      getattr(experts, "moedpo_capacity_rounding", "floor"))
     # Buffer row of every (token, rank) slot: expert-major, then sequence, then place;
@@ -129,7 +129,7 @@ def dropped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_inde
         source[trash] = tokens
     padded = torch.cat([hidden, hidden.new_zeros(1, hidden_dim)])
     buffer = padded[source[:trash]].view(num_experts, batch * slots, hidden_dim)
-    out = _expert_mlp(experts, buffer).reshape(trash, hidden_dim)
+    out = all_experts_mlp(w, buffer).reshape(trash, hidden_dim)
     out = torch.cat([out, out.new_zeros(1, hidden_dim)])
     weights = (top_k_weights * keep).to(hidden.dtype)
     combined = (out[rows.reshape(-1)].view(tokens, top_k, hidden_dim) * weights[..., None]).sum(1)
@@ -139,10 +139,10 @@ def dropped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_inde
 
 def dense_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    num_experts = experts.gate_up_proj.shape[0]
-    weights = hidden.new_zeros(hidden.shape[0], num_experts)
+    w = expert_weights(experts)
+    weights = hidden.new_zeros(hidden.shape[0], w.num_experts)
     weights.scatter_(1, top_k_index, top_k_weights.to(hidden.dtype))
-    out = _expert_mlp(experts, hidden.unsqueeze(0).expand(num_experts, -1, -1))
+    out = all_experts_mlp(w, hidden.unsqueeze(0).expand(w.num_experts, -1, -1))
     return torch.einsum("te,eth->th", weights, out)
 
 
@@ -164,7 +164,7 @@ def _record_batch(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def experts_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    return [m for m in model.modules() if is_experts(m)]
 
 
 def moe_top_k(model: nn.Module) -> int | None:
@@ -175,13 +175,6 @@ def moe_top_k(model: nn.Module) -> int | None:
         top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", None)
         model._moedpo_top_k = top_k if experts_modules(model) else None
     return model._moedpo_top_k
-
-
-def supports_layout(experts: nn.Module) -> bool:
-    """Fused [gate; up] weights [E, 2I, H] and down [E, H, I], no bias (Mixtral, Qwen-MoE)."""
-    return (getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
-            and not getattr(experts, "is_transposed", False)
-            and getattr(experts, "is_concatenated", True))
 
 
 def resolve_implementation(name: str, capacity_factor: float, static: bool = False) -> str:
@@ -214,11 +207,12 @@ def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float
         if name == "hf_eager":  # HF's own loop over the experts hit by the batch
             model.set_experts_implementation("eager")
         return name
-    unsupported = [type(m).__name__ for m in experts if not supports_layout(m)]
-    if unsupported:
-        raise ConfigError(f"model.moe_implementation={name}: {unsupported[0]} stores its experts "
-                          "in a layout moedpo does not handle (transposed, biased or ungated); "
-                          "use model.moe_implementation=hf")
+    for module in experts:
+        why = unsupported_reason(module)
+        if why:
+            raise ConfigError(f"model.moe_implementation={name}: {type(module).__name__} has "
+                              f"{why}, which moedpo's experts do not handle; use "
+                              "model.moe_implementation=hf")
     model.set_experts_implementation(f"moedpo_{name}")
     for module in experts:
         module.moedpo_capacity_factor = capacity_factor

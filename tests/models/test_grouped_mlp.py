@@ -6,16 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moedpo.models.expert_layout import expert_weights
 from moedpo.models.grouped_mlp import routed_expert_mlp
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, inner: int, gate) -> None:
+    """transformers' fused experts layout; `biased_transposed`: gpt-oss's ([E, in, out]
+    weights with biases)."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int, gate,
+                 biased_transposed: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, 2 * inner, hidden,
-                                                     dtype=torch.float64) / hidden**0.5)
-        self.down_proj = nn.Parameter(torch.randn(num_experts, hidden, inner,
-                                                  dtype=torch.float64) / inner**0.5)
+        gate_up = torch.randn(num_experts, 2 * inner, hidden, dtype=torch.float64) / hidden**0.5
+        down = torch.randn(num_experts, hidden, inner, dtype=torch.float64) / inner**0.5
+        self.is_transposed = self.has_bias = biased_transposed
+        if biased_transposed:
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+            self.gate_up_proj_bias = nn.Parameter(torch.randn(num_experts, 2 * inner,
+                                                              dtype=torch.float64))
+            self.down_proj_bias = nn.Parameter(torch.randn(num_experts, hidden,
+                                                           dtype=torch.float64))
+        self.gate_up_proj, self.down_proj = nn.Parameter(gate_up), nn.Parameter(down)
         self.gate = gate
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -24,11 +35,22 @@ class Experts(nn.Module):
 
 
 def autograd_reference(hidden, slot_token, slot_weight, counts, experts):
+    """Written from the stored layout directly (x @ W for [in, out] weights), not from
+    moedpo's canonical view."""
     outs = []
     for e, x in enumerate(hidden[slot_token].split(counts)):
-        gated = experts._apply_gate(F.linear(x, experts.gate_up_proj[e]))
-        outs.append(F.linear(gated, experts.down_proj[e]))
+        if experts.is_transposed:
+            gated = experts._apply_gate(x @ experts.gate_up_proj[e]
+                                        + experts.gate_up_proj_bias[e])
+            outs.append(gated @ experts.down_proj[e] + experts.down_proj_bias[e])
+        else:
+            gated = experts._apply_gate(F.linear(x, experts.gate_up_proj[e]))
+            outs.append(F.linear(gated, experts.down_proj[e]))
     return torch.cat(outs) * slot_weight[:, None]
+
+
+def routed(hidden, slot_token, slot_weight, counts, experts):
+    return routed_expert_mlp(hidden, slot_token, slot_weight, counts, expert_weights(experts))
 
 
 def routing(tokens: int, top_k: int, num_experts: int, empty: int):
@@ -41,27 +63,31 @@ def routing(tokens: int, top_k: int, num_experts: int, empty: int):
     return order // top_k, counts
 
 
+@pytest.mark.parametrize("layout", [False, True], ids=["fused", "biased_transposed"])
 @pytest.mark.parametrize("gate", [F.silu, torch.tanh], ids=["silu", "tanh"])
-def test_output_and_every_gradient_equal_autograd_float64(gate):
+def test_output_and_every_gradient_equal_autograd_float64(gate, layout):
     torch.manual_seed(0)
-    experts = Experts(num_experts=5, hidden=12, inner=8, gate=gate)
+    experts = Experts(num_experts=5, hidden=12, inner=8, gate=gate, biased_transposed=layout)
     slot_token, counts = routing(tokens=9, top_k=2, num_experts=5, empty=3)
     assert counts[3] == 0
     hidden = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     slot_weight = torch.rand(len(slot_token), dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(len(slot_token), 12, dtype=torch.float64)
     inputs = (hidden, slot_weight, experts.gate_up_proj, experts.down_proj)
+    names = ["hidden", "slot_weight", "gate_up", "down"]
+    if layout:
+        inputs += (experts.gate_up_proj_bias, experts.down_proj_bias)
+        names += ["gate_up_bias", "down_bias"]
 
-    ours = routed_expert_mlp(hidden, slot_token, slot_weight, counts, experts)
+    ours = routed(hidden, slot_token, slot_weight, counts, experts)
     ours_grads = torch.autograd.grad(ours, inputs, upstream)
     ref = autograd_reference(hidden, slot_token, slot_weight, counts, experts)
     ref_grads = torch.autograd.grad(ref, inputs, upstream)
 
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-    for name, got, want in zip(["hidden", "slot_weight", "gate_up", "down"], ours_grads,
-                               ref_grads, strict=True):
+    for name, got, want in zip(names, ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
-    assert ours_grads[2][3].abs().sum() == 0 and ours_grads[3][3].abs().sum() == 0
+    assert all(grad[3].abs().sum() == 0 for grad in ours_grads[2:])  # nobody chose expert 3
 
 
 def test_frozen_weights_get_no_gradient_and_inputs_still_do():
@@ -70,7 +96,7 @@ def test_frozen_weights_get_no_gradient_and_inputs_still_do():
     slot_token, counts = routing(7, 2, 4, empty=0)
     hidden = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     slot_weight = torch.rand(len(slot_token), dtype=torch.float64)
-    out = routed_expert_mlp(hidden, slot_token, slot_weight, counts, experts)
+    out = routed(hidden, slot_token, slot_weight, counts, experts)
     (grad,) = torch.autograd.grad(out.sum(), hidden)
     (want,) = torch.autograd.grad(
         autograd_reference(hidden, slot_token, slot_weight, counts, experts).sum(), hidden)
@@ -103,5 +129,5 @@ def test_keeps_only_gate_up_besides_inputs():
         return sum(kept.values())
 
     slots = len(slot_token)
-    assert kept_bytes(routed_expert_mlp) == slots * 2 * 32 * 8
+    assert kept_bytes(routed) == slots * 2 * 32 * 8
     assert kept_bytes(autograd_reference) > 2 * slots * 2 * 32 * 8

@@ -141,3 +141,45 @@ def test_router_jitter_is_off_so_the_policy_starts_as_the_reference(tmp_path):
     ids = torch.randint(3, 500, (2, 9))
     policy.train()
     torch.testing.assert_close(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(**TINY), "sdpa"),  # auto: sdpa where the class has it
+    (dict(config_path="tiny-gpt-oss.json"), "eager"),  # gpt-oss's sinks: no sdpa
+    (dict(**TINY, flash_attention=False), "eager"),  # the seed's alias
+    (dict(**TINY, attn_implementation="eager"), "eager"),
+    (dict(**TINY, attn_implementation="flex_attention"), "flex_attention"),
+    (dict(config_path="tiny-gpt-oss.json", attn_implementation="flex_attention"),
+     "flex_attention"),
+])
+def test_attn_implementation_resolves_per_model_class(settings, expected):
+    policy, reference = build_models(ModelConfig(**settings, policy_dtype="float32",
+                                                 reference_dtype="float32"))
+    assert policy.config._attn_implementation == expected
+    assert reference.config._attn_implementation == expected
+
+
+def test_attn_implementation_the_class_lacks_is_one_line_naming_what_it_has():
+    with pytest.raises(ModelLoadError, match=r"attn_implementation=sdpa: GptOssForCausalLM "
+                       r"does not support it; use auto or one of eager, flash_attention_2, "
+                       r"flex_attention"):
+        build_models(ModelConfig(config_path="tiny-gpt-oss.json", attn_implementation="sdpa"))
+
+
+def test_gpt_oss_trains_from_the_embedded_config(tmp_path, caplog):
+    """The whole run on gpt-oss (biased, transposed experts; sinks; sliding and full
+    layers): auto attention is eager, the prompt is shared, step 0 is ln 2, and it learns."""
+    from conftest import compose_cfg
+    from moedpo.train import run
+
+    cfg = compose_cfg("+experiment=demo", "model.config_path=tiny-gpt-oss.json", "max_steps=12",
+                      "eval_frequency=12", "per_device_train_batch_size=8",
+                      f"output_dir={tmp_path}", "exp_name=oss")
+    with caplog.at_level("INFO", logger="moedpo"):
+        run(cfg)
+    assert "MoE experts implementation: dropless" in caplog.text
+    assert "shared prompt off" not in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "oss" / "metrics.jsonl").open()]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert evals[0]["eval/loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] + 0.05

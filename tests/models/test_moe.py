@@ -186,9 +186,9 @@ def test_hand_worked_fully_dropped_token():
 def test_dropped_experts_process_exactly_e_times_c_rows(monkeypatch):
     """The expert matmuls see a [E, B*C, H] buffer: work proportional to capacity, not to S."""
     shapes = []
-    real = moe._expert_mlp
-    monkeypatch.setattr(moe, "_expert_mlp",
-                        lambda e, x: shapes.append(tuple(x.shape)) or real(e, x))
+    real = moe.all_experts_mlp
+    monkeypatch.setattr(moe, "all_experts_mlp",
+                        lambda w, x: shapes.append(tuple(x.shape)) or real(w, x))
     block, x = moe_block(), torch.randn(3, 40, 32, dtype=torch.double)
     run_block(block, x, "dropped", 1.25)
     slots = capacity(40, 2, 8, 1.25)  # 12
