@@ -24,6 +24,7 @@ from .losses import (
 from .losses.unpaired import RewardShift, global_kl_estimate
 from .metrics import MeanMetrics
 from .models import chunked_head
+from .models.drift import routing_drift
 from .models.moe import moe_top_k
 from .models.router import RouterRecord, record_router_logits, router_losses
 
@@ -185,11 +186,12 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
     share of the micro-batch (`sum_over_ranks`), of which only the first `rows` count."""
     # The reference runs first: its forward's temporaries are gone before the policy's
     # activations, kept for the backward, are made.
-    reference_logps = None
+    reference_logps = reference_routers = None
+    top_k = moe_top_k(policy)
     if reference is not None and "reference_logps" not in batch:
         with torch.no_grad():
-            reference_logps, _ = batch_logps(reference, batch, cfg.label_pad_token_id)
-    top_k = moe_top_k(policy)
+            reference_logps, reference_routers = batch_logps(
+                reference, batch, cfg.label_pad_token_id, with_router=top_k is not None)
     policy_logps, routers = batch_logps(policy, batch, cfg.label_pad_token_id,
                                         with_router=top_k is not None,
                                         wpo=cfg.loss.use_weighting)
@@ -207,9 +209,15 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                           cfg.loss.f_divergence, cfg.loss.f_alpha, batch.get("kto_labels"))
     if routers is not None and routers.logits:
         m = cfg.model
+        token_weights = router_token_weights(batch)
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
-                                   routers.choices, router_token_weights(batch))
+                                   routers.choices, token_weights)
+        if reference_routers is not None and reference_routers.logits:
+            weight = (token_weights if token_weights is not None else batch["attention_mask"])
+            out.router.drift = routing_drift(routers.logits, reference_routers.logits,
+                                             routers.choices, reference_routers.choices,
+                                             weight.reshape(-1).float(), top_k)
         out.loss = (out.loss + m.router_aux_loss_coef * out.router.aux_loss
                     + m.router_z_loss_coef * out.router.z_loss)
     return out

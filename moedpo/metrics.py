@@ -73,6 +73,11 @@ class MeanMetrics:
         self.routing["tokens"] += tokens
         self.routing["dropped"] += float(router.dropped_slots)
         self.routing["fully_dropped"] += float(router.fully_dropped_tokens)
+        if router.drift is not None:  # sums over the same tokens as "tokens"
+            for name, sums in (("agreement", router.drift.agreement),
+                               ("router_kl", router.drift.kl)):
+                for layer, value in enumerate(sums.tolist()):
+                    self.routing[f"{name}/layer{layer}"] += value
 
     def state(self) -> dict:
         """JSON-able, for checkpoints: a resumed run continues the same report window."""
@@ -166,7 +171,27 @@ class MeanMetrics:
                 out[f"moe/load_min/layer{layer}"] = float(row.min())
                 out[f"moe/load_max/layer{layer}"] = float(row.max())
             out["moe/expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
+            out.update(drift_means(self.routing, self.expert_counts))
         return out
+
+
+def drift_means(routing: dict[str, float], expert_counts: torch.Tensor) -> dict[str, float]:
+    """Per layer and averaged over layers: the expert loads' coefficient of variation (std /
+    mean of the counts: 0 = perfect balance) and, where the reference's routers ran, the
+    routing agreement with them and the router KL (models/drift.py)."""
+    counts = expert_counts.double()
+    cv = counts.std(-1, unbiased=False) / counts.mean(-1).clamp(min=1e-12)
+    out = {f"moe/load_cv/layer{layer}": float(v) for layer, v in enumerate(cv)}
+    out["moe/load_cv"] = float(cv.mean())
+    tokens = max(routing["tokens"], 1)
+    for name, key in (("agreement", "moe/routing_agreement"), ("router_kl", "moe/router_kl")):
+        layers = sorted((k for k in routing if k.startswith(f"{name}/layer")),
+                        key=lambda k: int(k.rsplit("layer", 1)[1]))
+        if layers:
+            values = [routing[k] / tokens for k in layers]
+            out.update({f"{key}/layer{i}": v for i, v in enumerate(values)})
+            out[key] = sum(values) / len(values)
+    return out
 
 
 class MetricsError(ValueError):

@@ -1,8 +1,9 @@
 """`moedpo plot RUN_DIR [RUN_DIR ...]`: one PNG page of a run's metrics, runs overlaid.
 
 Panels: loss, reward accuracy, reward margin, chosen and rejected rewards, learning rate,
-gradient norm, throughput, and for MoE models the dropped fraction and a heat map of the
-expert load per layer (last logged train row of the first run). Train is a solid line, eval
+gradient norm, throughput, and for MoE models the dropped fraction, the routing drift from
+the reference (agreement, router KL), the load's coefficient of variation and a heat map of
+the expert load per layer (last logged train row of the first run). Train is a solid line, eval
 dots on a dashed line.
 """
 
@@ -27,6 +28,9 @@ PANELS = [
     ("grad_norm", "gradient norm", ["grad_norm"]),
     ("throughput", "pairs / s", ["examples_per_second"]),
     ("dropped", "MoE: dropped slot fraction", ["moe/dropped_fraction"]),
+    ("agreement", "MoE: routing agreement with the reference", ["moe/routing_agreement"]),
+    ("router_kl", "MoE: router KL(policy || reference)", ["moe/router_kl"]),
+    ("load_cv", "MoE: expert load coefficient of variation", ["moe/load_cv"]),
 ]
 
 

@@ -24,7 +24,8 @@ def test_plot_of_real_runs_overlaid(make_cfg, tmp_path):
     out, titles = plot_runs([a.run_dir, b.run_dir], tmp_path / "p.png")
     assert out.read_bytes().startswith(PNG) and out.stat().st_size > 20_000
     for title in ("DPO loss", "reward accuracy", "reward margin", "learning rate",
-                  "gradient norm", "pairs / s", "MoE: dropped slot fraction", "expert load"):
+                  "gradient norm", "pairs / s", "MoE: dropped slot fraction", "expert load",
+                  "MoE: routing agreement", "MoE: router KL", "MoE: expert load coefficient"):
         assert any(t.startswith(title) for t in titles), title
     done = subprocess.run([sys.executable, "-m", "moedpo", "plot", str(a.run_dir)],
                           capture_output=True, text=True, timeout=120)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .drift import RoutingDrift
 from .moe import capacity, kept_slots
 
 
@@ -107,6 +108,7 @@ class RouterOutput:
     fully_dropped_tokens: torch.Tensor  # real tokens that lost every slot
     real_tokens: torch.Tensor
     top_k: int
+    drift: RoutingDrift | None = None  # against the reference's routers (models/drift.py)
 
 
 def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor,
