@@ -71,6 +71,10 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.0
     # Router (gate) weights and biases frozen: no gradient, no optimizer state.
     freeze_router: bool = False
+    # Aux-loss-free balancing (DeepSeek-V3): after each step move each expert's router
+    # correction bias by this much toward balance (the sign of its load error); 0: off.
+    # Models whose routers have one (DeepSeek-V3, GLM-4-MoE). README "MoE experts".
+    router_bias_update_rate: float = 0.0
     router_z_loss_coef: float = 0.0
     # Tokens per chunk for log-probs from the last hidden state (no full logits); 0: off.
     logps_chunk_size: int = 1024

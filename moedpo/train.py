@@ -30,6 +30,7 @@ from .evaluate import batch_loss, evaluate, generate, use_shared_prompt
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
+from .models.balance import update_correction_biases
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import compute_copies, is_mixed, policy_compute_dtype
 from .optim import build_optimizer, build_scheduler, step_if_finite
@@ -259,6 +260,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 window.tokens += sum(p.n_tokens for p in chunk)
             norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
             losses = torch.stack([out.loss.detach() for out in outputs]).sum()
+            if cfg.model.router_bias_update_rate > 0:  # aux-loss-free balancing
+                counts = torch.stack([out.router.expert_counts for out in outputs]).sum(0)
+                update_correction_biases(policy, backend.sum_over_ranks(counts),
+                                         cfg.model.router_bias_update_rate)
             if backend.kind == "xla":  # decided on the device: no host read inside the step
                 step_if_finite(optimizer, torch.isfinite(losses) & torch.isfinite(norm))
                 backend.sync()  # runs the step's one graph; the reads below only copy

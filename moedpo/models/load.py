@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
 from . import chunked_head
+from .balance import correction_bias_routers
 from .moe import apply_moe_implementation
 from .precision import cast_parameters, storage_dtype
 from .router import freeze_routers
@@ -204,6 +205,10 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     if cfg.freeze_router and not freeze_routers(policy):
         raise ModelLoadError(f"model.freeze_router=true: {type(policy).__name__} has no "
                              "router (a dense model); set model.freeze_router=false")
+    if cfg.router_bias_update_rate > 0 and not correction_bias_routers(policy):
+        raise ModelLoadError(f"model.router_bias_update_rate={cfg.router_bias_update_rate}: "
+                             f"{type(policy).__name__} has no router with a correction bias "
+                             "(DeepSeek-V3 and GLM-4-MoE have one); set it to 0")
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
             if each is not None:

@@ -1,0 +1,93 @@
+"""Aux-loss-free balancing (model.router_bias_update_rate): the bias rule on a skewed
+DeepSeek-V3 router, and a training run on a tiny DeepSeek-V3 whose biases are saved and
+resumed."""
+
+import json
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+from conftest import final_weights, tiny_train_overrides, train_rows
+from moedpo.models.balance import update_correction_biases
+from moedpo.models.load import ModelLoadError
+
+TINY_DEEPSEEK = {"model_type": "deepseek_v3", "vocab_size": 512, "hidden_size": 64,
+                 "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+                 "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 0,
+                 "n_group": 2, "topk_group": 2, "kv_lora_rank": 16, "q_lora_rank": None,
+                 "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                 "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0,
+                 "pad_token_id": 1}
+
+
+class Model(torch.nn.Module):
+    """One router as a model: what update_correction_biases reads (router_modules)."""
+
+    _can_record_outputs = {"router_logits": DeepseekV3TopkRouter}
+
+    def __init__(self, router):
+        super().__init__()
+        self.gate = router
+
+
+def counts_of(router, hidden) -> torch.Tensor:
+    _, _, top = router(hidden)
+    return torch.bincount(top.reshape(-1), minlength=router.num_experts).float()[None]
+
+
+def test_bias_moves_by_the_sign_of_the_load_error_and_balances_a_skewed_router():
+    config = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                              n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    router = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+    hidden = torch.randn(512, 16) + 1.5  # a shared direction: a few experts take most tokens
+    model = Model(router)
+    counts = counts_of(router, hidden)
+    cv = lambda c: float(c.std(unbiased=False) / c.mean())  # noqa: E731
+    start = cv(counts)
+    assert start > 0.5
+    update_correction_biases(model, counts, 0.01)
+    over, under = counts[0] > counts.mean(), counts[0] < counts.mean()
+    assert torch.all(router.e_score_correction_bias[over] == -0.01)
+    assert torch.all(router.e_score_correction_bias[under] == 0.01)
+    for _ in range(300):
+        update_correction_biases(model, counts_of(router, hidden), 0.01)
+    assert cv(counts_of(router, hidden)) < start / 3
+
+
+def test_training_moves_the_policys_biases_and_resumes_them(make_cfg, tmp_path):
+    from moedpo.train import run
+
+    path = tmp_path / "tiny-deepseek.json"
+    path.write_text(json.dumps(TINY_DEEPSEEK))
+    common = [*tiny_train_overrides(), f"model.config_path={path}", "dry_run=false",
+              "eval_frequency=100", "report_metrics_freq=1",
+              "model.router_bias_update_rate=0.01"]
+    run(make_cfg(*common, "max_steps=4", "exp_name=straight"))
+    run(make_cfg(*common, "max_steps=2", "exp_name=resumed"))
+    run(make_cfg(*common, "max_steps=4", "exp_name=resumed"))
+    train = lambda name: [r for r in train_rows(tmp_path / name) if "train/loss" in r]  # noqa: E731
+    assert train("resumed") == train("straight")
+    a = final_weights(tmp_path / "straight" / "checkpoints")
+    b = final_weights(tmp_path / "resumed" / "checkpoints")
+    biases = [k for k in a if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(torch.equal(a[k], b[k]) for k in biases)
+    # 4 steps of +-0.01 each (0 where an expert sits exactly at its share): multiples of
+    # the rate, at most 4 of them, not all zero.
+    for key in biases:
+        steps = a[key] / 0.01
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
+        assert steps.abs().sum() > 0
+
+
+def test_a_model_without_correction_bias_is_refused(make_cfg):
+    from moedpo.train import run
+
+    with pytest.raises(ModelLoadError, match="MixtralForCausalLM has no router with a "
+                       "correction bias"):
+        run(make_cfg(*tiny_train_overrides(), "model.router_bias_update_rate=0.001"))
