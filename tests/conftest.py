@@ -162,6 +162,23 @@ def write_unpaired(folder: Path, n_train: int, n_test: int, chat: bool = False) 
     return folder
 
 
+TINY_DEEPSEEK = {"model_type": "deepseek_v3", "vocab_size": 512, "hidden_size": 64,
+                 "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+                 "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 0,
+                 "n_group": 2, "topk_group": 2, "kv_lora_rank": 16, "q_lora_rank": None,
+                 "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                 "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0,
+                 "pad_token_id": 1}
+
+
+def write_tiny_deepseek(path: Path) -> Path:
+    """A DeepSeek-V3 model JSON at demo size (the embedded tokenizer's vocabulary): a router
+    with sigmoid scores, correction bias and groups, a shared expert, MLA attention."""
+    path.write_text(json.dumps(TINY_DEEPSEEK))
+    return path
+
+
 def demo_rows(split: str, n: int) -> list[dict]:
     with gzip.open(DEMO_DIR / f"{split}.jsonl.gz", "rt") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]

@@ -2,25 +2,14 @@
 DeepSeek-V3 router, and a training run on a tiny DeepSeek-V3 whose biases are saved and
 resumed."""
 
-import json
-
 import pytest
 import torch
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-from conftest import final_weights, tiny_train_overrides, train_rows
+from conftest import final_weights, tiny_train_overrides, train_rows, write_tiny_deepseek
 from moedpo.models.balance import update_correction_biases
 from moedpo.models.load import ModelLoadError
-
-TINY_DEEPSEEK = {"model_type": "deepseek_v3", "vocab_size": 512, "hidden_size": 64,
-                 "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
-                 "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 0,
-                 "n_group": 2, "topk_group": 2, "kv_lora_rank": 16, "q_lora_rank": None,
-                 "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-                 "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0,
-                 "pad_token_id": 1}
 
 
 class Model(torch.nn.Module):
@@ -63,8 +52,7 @@ def test_bias_moves_by_the_sign_of_the_load_error_and_balances_a_skewed_router()
 def test_training_moves_the_policys_biases_and_resumes_them(make_cfg, tmp_path):
     from moedpo.train import run
 
-    path = tmp_path / "tiny-deepseek.json"
-    path.write_text(json.dumps(TINY_DEEPSEEK))
+    path = write_tiny_deepseek(tmp_path / "tiny-deepseek.json")
     common = [*tiny_train_overrides(), f"model.config_path={path}", "dry_run=false",
               "eval_frequency=100", "report_metrics_freq=1",
               "model.router_bias_update_rate=0.01"]

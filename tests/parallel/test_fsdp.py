@@ -14,6 +14,7 @@ from conftest import (
     final_weights,
     run_ok,
     wait_for,
+    write_tiny_deepseek,
     write_unpaired,
 )
 from moedpo.checkpoint import COMPLETE, save_weights
@@ -65,6 +66,20 @@ def test_unpaired_losses_on_two_ranks_equal_one_process(tmp_path, loss):
     run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
     run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+
+
+def test_router_bias_updates_on_two_ranks_equal_one_process(tmp_path):
+    """DeepSeek-V3's aux-loss-free balancing under FSDP2: the step's expert counts summed
+    over ranks, so both ranks move their copy of the biases alike, as one process does."""
+    model = write_tiny_deepseek(tmp_path / "tiny-deepseek.json")
+    args = [*COMMON, f"model.config_path={model}", "model.router_bias_update_rate=0.01",
+            f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    biases = {k: v for k, v in final_weights(tmp_path / "two" / "checkpoints").items()
+              if k.endswith("e_score_correction_bias")}
+    assert biases and any(v.abs().sum() > 0 for v in biases.values())
 
 
 def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
