@@ -82,6 +82,21 @@ def test_router_bias_updates_on_two_ranks_equal_one_process(tmp_path):
     assert biases and any(v.abs().sum() > 0 for v in biases.values())
 
 
+def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
+    """data.streaming under FSDP2: both ranks read the same seeded stream and take their own
+    share of each step's pairs, as one process takes them all."""
+    base = [*(a for a in COMMON if not a.startswith("data.static_shapes")),
+            f"output_dir={tmp_path}"]
+    args = [*base, "data.streaming=true", "data.shuffle_buffer=64"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    # and the stream is what both trained on: the in-memory order is another run
+    run_ok(single(*base, "per_device_train_batch_size=4", "exp_name=whole"))
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "one", tmp_path / "whole", atol=1e-5, rel=1e-5)
+
+
 def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
     """checkpoint_manager_path under FSDP2: models built on the meta device, each rank reads
     its shards, the reference lives in host memory between uses; same run as one process."""
