@@ -69,6 +69,9 @@ class ModelConfig:
     # Padding tokens claim no expert capacity (the dropped path) and count in no router loss.
     moe_ignore_padding: bool = True
     router_aux_loss_coef: float = 0.0
+    # Over what the load-balancing loss's expert shares are taken: micro_batch (each rank's),
+    # global_batch (the micro-batch pooled over ranks), sequence (within each sequence).
+    router_aux_loss_scope: str = "micro_batch"
     # Router (gate) weights and biases frozen: no gradient, no optimizer state.
     freeze_router: bool = False
     # Aux-loss-free balancing (DeepSeek-V3): after each step move each expert's router

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .config import ConfigError, DPOConfig
-from .data.collate import SEGMENT_PROMPT
+from .data.collate import SEGMENT_CHOSEN, SEGMENT_PROMPT, SEGMENT_REJECTED
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_tokens
 from .losses import (
     DPOOutput,
@@ -159,6 +159,26 @@ def router_token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return batch["attention_mask"] * (1 + (segments == SEGMENT_PROMPT).long())
 
 
+def router_sequences(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[sequences, rows*T] membership of each token in the unshared sequences (prompt +
+    response) the batch holds: the rows themselves, or for shared-prompt (and packed) rows
+    each pair's prompt with its chosen and, again, with its rejected segment, so a
+    sequence-wise router loss is the same in either layout."""
+    segments = batch.get("segments")
+    if segments is None:
+        mask = batch["attention_mask"].bool()
+        rows, length = mask.shape
+        members = torch.zeros(rows, rows, length, dtype=torch.bool, device=mask.device)
+        members[torch.arange(rows), torch.arange(rows)] = mask
+        return members.reshape(rows, -1)
+    pair_ids, n_pairs = batch["pair_ids"].reshape(-1), batch["pair_rows"].shape[0]
+    segments = segments.reshape(-1)
+    pairs = pair_ids[None, :] == torch.arange(n_pairs, device=pair_ids.device)[:, None]
+    prompt = segments == SEGMENT_PROMPT
+    return torch.cat([pairs & (prompt | (segments == kind))[None]
+                      for kind in (SEGMENT_CHOSEN, SEGMENT_REJECTED)])
+
+
 def loss_terms(cfg: DPOConfig) -> tuple[list[str], list[float]]:
     """(names, weights) of the configured losses; aux_nll_loss_coef > 0, the original's NLL
     term, is an `sft` term of that weight."""
@@ -210,9 +230,12 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
     if routers is not None and routers.logits:
         m = cfg.model
         token_weights = router_token_weights(batch)
+        scope = m.router_aux_loss_scope
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
-                                   routers.choices, token_weights)
+                                   routers.choices, token_weights,
+                                   router_sequences(batch) if scope == "sequence" else None,
+                                   sum_over_ranks if scope == "global_batch" else None)
         if reference_routers is not None and reference_routers.logits:
             weight = (token_weights if token_weights is not None else batch["attention_mask"])
             out.router.drift = routing_drift(routers.logits, reference_routers.logits,

@@ -179,6 +179,9 @@ def validate(cfg: DPOConfig) -> None:
     _check(m.moe_implementation in MOE_IMPLEMENTATIONS,
            f"model.moe_implementation={m.moe_implementation}: use one of "
            f"{', '.join(MOE_IMPLEMENTATIONS)}")
+    _check(m.router_aux_loss_scope in ("micro_batch", "global_batch", "sequence"),
+           f"model.router_aux_loss_scope={m.router_aux_loss_scope}: use micro_batch, "
+           "global_batch or sequence")
     _check(m.router_bias_update_rate >= 0,
            f"model.router_bias_update_rate={m.router_bias_update_rate}: must be >= 0 "
            "(DeepSeek-V3 used 0.001; 0 = off)")

@@ -74,7 +74,9 @@ def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path, caplog):
     assert_same_run(tmp_path / "plain", tmp_path / "shared", atol=1e-5, rel=1e-4)
 
 
-def test_router_losses_and_loads_of_shared_rows_equal_unshared():
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
+def test_router_losses_and_loads_of_shared_rows_equal_unshared(scope):
+    """Also the sequence-wise loss: a shared row's prompt is part of both its sequences."""
     from moedpo.evaluate import batch_loss
 
     cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
@@ -82,7 +84,7 @@ def test_router_losses_and_loads_of_shared_rows_equal_unshared():
     policy, _ = build_models(cfg, seed=0)
     from conftest import compose_cfg
     run_cfg = compose_cfg("model.router_aux_loss_coef=0.1", "model.router_z_loss_coef=0.1",
-                          "loss.reference_free=true")
+                          "loss.reference_free=true", f"model.router_aux_loss_scope={scope}")
     pairs = random_pairs(6, seed=3)
     plain, shared = (batch_loss(policy, None, to_batch(pairs, pad_id=0), run_cfg)
                      for to_batch in (collate, collate_shared))
@@ -91,6 +93,14 @@ def test_router_losses_and_loads_of_shared_rows_equal_unshared():
                                    rtol=1e-5, atol=1e-6, msg=key)
     assert torch.equal(shared.router.expert_counts, plain.router.expert_counts)
     torch.testing.assert_close(shared.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    if scope == "sequence":  # packed rows too; and it is another loss than the batch's
+        packed = batch_loss(policy, None, collate_shared(pairs, pad_id=0, max_tokens=48),
+                            run_cfg)
+        torch.testing.assert_close(packed.router.aux_loss, plain.router.aux_loss,
+                                   rtol=1e-5, atol=1e-6)
+        batch_cfg = compose_cfg("loss.reference_free=true")
+        whole = batch_loss(policy, None, collate(pairs, pad_id=0), batch_cfg)
+        assert abs(whole.router.aux_loss - plain.router.aux_loss) > 1e-3
 
 
 @pytest.mark.parametrize("extra", [["model.capacity_factor=1.25"], ["data.static_shapes=true"]])

@@ -8,7 +8,7 @@ so it serves every MoE implementation alike. Padding tokens never count.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,7 +115,10 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
                   top_k: int, capacity_factor: float = 0.0, rounding: str = "floor",
                   ignore_padding: bool = True,
                   choices: Sequence[torch.Tensor | None] | None = None,
-                  token_weights: torch.Tensor | None = None) -> RouterOutput:
+                  token_weights: torch.Tensor | None = None,
+                  sequences: torch.Tensor | None = None,
+                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> RouterOutput:
     """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
     of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
     mean router probability (softmax of the logits), averaged over layers (HF pools the
@@ -123,13 +126,19 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
     the router logits (ST-MoE). Assignments, counts and drops are the router's own `choices`
     (its top-k indices) where given, else the softmax top-k of the logits. `token_weights`
     ([batch, seq], default the attention mask) counts a token that many times: a shared
-    prompt's tokens twice, as the two rows of the unshared layout hold them."""
+    prompt's tokens twice, as the two rows of the unshared layout hold them.
+
+    model.router_aux_loss_scope: with `sequences` ([S, batch*seq]: each sequence's tokens)
+    f and P are taken within each sequence and the loss averaged over them (DeepSeek-V3's
+    sequence-wise balance loss); with `sum_over_ranks` f (and the token count) are pooled
+    over every rank's share of the micro-batch (the global micro-batch, as Qwen balances),
+    each rank's gradient being its tokens' part of that one loss."""
     batch, seq_len = attention_mask.shape
     mask = attention_mask.reshape(-1).bool()
     weight = (token_weights.reshape(-1).float() if token_weights is not None
               else mask.float())
     n_real = weight.sum().clamp(min=1)
-    aux, z, counts = [], [], []
+    z, counts, prob_sums, tops = [], [], [], []
     dropped = fully = torch.zeros((), device=attention_mask.device)
     choices = choices or [None] * len(router_logits)
     for logits, chosen in zip(router_logits, choices, strict=True):
@@ -139,9 +148,8 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
         top = chosen.long() if chosen is not None else probs.topk(top_k, dim=-1).indices
         assigned = torch.zeros(num_experts, device=logits.device).index_add_(
             0, top.reshape(-1), weight.repeat_interleave(top_k))
-        share = assigned / n_real
-        mean_prob = (probs * weight[:, None]).sum(0) / n_real
-        aux.append(num_experts * (share * mean_prob).sum())
+        prob_sums.append((probs * weight[:, None]).sum(0))
+        tops.append((top, probs))
         z.append((logits.logsumexp(-1).pow(2) * weight).sum() / n_real)
         counts.append(assigned.detach())
         if capacity_factor > 0:
@@ -152,6 +160,45 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
                                   token_mask).view(-1, top_k)
                 dropped = dropped + (~kept & mask[:, None]).sum()
                 fully = fully + (~kept.any(-1) & mask).sum()
+    counts_t, probs_t = torch.stack(counts), torch.stack(prob_sums)  # [L, E]
+    if sequences is not None:
+        aux = torch.stack([_sequence_aux(top, probs, sequences) for top, probs in tops])
+    elif sum_over_ranks is not None:
+        aux = _global_aux(counts_t, probs_t, n_real, sum_over_ranks)
+    else:
+        aux = probs_t.shape[-1] * ((counts_t / n_real) * (probs_t / n_real)).sum(-1)
     layers = len(router_logits)
-    return RouterOutput(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts),
+    return RouterOutput(aux.mean(), torch.stack(z).mean(), counts_t,
                         dropped / layers, fully / layers, n_real.float(), top_k)
+
+
+def _sequence_aux(top: torch.Tensor, probs: torch.Tensor,
+                  sequences: torch.Tensor) -> torch.Tensor:
+    """One layer's loss within each sequence, averaged over sequences."""
+    num_experts = probs.shape[-1]
+    chosen = torch.zeros_like(probs).scatter_add_(
+        1, top, torch.ones(top.shape, dtype=probs.dtype, device=probs.device)).detach()
+    members = sequences.to(probs.dtype)
+    n = members.sum(-1, keepdim=True).clamp(min=1)
+    share, mean_prob = (members @ chosen) / n, (members @ probs) / n
+    per_sequence = num_experts * (share * mean_prob).sum(-1)
+    return per_sequence[members.sum(-1) > 0].mean()
+
+
+def _global_aux(counts: torch.Tensor, prob_sums: torch.Tensor, n_real: torch.Tensor,
+                sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[L] losses over the global micro-batch. The value is the pooled loss itself; the
+    gradient is this rank's tokens' part of it, times the number of ranks, since FSDP
+    averages the ranks' gradients (so the average is the pooled loss's gradient)."""
+    layers, num_experts = counts.shape
+    flat = torch.cat([counts.reshape(-1), prob_sums.detach().reshape(-1), n_real.reshape(1),
+                      torch.ones(1, device=counts.device)])
+    total = sum_over_ranks(flat)
+    size = layers * num_experts
+    counts_g = total[:size].view(layers, num_experts)
+    probs_g = total[size:2 * size].view(layers, num_experts)
+    n_g, world = total[2 * size].clamp(min=1), total[2 * size + 1]
+    share = counts_g / n_g
+    mine = num_experts * (share * prob_sums / n_g).sum(-1) * world
+    pooled = num_experts * (share * probs_g / n_g).sum(-1)
+    return mine - mine.detach() + pooled

@@ -147,3 +147,50 @@ def test_freeze_router_leaves_routers_bit_identical_and_without_optimizer_state(
     saved = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
     optim = [k for k in saved if k.startswith("optim.state.")]
     assert optim and not any(r in k for r in routers for k in optim)
+
+
+def test_sequence_scope_is_the_mean_over_sequences_of_each_ones_loss():
+    torch.manual_seed(5)
+    logits = torch.randn(3 * 6, 8)
+    mask = torch.tensor([[1] * 6, [0, 0] + [1] * 4, [1] * 5 + [0]])
+    members = torch.zeros(3, 3, 6, dtype=torch.bool)
+    for row in range(3):
+        members[row, row] = mask[row].bool()
+    scoped = router_losses((logits,), mask, top_k=2, sequences=members.reshape(3, -1))
+    each = [router_losses((logits.view(3, 6, 8)[row],), mask[row:row + 1], top_k=2).aux_loss
+            for row in range(3)]
+    assert scoped.aux_loss.item() == pytest.approx(float(sum(each) / 3), rel=1e-6)
+    whole = router_losses((logits,), mask, top_k=2).aux_loss
+    assert abs(scoped.aux_loss.item() - whole.item()) > 1e-3  # another loss than the batch's
+
+
+def test_global_scope_pools_ranks_to_the_one_process_loss_and_gradient():
+    """Two ranks' halves of a micro-batch: the value each reports is the whole batch's
+    loss, and the mean of their gradients (FSDP's reduce) is the whole batch's gradient."""
+    torch.manual_seed(6)
+    logits = torch.randn(4 * 5, 8, dtype=torch.double)
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0]])
+    whole = logits.clone().requires_grad_()
+    one = router_losses((whole,), mask, top_k=2).aux_loss
+    (want,) = torch.autograd.grad(one, whole)
+
+    def flat_of(half):  # what a rank puts into the all-reduce
+        seen = {}
+
+        def keep(x):
+            seen["flat"] = x
+            return x
+        router_losses((logits[half * 10:(half + 1) * 10],), mask[half * 2:(half + 1) * 2],
+                      top_k=2, sum_over_ranks=keep)
+        return seen["flat"].detach()
+
+    grads = []
+    for half in (0, 1):
+        mine = logits[half * 10:(half + 1) * 10].clone().requires_grad_()
+        other = flat_of(1 - half)
+        out = router_losses((mine,), mask[half * 2:(half + 1) * 2], top_k=2,
+                            sum_over_ranks=lambda x, other=other: x + other)
+        assert out.aux_loss.item() == pytest.approx(one.item(), rel=1e-12)
+        (grad,) = torch.autograd.grad(out.aux_loss, mine)
+        grads.append(grad)
+    torch.testing.assert_close(torch.cat(grads) / 2, want)

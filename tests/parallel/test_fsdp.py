@@ -97,6 +97,23 @@ def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one", tmp_path / "whole", atol=1e-5, rel=1e-5)
 
 
+def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
+    """model.router_aux_loss_scope=global_batch: the expert shares pooled over the ranks'
+    halves of each micro-batch, so 2 ranks train as one process does; each rank's own
+    shares (micro_batch) train another model."""
+    args = [*COMMON, "model.router_aux_loss_coef=0.5", f"output_dir={tmp_path}"]
+    scope = "model.router_aux_loss_scope="
+    run_ok(single(*args, "per_device_train_batch_size=4", f"{scope}global_batch",
+                  "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", f"{scope}global_batch",
+                    "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", f"{scope}micro_batch",
+                    "exp_name=local"))
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "one", tmp_path / "local", atol=1e-5, rel=1e-5)
+
+
 def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
     """checkpoint_manager_path under FSDP2: models built on the meta device, each rank reads
     its shards, the reference lives in host memory between uses; same run as one process."""
