@@ -235,7 +235,8 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
                                    routers.choices, token_weights,
                                    router_sequences(batch) if scope == "sequence" else None,
-                                   sum_over_ranks if scope == "global_batch" else None)
+                                   sum_over_ranks if scope == "global_batch" else None,
+                                   routers.scores)
         if reference_routers is not None and reference_routers.logits:
             weight = (token_weights if token_weights is not None else batch["attention_mask"])
             out.router.drift = routing_drift(routers.logits, reference_routers.logits,

@@ -8,6 +8,8 @@ so it serves every MoE implementation alike. Padding tokens never count.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ class RouterRecord:
 
     logits: list[torch.Tensor] = field(default_factory=list)
     choices: list[torch.Tensor | None] = field(default_factory=list)
+    scores: list[str] = field(default_factory=list)  # each router's score_function
 
 
 @contextlib.contextmanager
@@ -51,6 +54,22 @@ def _chosen_experts(output) -> torch.Tensor | None:
     return None
 
 
+@functools.cache
+def _class_score_function(router_class: type) -> str:
+    try:
+        source = inspect.getsource(router_class.forward)
+    except (OSError, TypeError):
+        return "softmax"
+    return "sigmoid" if "sigmoid(" in source and "softmax(" not in source else "softmax"
+
+
+def score_function(router: torch.nn.Module) -> str:
+    """How a router turns its logits into expert scores: `sigmoid` (DeepSeek-V3, GLM-4-MoE,
+    and the other sigmoid routers) or `softmax` (Mixtral, Qwen-MoE, OLMoE, gpt-oss ...).
+    transformers records no such flag, so it is read from the router's forward."""
+    return _class_score_function(type(router))
+
+
 def _router_sink(model: torch.nn.Module) -> dict:
     """Forward hooks on the router modules, registered once per model, appending to
     `sink["record"]` while a recording is open. Registered once (not per forward) and run
@@ -72,6 +91,7 @@ def _router_sink(model: torch.nn.Module) -> dict:
         if record is not None:
             record.logits.append(output[index] if isinstance(output, tuple) else output)
             record.choices.append(_chosen_experts(output))
+            record.scores.append(score_function(module))
 
     for module in router_modules(model):
         module._moedpo_router_sink = sink
@@ -117,11 +137,13 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
                   choices: Sequence[torch.Tensor | None] | None = None,
                   token_weights: torch.Tensor | None = None,
                   sequences: torch.Tensor | None = None,
-                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> RouterOutput:
+                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  scores: Sequence[str] | None = None) -> RouterOutput:
     """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
     of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
-    mean router probability (softmax of the logits), averaged over layers (HF pools the
+    mean router probability (the router's own scores, `scores` per layer: the softmax of the
+    logits, or for sigmoid routers their sigmoid normalised over experts, as DeepSeek-V3's
+    balance loss takes them), averaged over layers (HF pools the
     layers' counts instead; with one layer the two agree). z-loss: mean squared logsumexp of
     the router logits (ST-MoE). Assignments, counts and drops are the router's own `choices`
     (its top-k indices) where given, else the softmax top-k of the logits. `token_weights`
@@ -141,9 +163,14 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
     z, counts, prob_sums, tops = [], [], [], []
     dropped = fully = torch.zeros((), device=attention_mask.device)
     choices = choices or [None] * len(router_logits)
-    for logits, chosen in zip(router_logits, choices, strict=True):
+    scores = scores or ["softmax"] * len(router_logits)
+    for logits, chosen, score in zip(router_logits, choices, scores, strict=True):
         logits = logits.float()
-        probs = logits.softmax(-1)
+        if score == "sigmoid":
+            probs = logits.sigmoid()
+            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-20)
+        else:
+            probs = logits.softmax(-1)
         num_experts = probs.shape[-1]
         top = chosen.long() if chosen is not None else probs.topk(top_k, dim=-1).indices
         assigned = torch.zeros(num_experts, device=logits.device).index_add_(

@@ -194,3 +194,43 @@ def test_global_scope_pools_ranks_to_the_one_process_loss_and_gradient():
         (grad,) = torch.autograd.grad(out.aux_loss, mine)
         grads.append(grad)
     torch.testing.assert_close(torch.cat(grads) / 2, want)
+
+
+def test_sigmoid_routers_balance_their_normalised_sigmoid_scores():
+    """DeepSeek-V3's router scores experts by sigmoid: its P_e is the mean of the sigmoid
+    normalised over experts (its paper's balance loss), its choices the router's own (with
+    the correction bias and groups); Mixtral's P_e stays the softmax."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_DEEPSEEK
+    from moedpo.models.router import record_router_logits
+
+    fields = dict(TINY_DEEPSEEK)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 512, (2, 7))
+    mask = torch.ones_like(ids)
+    with record_router_logits(model) as record:
+        model(input_ids=ids, attention_mask=mask)
+    assert record.scores == ["sigmoid", "sigmoid"]
+    assert all(c is not None for c in record.choices)
+    out = router_losses(record.logits, mask, 2, choices=record.choices, scores=record.scores)
+    expected = []
+    for logits, chosen in zip(record.logits, record.choices, strict=True):
+        s = logits.double().sigmoid()
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        f = torch.bincount(chosen.reshape(-1), minlength=8).double() / 14
+        expected.append(8 * float((f * p).sum()))
+    assert out.aux_loss.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    softmax = router_losses(record.logits, mask, 2, choices=record.choices)
+    assert abs(softmax.aux_loss.item() - out.aux_loss.item()) > 1e-4
+
+    from moedpo.config import ModelConfig
+    from moedpo.models.load import build_models
+
+    mixtral, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                          policy_dtype="float32"), with_reference=False)
+    with record_router_logits(mixtral) as record:
+        mixtral(input_ids=ids, attention_mask=mask)
+    assert set(record.scores) == {"softmax"}
