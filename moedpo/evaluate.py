@@ -202,8 +202,9 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                shift: RewardShift | None = None,
                sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                rows: int | None = None) -> DPOOutput:
-    """The step's loss on one micro-batch. Unpaired losses take KTO's z0 over every rank's
-    share of the micro-batch (`sum_over_ranks`), of which only the first `rows` count."""
+    """The step's loss on one micro-batch. KTO's z0 and the global_batch router loss are
+    taken over every rank's share of the micro-batch (`sum_over_ranks`); of z0's rows only
+    the first `rows` count (eval pads a rank's last batch)."""
     # The reference runs first: its forward's temporaries are gone before the policy's
     # activations, kept for the backward, are made.
     reference_logps = reference_routers = None
