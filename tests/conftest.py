@@ -268,17 +268,20 @@ def routing_tolerance(row: dict, split: str, flips: int) -> float:
 
 
 def assert_same_run(a, b, atol: float, rel: float = 0.0, routing_atol: float = 0.0,
-                    skip_routing: bool = False, routing_flips: int = 6) -> None:
+                    skip_routing: bool = False, routing_flips: int = 6,
+                    ignore: tuple[str, ...] = ()) -> None:
     """Same metrics rows (b may log more keys) and same final weights, within `atol` (plus
     `rel` of the value for metrics). Routing statistics, discrete, within what
     `routing_flips` tokens choosing other experts change (and `routing_atol`), or not
-    compared with `skip_routing`."""
+    compared with `skip_routing`; keys with a part in `ignore` are not compared."""
     rows_a, rows_b = train_rows(a), train_rows(b)
     assert len(rows_a) == len(rows_b)
     for ra, rb in zip(rows_a, rows_b, strict=True):
         split = "eval" if any(k.startswith("eval/") for k in ra) else "train"
         flip_tol = routing_tolerance(ra, split, routing_flips)
         for key, value in ra.items():
+            if any(part in key for part in ignore):
+                continue
             if "/router/" in key:  # batch statistics (f.P), computed per micro-batch and rank
                 continue
             if key.endswith("xla_compiles"):  # counts this process's compilations

@@ -22,8 +22,12 @@ def test_precompute_equals_live_reference(make_cfg, tmp_path, moe):
     run(make_cfg(*common, "exp_name=live"))
     run(make_cfg(*common, "exp_name=cached", "reference.precompute=true"))
     # Train and eval rows and final weights: the reference term is the same numbers, summed
-    # over differently padded batches (rounding only).
-    assert_same_run(tmp_path / "live", tmp_path / "cached", atol=1e-5)
+    # over differently padded batches (rounding only). Routing drift needs the reference's
+    # routers, which a precomputed reference does not run: only the live run has it.
+    assert_same_run(tmp_path / "live", tmp_path / "cached", atol=1e-5,
+                    ignore=("routing_agreement", "router_kl"))
+    rows = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").open()]
+    assert not any("routing_agreement" in k for row in rows for k in row)
 
 
 def cache_files(folder):
