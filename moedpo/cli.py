@@ -20,7 +20,7 @@ from .config import ConfigError, DPOConfig, register_schema, schema_keys, sugges
 from .data import DataError
 from .metrics import MetricsError
 from .models.load import ModelLoadError
-from .train import NonFiniteError
+from .optim import NonFiniteError
 from .trust import UntrustedCheckpoint
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError,

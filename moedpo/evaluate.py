@@ -201,10 +201,13 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
                batch: dict[str, torch.Tensor], cfg: DPOConfig,
                shift: RewardShift | None = None,
                sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-               rows: int | None = None) -> DPOOutput:
+               rows: int | None = None,
+               router_totals: torch.Tensor | None = None) -> DPOOutput:
     """The step's loss on one micro-batch. KTO's z0 and the global_batch router loss are
     taken over every rank's share of the micro-batch (`sum_over_ranks`); of z0's rows only
-    the first `rows` count (eval pads a rank's last batch)."""
+    the first `rows` count (eval pads a rank's last batch). With gradient accumulation the
+    global_batch router loss takes the whole step's statistics, `router_totals`
+    (`global_routing`)."""
     # The reference runs first: its forward's temporaries are gone before the policy's
     # activations, kept for the backward, are made.
     reference_logps = reference_routers = None
@@ -232,12 +235,13 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         m = cfg.model
         token_weights = router_token_weights(batch)
         scope = m.router_aux_loss_scope
+        pool = ((lambda _part: router_totals) if router_totals is not None
+                else sum_over_ranks if scope == "global_batch" else None)
         out.router = router_losses(routers.logits, batch["attention_mask"], top_k,
                                    m.capacity_factor, m.capacity_rounding, m.moe_ignore_padding,
                                    routers.choices, token_weights,
                                    router_sequences(batch) if scope == "sequence" else None,
-                                   sum_over_ranks if scope == "global_batch" else None,
-                                   routers.scores)
+                                   pool, routers.scores)
         if reference_routers is not None and reference_routers.logits:
             weight = (token_weights if token_weights is not None else batch["attention_mask"])
             out.router.drift = routing_drift(routers.logits, reference_routers.logits,
@@ -246,6 +250,33 @@ def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,
         out.loss = (out.loss + m.router_aux_loss_coef * out.router.aux_loss
                     + m.router_z_loss_coef * out.router.z_loss)
     return out
+
+
+def pools_accumulation(cfg: DPOConfig, policy: torch.nn.Module) -> bool:
+    """Whether each step first counts the expert loads of all its micro-batches: the
+    global_batch router loss of an MoE model under gradient accumulation."""
+    m = cfg.model
+    return (m.router_aux_loss_scope == "global_batch" and m.router_aux_loss_coef > 0
+            and cfg.gradient_accumulation_steps > 1 and moe_top_k(policy) is not None)
+
+
+@torch.no_grad()
+def global_routing(policy: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                   cfg: DPOConfig,
+                   sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The step's router statistics (`flat_statistics`) summed over its micro-batches and
+    the ranks. Qwen's global-batch balance loss needs every micro-batch's expert counts
+    before the first one's backward; keeping the graphs would hold every micro-batch's
+    activations, so the policy runs once more without them (same weights, no dropout: the
+    same routing as the forward that follows)."""
+    m, top_k, parts = cfg.model, moe_top_k(policy), []
+    for batch in batches:
+        _, routers = batch_logps(policy, batch, cfg.label_pad_token_id, with_router=True)
+        # router_losses takes the statistics exactly as the loss will; keep them.
+        router_losses(routers.logits, batch["attention_mask"], top_k, 0.0, m.capacity_rounding,
+                      m.moe_ignore_padding, routers.choices, router_token_weights(batch),
+                      pool=lambda part: parts.append(part) or part, scores=routers.scores)
+    return sum_over_ranks(torch.stack(parts).sum(0))
 
 
 @torch.no_grad()

@@ -82,3 +82,20 @@ def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
             for key, value in on_device(state, p).items():
                 old = old_state.get(key, torch.zeros_like(value))
                 value.copy_(torch.where(finite, value, old))
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def check_nonfinite(counts: dict[str, int], step: int, loss: float, grad_norm: float,
+                    cfg: DPOConfig) -> None:
+    counts["total"] += 1
+    counts["in_a_row"] += 1
+    log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)",
+                step, loss, grad_norm, counts["in_a_row"])
+    if counts["in_a_row"] >= cfg.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"{counts['in_a_row']} steps in a row with a non-finite loss or gradient norm (last "
+            f"at step {step}); lower lr, set max_grad_norm, or use float32 "
+            f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite})")

@@ -26,20 +26,27 @@ from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
-from .evaluate import batch_loss, evaluate, generate, use_shared_prompt
+from .evaluate import (
+    batch_loss,
+    evaluate,
+    generate,
+    global_routing,
+    pools_accumulation,
+    use_shared_prompt,
+)
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models.balance import update_correction_biases
-from .models.moe import experts_modules, moe_top_k
-from .models.precision import compute_copies, is_mixed, policy_compute_dtype
-from .optim import build_optimizer, build_scheduler, step_if_finite
+from .models.precision import compute_copies, policy_compute_dtype
+from .optim import build_optimizer, build_scheduler, check_nonfinite, step_if_finite
 from .parallel import spmd
 from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
 from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 from .reference_sync import sync_reference
+from .startup import log_startup
 from .validate import check_rows_fit_losses, validate
 
 log = logging.getLogger("moedpo")
@@ -164,6 +171,11 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     # TR-DPO's reference changes in training: its weights go into checkpoints too.
     synced = {"reference": reference} if cfg.reference.sync_every else {}
     shift = reward_shift(cfg, backend)  # BCO's running reward mean, None for other losses
+    pooled_routing = pools_accumulation(cfg, policy)
+    if pooled_routing:
+        log.info("router_aux_loss_scope=global_batch over %d accumulated micro-batches: each "
+                 "step first runs the policy once more without gradients to count the expert "
+                 "loads of all of them", cfg.gradient_accumulation_steps)
     if resume_from:
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
             resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
@@ -248,13 +260,18 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             pairs = next(steps)
             lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
-            outputs = []
-            for start in range(0, step_size, micro * world):  # this rank's share of each
-                mine = start + backend.rank * micro  # micro-batch of the step
-                chunk = pairs[mine:mine + micro]
+            outputs, totals = [], None
+            # this rank's share of each micro-batch of the step
+            chunks = [pairs[start + backend.rank * micro:][:micro]
+                      for start in range(0, step_size, micro * world)]
+            batches = [to_batch(chunk) for chunk in chunks]
+            if pooled_routing:  # the step's expert loads, before the first backward
                 with computing():
-                    out = batch_loss(policy, reference, to_batch(chunk), cfg, shift,
-                                     backend.sum_over_ranks)
+                    totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
+            for chunk, batch in zip(chunks, batches, strict=True):
+                with computing():
+                    out = batch_loss(policy, reference, batch, cfg, shift,
+                                     backend.sum_over_ranks, router_totals=totals)
                     (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 window.tokens += sum(p.n_tokens for p in chunk)
@@ -328,63 +345,3 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         run_dir_lib.publish(cfg)
     log.info("run finished; metrics in %s", cfg.run_url or run_dir)
     return RunResult(final, policy, run_dir)
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def check_nonfinite(counts: dict[str, int], step: int, loss: float, grad_norm: float,
-                    cfg: DPOConfig) -> None:
-    counts["total"] += 1
-    counts["in_a_row"] += 1
-    log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)",
-                step, loss, grad_norm, counts["in_a_row"])
-    if counts["in_a_row"] >= cfg.max_consecutive_nonfinite:
-        raise NonFiniteError(
-            f"{counts['in_a_row']} steps in a row with a non-finite loss or gradient norm (last "
-            f"at step {step}); lower lr, set max_grad_norm, or use float32 "
-            f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite})")
-
-
-def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
-                backend: Backend, run_dir: Path) -> None:
-    n_params = sum(p.numel() for p in policy.parameters())  # DTensors count globally
-    top_k = moe_top_k(policy)
-    active = n_params
-    if top_k:  # each token runs k of E experts
-        experts = experts_modules(policy)
-        per_expert = sum(p.numel() for m in experts for p in m.parameters())
-        active -= per_expert * (1 - top_k / experts[0].down_proj.shape[0])
-    source = cfg.model.config_path or cfg.model.name_or_path
-    precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
-    log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
-             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision,
-             cfg.model.reference_dtype)
-    log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
-             backend.world_size, backend.devices, backend.device)
-    if backend.mesh is not None:
-        log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
-                 backend.mesh.axis_names)
-    for name, (n_train, n_eval) in data.sources.items():
-        formats = ", ".join(data.formats.get(name, {})) or "generated"
-        log.info("data %s: %d train pairs, %d eval pairs (%s)", name, n_train, n_eval, formats)
-    if data.skipped.total:
-        log.warning("skipped %d rows: %s; first: %s", data.skipped.total,
-                    dict(data.skipped.counts), "; ".join(data.skipped.examples))
-    stats = data.tokenized
-    if stats.counts:
-        log.info("truncated: %s", dict(stats.counts))
-    if stats.boundary:
-        log.warning("%d pairs: the prompt's ids are not a prefix of prompt+response's (tokens "
-                    "merge across the boundary, or the chat template renders the prompt alone "
-                    "otherwise); the response starts where they diverge. First: %s",
-                    stats.boundary, stats.boundary_example)
-    if stats.identical:
-        log.warning("identical responses: %d pairs have the same chosen and rejected tokens%s",
-                    stats.identical, " (skipped: data.skip_identical=true)"
-                    if cfg.data.skip_identical else "; data.skip_identical=true leaves them out")
-    devices = backend.total_devices
-    log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
-             n_steps, cfg.per_device_train_batch_size * devices * cfg.gradient_accumulation_steps,
-             cfg.per_device_train_batch_size, devices, cfg.gradient_accumulation_steps, run_dir)

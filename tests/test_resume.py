@@ -13,7 +13,8 @@ import torch
 import moedpo.train as train_module
 from conftest import ROOT, final_weights, tiny_train_overrides, train_rows, wait_for
 from moedpo.checkpoint import COMPLETE, Checkpointer, CheckpointError
-from moedpo.train import NonFiniteError, run
+from moedpo.optim import NonFiniteError
+from moedpo.train import run
 
 
 def cli(*args: str, out: Path) -> list[str]:

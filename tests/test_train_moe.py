@@ -52,3 +52,24 @@ def test_dropped_training_reaches_demo_level(make_cfg):
                           "model.router_aux_loss_coef=0.02"))
     assert result.final_eval["rewards/accuracies"] >= 0.9
     assert 0 < result.final_eval["moe/dropped_fraction"] < 0.2
+
+
+def test_global_batch_router_loss_equal_for_accumulation_1x8_and_2x4(make_cfg, tmp_path):
+    """router_aux_loss_scope=global_batch takes the expert shares over the whole step: 2
+    accumulated micro-batches of 4 train as 1 of 8 (the pre-pass counts both first); each
+    micro-batch's own shares (micro_batch) train another model."""
+    from conftest import assert_same_run
+
+    base = [*tiny_train_overrides(), "model.router_aux_loss_coef=0.5", "shuffle=true"]
+    scope = "model.router_aux_loss_scope="
+
+    def train(name, batch, accumulation, kind):
+        run(make_cfg(*base, f"per_device_train_batch_size={batch}",
+                     f"gradient_accumulation_steps={accumulation}", f"{scope}{kind}",
+                     f"exp_name={name}"))
+        return tmp_path / name
+
+    one = train("one", 8, 1, "global_batch")
+    assert_same_run(one, train("two", 4, 2, "global_batch"), atol=1e-5, rel=1e-5)
+    with pytest.raises(AssertionError):
+        assert_same_run(one, train("local", 4, 2, "micro_batch"), atol=1e-5, rel=1e-5)

@@ -137,7 +137,7 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
                   choices: Sequence[torch.Tensor | None] | None = None,
                   token_weights: torch.Tensor | None = None,
                   sequences: torch.Tensor | None = None,
-                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   scores: Sequence[str] | None = None) -> RouterOutput:
     """Switch/Mixtral load-balancing loss per layer, `E * sum_e f_e * P_e` with f_e the share
     of top-k assignments to expert e (summing to k, as Hugging Face normalises it) and P_e the
@@ -152,9 +152,11 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
 
     model.router_aux_loss_scope: with `sequences` ([S, batch*seq]: each sequence's tokens)
     f and P are taken within each sequence and the loss averaged over them (DeepSeek-V3's
-    sequence-wise balance loss); with `sum_over_ranks` f (and the token count) are pooled
-    over every rank's share of the micro-batch (the global micro-batch, as Qwen balances),
-    each rank's gradient being its tokens' part of that one loss."""
+    sequence-wise balance loss); with `pool` f (and the token count) are the global
+    batch's, as Qwen balances: `pool` maps this part's flat statistics (`flat_statistics`)
+    to the sums over every part of the batch (every rank's share of the micro-batch, and
+    with gradient accumulation every micro-batch: `global_routing`), each part's gradient
+    being its tokens' share of that one loss."""
     batch, seq_len = attention_mask.shape
     mask = attention_mask.reshape(-1).bool()
     weight = (token_weights.reshape(-1).float() if token_weights is not None
@@ -190,8 +192,8 @@ def router_losses(router_logits: Sequence[torch.Tensor], attention_mask: torch.T
     counts_t, probs_t = torch.stack(counts), torch.stack(prob_sums)  # [L, E]
     if sequences is not None:
         aux = torch.stack([_sequence_aux(top, probs, sequences) for top, probs in tops])
-    elif sum_over_ranks is not None:
-        aux = _global_aux(counts_t, probs_t, n_real, sum_over_ranks)
+    elif pool is not None:
+        aux = _global_aux(counts_t, probs_t, n_real, pool)
     else:
         aux = probs_t.shape[-1] * ((counts_t / n_real) * (probs_t / n_real)).sum(-1)
     layers = len(router_logits)
@@ -212,20 +214,28 @@ def _sequence_aux(top: torch.Tensor, probs: torch.Tensor,
     return per_sequence[members.sum(-1) > 0].mean()
 
 
-def _global_aux(counts: torch.Tensor, prob_sums: torch.Tensor, n_real: torch.Tensor,
-                sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """[L] losses over the global micro-batch. The value is the pooled loss itself; the
-    gradient is this rank's tokens' part of it, times the number of ranks, since FSDP
-    averages the ranks' gradients (so the average is the pooled loss's gradient)."""
-    layers, num_experts = counts.shape
-    flat = torch.cat([counts.reshape(-1), prob_sums.detach().reshape(-1), n_real.reshape(1),
+def flat_statistics(counts: torch.Tensor, prob_sums: torch.Tensor,
+                    n_real: torch.Tensor) -> torch.Tensor:
+    """One part of a batch's router statistics as one flat tensor, so that summing it over
+    ranks (and micro-batches) is one all-reduce: [L*E] expert assignments, [L*E] router
+    probability sums, the token count, and a 1 that sums to the number of parts."""
+    return torch.cat([counts.reshape(-1), prob_sums.detach().reshape(-1), n_real.reshape(1),
                       torch.ones(1, device=counts.device)])
-    total = sum_over_ranks(flat)
+
+
+def _global_aux(counts: torch.Tensor, prob_sums: torch.Tensor, n_real: torch.Tensor,
+                pool: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[L] losses over the global batch. The value is the pooled loss itself; the gradient
+    is this part's tokens' share of it, times the number of parts, since the ranks'
+    gradients are averaged and accumulation divides each micro-batch's loss by their number
+    (so the mean over parts is the pooled loss's gradient)."""
+    layers, num_experts = counts.shape
+    total = pool(flat_statistics(counts, prob_sums, n_real))
     size = layers * num_experts
     counts_g = total[:size].view(layers, num_experts)
     probs_g = total[size:2 * size].view(layers, num_experts)
-    n_g, world = total[2 * size].clamp(min=1), total[2 * size + 1]
+    n_g, parts = total[2 * size].clamp(min=1), total[2 * size + 1]
     share = counts_g / n_g
-    mine = num_experts * (share * prob_sums / n_g).sum(-1) * world
+    mine = num_experts * (share * prob_sums / n_g).sum(-1) * parts
     pooled = num_experts * (share * probs_g / n_g).sum(-1)
     return mine - mine.detach() + pooled

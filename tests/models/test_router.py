@@ -181,7 +181,7 @@ def test_global_scope_pools_ranks_to_the_one_process_loss_and_gradient():
             seen["flat"] = x
             return x
         router_losses((logits[half * 10:(half + 1) * 10],), mask[half * 2:(half + 1) * 2],
-                      top_k=2, sum_over_ranks=keep)
+                      top_k=2, pool=keep)
         return seen["flat"].detach()
 
     grads = []
@@ -189,11 +189,43 @@ def test_global_scope_pools_ranks_to_the_one_process_loss_and_gradient():
         mine = logits[half * 10:(half + 1) * 10].clone().requires_grad_()
         other = flat_of(1 - half)
         out = router_losses((mine,), mask[half * 2:(half + 1) * 2], top_k=2,
-                            sum_over_ranks=lambda x, other=other: x + other)
+                            pool=lambda x, other=other: x + other)
         assert out.aux_loss.item() == pytest.approx(one.item(), rel=1e-12)
         (grad,) = torch.autograd.grad(out.aux_loss, mine)
         grads.append(grad)
     torch.testing.assert_close(torch.cat(grads) / 2, want)
+
+
+def test_global_scope_over_accumulation_is_the_whole_steps_loss_and_gradient():
+    """2 ranks x 2 accumulated micro-batches, each part given the step's summed statistics
+    (`global_routing`): each reports the whole step's loss, and its gradients, divided by
+    the accumulation and averaged over ranks as the trainer does, are the whole step's."""
+    torch.manual_seed(7)
+    logits = torch.randn(8 * 4, 6, dtype=torch.double)
+    mask = torch.tensor([[1] * 4, [1] * 2 + [0] * 2, [1] * 4, [1] * 3 + [0]] * 2)
+    whole = logits.clone().requires_grad_()
+    one = router_losses((whole,), mask, top_k=2).aux_loss
+    (want,) = torch.autograd.grad(one, whole)
+
+    def part(q):
+        return logits[q * 8:(q + 1) * 8], mask[q * 2:(q + 1) * 2]
+
+    parts = []
+    for q in range(4):  # the pre-pass: every part's statistics, summed
+        router_losses((part(q)[0],), part(q)[1], top_k=2,
+                      pool=lambda x: parts.append(x.detach()) or x)
+    totals = torch.stack(parts).sum(0)
+    assert totals[-1] == 4  # the number of parts
+    grads = []
+    for q in range(4):
+        mine = part(q)[0].clone().requires_grad_()
+        out = router_losses((mine,), part(q)[1], top_k=2, pool=lambda _x: totals)
+        assert out.aux_loss.item() == pytest.approx(one.item(), rel=1e-6)  # float32 inside
+        (grad,) = torch.autograd.grad(out.aux_loss / 2, mine)  # accumulation 2
+        grads.append(grad)
+    torch.testing.assert_close(torch.cat(grads) / 2, want)  # FSDP's mean over 2 ranks
+    alone = router_losses((part(0)[0],), part(0)[1], top_k=2).aux_loss
+    assert abs(alone.item() - one.item()) > 1e-3  # a micro-batch's own loss is another
 
 
 def test_sigmoid_routers_balance_their_normalised_sigmoid_scores():

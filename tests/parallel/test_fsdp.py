@@ -99,8 +99,8 @@ def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
 
 def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
     """model.router_aux_loss_scope=global_batch: the expert shares pooled over the ranks'
-    halves of each micro-batch, so 2 ranks train as one process does; each rank's own
-    shares (micro_batch) train another model."""
+    halves of each micro-batch (and over accumulated micro-batches), so 2 ranks train as
+    one process does; each rank's own shares (micro_batch) train another model."""
     args = [*COMMON, "model.router_aux_loss_coef=0.5", f"output_dir={tmp_path}"]
     scope = "model.router_aux_loss_scope="
     run_ok(single(*args, "per_device_train_batch_size=4", f"{scope}global_batch",
@@ -108,6 +108,10 @@ def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
     run_ok(torchrun(*args, "per_device_train_batch_size=2", f"{scope}global_batch",
                     "exp_name=two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    # and over 2 accumulated micro-batches too: the pre-pass's counts summed over ranks
+    run_ok(torchrun(*args, "per_device_train_batch_size=1", "gradient_accumulation_steps=2",
+                    f"{scope}global_batch", "exp_name=accumulated"))
+    assert_same_run(tmp_path / "one", tmp_path / "accumulated", atol=1e-5, rel=1e-5)
     run_ok(torchrun(*args, "per_device_train_batch_size=2", f"{scope}micro_batch",
                     "exp_name=local"))
     with pytest.raises(AssertionError):
