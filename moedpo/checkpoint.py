@@ -125,21 +125,25 @@ def latest_checkpoint(path: str) -> str:
 
 
 def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False,
-                    trusted: list[str] | None = None) -> str:
+                    trusted: list[str] | None = None, trainable_only: bool = False) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype and
     sharding; a sharded model reads only its own shards). With `trusted` (training), the
-    checkpoint must be signed by this key or lie under one of those paths (moedpo.trust)."""
+    checkpoint must be signed by this key or lie under one of those paths (moedpo.trust).
+    `trainable_only`: the checkpoint holds only the parameters that train (LoRA's)."""
     checkpoint = latest_checkpoint(path)
     if trusted is not None:
         trust.check(checkpoint, trusted, "checkpoint_manager_path")
     for model in models:
         state = {"model": model.state_dict()}
+        if trainable_only:
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {"model": {k: v for k, v in state["model"].items() if k in names}}
         try:
             dcp.load(state, storage_reader=_reader(checkpoint), planner=_load_planner(xla))
         except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=not trainable_only)
     return checkpoint
 
 
@@ -187,6 +191,13 @@ class Checkpointer:
     # Paths besides `root` whose checkpoints may be read unsigned; None: no check (tools
     # reading a run's own checkpoints).
     trusted: list[str] | None = None
+    # Only the parameters that train (LoRA: the adapters; the frozen base is rebuilt from
+    # the model's own weights on resume).
+    trainable_only: bool = False
+
+    @property
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self.trainable_only)
 
     def step_path(self, step: int, tmp: bool = False) -> str:
         name = f"{STEP_PREFIX}{step:08d}"
@@ -230,7 +241,7 @@ class Checkpointer:
         fs, _ = _fs(self.root)
         try:
             fs.makedirs(_fs(tmp)[1], exist_ok=True)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options)
             others = {k: get_model_state_dict(m) for k, m in (extra or {}).items()}
             dcp.save({"model": model_sd, "optim": optim_sd, **others},
                      storage_writer=_writer(tmp), planner=_save_planner(self.xla))
@@ -296,7 +307,7 @@ class Checkpointer:
         except (OSError, ValueError) as err:
             raise CheckpointError(f"resume={path}: its state files are unreadable "
                                   f"({_first_line(err)})") from None
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options)
         extra = extra or {}
         state = {"model": model_sd, "optim": optim_sd,
                  **{k: get_model_state_dict(m) for k, m in extra.items()}}
@@ -304,7 +315,8 @@ class Checkpointer:
             dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"],
-                           options=StateDictOptions(strict=True))
+                           options=StateDictOptions(strict=not self.trainable_only,
+                                                    ignore_frozen_params=self.trainable_only))
             for key, other in extra.items():
                 set_model_state_dict(other, state[key], options=StateDictOptions(strict=True))
         except (Exception, CheckpointException) as err:  # DCP wraps errors in several types

@@ -31,7 +31,9 @@ USAGE = """usage: moedpo COMMAND ...
 commands:
   train [KEY=VALUE ...]          train with DPO; every KEY of README's config reference, e.g.
                                  `moedpo train +experiment=demo` (same as run_dpo_no_trainer.py)
-  export RUN_DIR|CHECKPOINT OUT  write the trained policy as a Hugging Face folder
+  export RUN_DIR|CHECKPOINT OUT [--merge]
+                                 write the trained policy as a Hugging Face folder
+                                 (LoRA runs: a PEFT adapter folder, or merged)
   convert HF_DIR OUT             a Hugging Face model -> DCP weights for checkpoint_manager_path
   convert --to-hf DCP OUT --model NAME_OR_PATH | --config-path JSON
                                  DCP weights -> a Hugging Face folder
@@ -151,8 +153,11 @@ def export_command(argv: list[str]) -> None:
         "Face folder: safetensors weights, config and tokenizer."))
     parser.add_argument("source", type=Path, help="run directory or run_dir/checkpoints/step_N")
     parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--merge", action="store_true", help=(
+        "LoRA runs: fold the adapters into the weights and write a plain HF model (without "
+        "it: a PEFT adapter folder for PeftModel.from_pretrained)"))
     args = parser.parse_args(argv)
-    used = export(args.source, args.out)
+    used = export(args.source, args.out, args.merge)
     print(f"exported {used} to {args.out}")
 
 

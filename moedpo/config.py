@@ -43,6 +43,24 @@ class FSDPConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Low-rank adapters through PEFT (README "LoRA"); r = 0: off (full fine-tuning).
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input (not on the experts: PEFT cannot there)
+    # PEFT target_modules; null: every linear projection of attention and dense MLPs
+    # (not the head, the routers, or the experts).
+    target_modules: list[str] | None = None
+    # Adapters on the fused expert weights too (PEFT target_parameters: one pair per expert).
+    target_experts: bool = True
+    use_rslora: bool = False
+    # PEFT's init_lora_weights: true (B = 0: the policy starts as the base), gaussian,
+    # pissa, olora, ...
+    init: Any = True
+    quantize: str | None = None  # 4bit: QLoRA's NF4 base (bitsandbytes, CUDA only)
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "mistralai/Mixtral-8x7B-v0.1"
     config_path: str | None = None
@@ -72,8 +90,9 @@ class ModelConfig:
     # Over what the load-balancing loss's expert shares are taken: micro_batch (each rank's),
     # global_batch (the micro-batch pooled over ranks), sequence (within each sequence).
     router_aux_loss_scope: str = "micro_batch"
-    # Router (gate) weights and biases frozen: no gradient, no optimizer state.
-    freeze_router: bool = False
+    # Router (gate) weights and biases frozen: no gradient, no optimizer state. null: frozen
+    # under LoRA, trained otherwise.
+    freeze_router: bool | None = None
     # Aux-loss-free balancing (DeepSeek-V3): after each step move each expert's router
     # correction bias by this much toward balance (the sign of its load error); 0: off.
     # Models whose routers have one (DeepSeek-V3, GLM-4-MoE). README "MoE experts".
@@ -94,6 +113,7 @@ class ModelConfig:
     # torch.compile each decoder layer (CPU and CUDA; XLA compiles the whole step anyway).
     compile: bool = False
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

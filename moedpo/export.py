@@ -17,6 +17,7 @@ from .checkpoint import COMPLETE, Checkpointer, CheckpointError, restore_weights
 from .config import DTYPES, DPOConfig, ModelConfig
 from .data.pairs import DataError
 from .data.templates import use_chat_template
+from .models import lora
 from .models.load import build_models, load_tokenizer
 from .models.precision import cast_parameters
 
@@ -49,16 +50,33 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def export(source: Path, out: Path) -> str:
-    """Write the policy of a run's checkpoint as an HF folder; returns the checkpoint used."""
+def export(source: Path, out: Path, merge: bool = False) -> str:
+    """Write the policy of a run's checkpoint as an HF folder; returns the checkpoint used.
+    A LoRA run's checkpoint holds only its adapters: they are put back on the base (the
+    run's own starting weights), and written as a PEFT adapter folder, or with `merge`
+    folded into the weights as a plain HF model."""
     cfg, checkpoint = find_checkpoint(source)
-    policy, _ = build_models(cfg.model, cfg.seed)
-    restore_weights(checkpoint, [policy])
+    adapters = lora.is_enabled(cfg.model)
+    if merge and not adapters:
+        raise CheckpointError(f"{source}: --merge merges LoRA adapters, and this run trained "
+                              "the full model (model.lora.r=0); export it without --merge")
+    policy, _ = build_models(cfg.model, cfg.seed, with_reference=False)
+    restore_weights(checkpoint, [policy], trainable_only=adapters)
     tokenizer = load_tokenizer(cfg.model)
     try:  # the template the run trained with goes with the model
         use_chat_template(tokenizer, cfg.data.chat_template)
     except DataError as err:
         log.warning("%s; the export keeps the tokenizer's own chat template", err)
+    if adapters and merge:  # W + scale * B A in float32, then the policy's dtype
+        policy = cast_parameters(policy, torch.float32).merge_and_unload()
+    elif adapters:  # adapter_config.json + adapter_model.safetensors, for PeftModel
+        cast_parameters(policy, DTYPES[cfg.model.policy_dtype])
+        out.mkdir(parents=True, exist_ok=True)
+        policy.peft_config["default"].base_model_name_or_path = (
+            cfg.model.name_or_path if not cfg.model.config_path else None)
+        policy.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        return checkpoint
     # In the dtype the policy computed in (mixed precision trains float32 masters).
     save_hf(cast_parameters(policy, DTYPES[cfg.model.policy_dtype]), tokenizer, out)
     return checkpoint

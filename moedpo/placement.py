@@ -13,6 +13,7 @@ import torch
 from .checkpoint import restore_weights
 from .config import ConfigError, DPOConfig
 from .losses import loss_names, needs_reference
+from .models import lora
 from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
 from .parallel import fsdp, spmd
 from .parallel.backend import Backend
@@ -31,6 +32,8 @@ def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
                           "Hugging Face folder) or set model.meta_init=false")
     if cfg.model.meta_init is not None:
         return cfg.model.meta_init
+    if lora.is_enabled(cfg.model):  # the adapters are initialised with the whole model
+        return False
     return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
 
 
@@ -71,6 +74,10 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
                              and (backend.kind == "xla" or backend.distributed))
     if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
+        if lora.is_enabled(cfg.model):
+            raise ConfigError("model.lora.r > 0 on XLA: PEFT's adapters (and its expert "
+                              "parametrizations) have no SPMD sharding annotations here yet; "
+                              "set model.lora.r=0, or train LoRA on CPU/CUDA")
         if cfg.model.compile:
             raise ConfigError("model.compile=true: on XLA every step is compiled whole "
                               "already; set model.compile=false")
@@ -84,11 +91,11 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         checkpoint_decoder_layers(policy, cfg.model.activation_checkpointing_every)
     if cfg.model.compile:
         for model in (policy, reference):
-            if model is not None:
+            if model is not None and not isinstance(model, lora.AdaptersOff):
                 compile_decoder_layers(model, cfg)
     if backend.distributed:
         policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype)
-        if reference is not None:
+        if reference is not None and not isinstance(reference, lora.AdaptersOff):
             reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype,
                                    cpu_offload=cfg.reference.cpu_offload)
     return policy, reference

@@ -37,6 +37,7 @@ from .evaluate import (
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
+from .models import lora
 from .models.balance import update_correction_biases
 from .models.precision import compute_copies, policy_compute_dtype
 from .optim import build_optimizer, build_scheduler, check_nonfinite, step_if_finite
@@ -138,7 +139,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         logging.getLogger("moedpo").setLevel(logging.WARNING)
     checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process,
                                 backend.barrier, xla=backend.kind == "xla",
-                                trusted=list(cfg.checkpoint.trusted_paths))
+                                trusted=list(cfg.checkpoint.trusted_paths),
+                                trainable_only=lora.is_enabled(cfg.model))
     run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
     tokenizer, policy, reference = load_models(cfg, backend)
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,

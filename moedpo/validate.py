@@ -224,6 +224,7 @@ def validate(cfg: DPOConfig) -> None:
            f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
+    check_lora(cfg)
     if m.config_path is not None:
         check_model_json(resolve_model_json(m.config_path))
     elif Path(m.name_or_path).is_dir():
@@ -275,6 +276,31 @@ def validate(cfg: DPOConfig) -> None:
                f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")
         _check(folder is None or Path(folder).expanduser().is_dir(),
                f"dataset_dir.{name}={folder}: no such folder")
+
+
+def check_lora(cfg: DPOConfig) -> None:
+    """model.lora: ranges, and what a run with one copy of the weights cannot do."""
+    lora, m = cfg.model.lora, cfg.model
+    _check(lora.r >= 0, f"model.lora.r={lora.r}: must be >= 0 (0 = off, e.g. 16)")
+    if lora.r == 0:
+        return
+    _check(lora.alpha > 0, f"model.lora.alpha={lora.alpha}: must be > 0 (e.g. 2 x r)")
+    _check(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
+    _check(lora.quantize in (None, "4bit"),
+           f"model.lora.quantize={lora.quantize}: use 4bit or null")
+    why = {"reference.sync_every": cfg.reference.sync_every > 0 and
+           "TR-DPO moves the reference, which under LoRA is the frozen base",
+           "model.router_bias_update_rate": m.router_bias_update_rate > 0 and
+           "the correction biases belong to the base, which is also the reference",
+           "checkpoint_manager_path": bool(cfg.checkpoint_manager_path) and
+           "its weights are the full model's; give model.name_or_path (an HF folder: "
+           "`moedpo convert --to-hf` writes one)",
+           "model.meta_init": bool(m.meta_init) and
+           "the adapters are built with the model on one process",
+           "reference.cpu_offload": cfg.reference.cpu_offload and
+           "there is no separate reference to offload"}
+    for key, reason in why.items():
+        _check(not reason, f"{key} with model.lora.r={lora.r}: {reason}; turn one of them off")
 
 
 def check_loss(cfg: DPOConfig) -> None:

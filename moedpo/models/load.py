@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
-from . import chunked_head
+from . import chunked_head, lora
 from .balance import correction_bias_routers
 from .moe import apply_moe_implementation
 from .precision import cast_parameters, storage_dtype
@@ -197,11 +197,17 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                  if moe == "dropped" else "")
     # Parameters only: buffers (rotary inv_freq) stay float32, as from_pretrained leaves them.
     reference = None
-    if with_reference:
-        reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
-        reference.eval().requires_grad_(False)
-    # A mixed-precision policy keeps float32 masters (models/precision.py).
-    policy = cast_parameters(model, storage_dtype(cfg)).train()
+    if lora.is_enabled(cfg):  # one model: the reference is the policy without its adapters
+        torch.manual_seed(seed)  # the adapters' initialisation, the same on every process
+        policy = lora.apply_lora(model, cfg).train()
+        if with_reference:
+            reference = lora.AdaptersOff(policy).eval()
+    else:
+        if with_reference:
+            reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
+            reference.eval().requires_grad_(False)
+        # A mixed-precision policy keeps float32 masters (models/precision.py).
+        policy = cast_parameters(model, storage_dtype(cfg)).train()
     if cfg.freeze_router and not freeze_routers(policy):
         raise ModelLoadError(f"model.freeze_router=true: {type(policy).__name__} has no "
                              "router (a dense model); set model.freeze_router=false")
@@ -211,7 +217,7 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                              "(DeepSeek-V3 and GLM-4-MoE have one); set it to 0")
     if cfg.logps_chunk_size > 0:  # after the copy: each model's head wraps its own weights
         for each in (policy, reference):
-            if each is not None:
+            if each is not None and not isinstance(each, lora.AdaptersOff):
                 chunked_head.enable(each, cfg.logps_chunk_size)
     return policy, reference
 

@@ -1,0 +1,146 @@
+"""LoRA DPO through PEFT: one copy of the weights; the reference is the base.
+
+`model.lora.r > 0` wraps the policy in PEFT's `PeftModel` (the adapters users already load
+with `PeftModel.from_pretrained`): LoRA pairs on the attention and dense MLP projections
+(`target_modules`) and, with `target_experts`, on the fused expert weights of transformers'
+experts modules through PEFT's `target_parameters` (one low-rank pair per expert; PEFT
+parametrizes the stacked weight during the experts' forward, so every moedpo experts
+implementation reads W + scale * B A as it reads W). Everything else is frozen, the routers
+included unless `model.freeze_router=false`.
+
+The reference is the same model with its adapters switched off (`AdaptersOff`): no second
+copy of the weights, no reference memory. The frozen base is stored in `policy_dtype`
+(bfloat16 needs no float32 master: it never changes); under mixed precision only the
+adapters keep float32 masters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..config import DTYPES, ConfigError, ModelConfig
+from .expert_layout import is_experts
+from .precision import cast_parameters, storage_dtype
+from .router import router_modules
+
+log = logging.getLogger(__name__)
+
+
+def is_enabled(cfg: ModelConfig) -> bool:
+    return cfg.lora.r > 0
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Names (last components) of the model's linear projections outside the head, the
+    routers and the experts: attention and dense MLPs, shared experts included."""
+    excluded = {id(m) for m in router_modules(model)}
+    excluded.add(id(model.get_output_embeddings()))
+    for module in model.modules():
+        if is_experts(module):
+            excluded.update(id(m) for m in module.modules())
+    targets, others = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            keep = id(module) not in excluded and module.out_features > 1  # not a scalar gate
+            (targets if keep else others).add(name.rsplit(".", 1)[-1])
+    # PEFT matches by suffix: a name an excluded module shares would adapt it too.
+    return sorted(targets - others)
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """PEFT target_parameters for the fused expert weights: `experts.gate_up_proj`, ..."""
+    names = set()
+    for name, module in model.named_modules():
+        if is_experts(module):
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:  # the stacked [E, ., .] weights, not the [E, .] biases
+                    names.add(f"{name.rsplit('.', 1)[-1]}.{param_name}")
+    return sorted(names)
+
+
+def peft_config(cfg: ModelConfig, model: nn.Module):
+    """The `peft.LoraConfig` of `model.lora` for this model."""
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    modules = list(lora.target_modules) if lora.target_modules is not None else \
+        default_target_modules(model)
+    experts = expert_parameters(model) if lora.target_experts else []
+    if lora.dropout and experts:
+        raise ConfigError(f"model.lora.dropout={lora.dropout} with target_experts: PEFT's "
+                          "expert adapters take no dropout; set model.lora.dropout=0 or "
+                          "model.lora.target_experts=false")
+    if not modules and not experts:
+        raise ConfigError("model.lora: nothing to adapt (no target_modules and no experts); "
+                          "set model.lora.target_modules")
+    saved = []
+    if cfg.freeze_router is False:  # a trained router: PEFT keeps a trainable copy of it
+        saved = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if any(m is r for r in router_modules(model))})
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=modules or None, target_parameters=experts or None,
+                      use_rslora=lora.use_rslora, init_lora_weights=lora.init,
+                      modules_to_save=saved or None, task_type="CAUSAL_LM")
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """`model` (the base, any dtype) -> a PeftModel: the base frozen in `policy_dtype`, the
+    adapters in the policy's storage dtype (float32 under mixed precision)."""
+    from peft import get_peft_model
+
+    if cfg.lora.quantize is not None:
+        raise ConfigError(f"model.lora.quantize={cfg.lora.quantize}: QLoRA needs bitsandbytes "
+                          "on CUDA, which this build does not run; set model.lora.quantize=null")
+    config = peft_config(cfg, model)
+    cast_parameters(model, DTYPES[cfg.policy_dtype])
+    policy = get_peft_model(model, config, autocast_adapter_dtype=False)
+    dtype = storage_dtype(cfg)
+    for param in policy.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.parameters())
+    log.info("LoRA r=%d alpha=%g on %s%s: %.3fM trainable parameters (%.2f%% of %.2fM)",
+             cfg.lora.r, cfg.lora.alpha, ", ".join(config.target_modules or ()) or "-",
+             f" and experts ({', '.join(config.target_parameters)})"
+             if config.target_parameters else "", trainable / 1e6, 100 * trainable / total,
+             total / 1e6)
+    return policy
+
+
+class AdaptersOff(nn.Module):
+    """The reference of a LoRA run: the policy's own modules with its adapters switched off
+    (PEFT's `disable_adapter`), so it computes the base model. It holds the policy as a
+    submodule (its routers are found for the drift metrics) but never changes its mode:
+    `eval()` on the reference must not turn the training policy's dropout and
+    checkpointing off."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def train(self, mode: bool = True) -> AdaptersOff:
+        self.training = mode
+        return self
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.policy.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.policy.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy.generate(*args, **kwargs)

@@ -1,0 +1,173 @@
+"""LoRA through PEFT (model.lora): the reference is the base, only adapters train, expert
+adapters are a per-expert low-rank update of each expert's weights."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from conftest import compose_cfg, random_pairs, tiny_train_overrides, train_rows
+from moedpo.config import ConfigError, ModelConfig
+from moedpo.data.collate import collate
+from moedpo.evaluate import batch_loss
+from moedpo.models import lora
+from moedpo.models.load import build_models
+from moedpo.models.router import router_modules
+from moedpo.train import run
+from moedpo.validate import validate
+
+
+def lora_model(**lora_fields) -> ModelConfig:
+    cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
+                      reference_dtype="float32")
+    cfg.lora.r = 4
+    for key, value in lora_fields.items():
+        setattr(cfg.lora, key, value)
+    return cfg
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.05
+
+
+def test_reference_is_the_base_and_the_policy_starts_as_it():
+    ids = torch.randint(0, 500, (2, 10))
+    base, _ = build_models(ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
+                                       reference_dtype="float32"), seed=3, with_reference=False)
+    policy, reference = build_models(lora_model(), seed=3)
+    assert isinstance(reference, lora.AdaptersOff)
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        assert torch.equal(reference(input_ids=ids).logits, want)
+        assert torch.equal(policy(input_ids=ids).logits, want)  # B = 0: W + 0 exactly
+        randomise_adapters(policy)
+        assert (policy(input_ids=ids).logits - want).abs().max() > 1e-3
+        assert torch.equal(reference(input_ids=ids).logits, want)
+    reference.eval()
+    assert policy.training  # the reference's mode is not the policy's
+
+
+def test_only_adapters_get_gradients_and_the_routers_stay_frozen():
+    cfg = compose_cfg("model=tiny", "model.lora.r=4")
+    policy, reference = build_models(cfg.model, seed=0)
+    randomise_adapters(policy)  # B != 0, so the A factors get gradients too
+    out = batch_loss(policy, reference, collate(random_pairs(4), pad_id=1), cfg)
+    out.loss.backward()
+    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    adapters = {n for n, p in policy.named_parameters() if "lora_" in n}
+    assert with_grad == adapters
+    assert any("experts" in n for n in adapters) and any("q_proj" in n for n in adapters)
+    assert all(policy.get_parameter(n).grad.abs().sum() > 0 for n in adapters)
+    assert all(not p.requires_grad for r in router_modules(policy) for p in r.parameters())
+
+
+def test_default_targets_are_attention_and_dense_mlp_projections(tiny_neox_dir):
+    mixtral, _ = build_models(lora_model(r=0), with_reference=False)
+    assert lora.default_target_modules(mixtral) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert lora.expert_parameters(mixtral) == ["experts.down_proj", "experts.gate_up_proj"]
+    dense, _ = build_models(ModelConfig(name_or_path=str(tiny_neox_dir), policy_dtype="float32",
+                                        reference_dtype="float32"), with_reference=False)
+    assert lora.default_target_modules(dense) == ["dense", "dense_4h_to_h", "dense_h_to_4h",
+                                                  "query_key_value"]
+    assert lora.expert_parameters(dense) == []
+
+
+def hand_experts(x, index, weights, w_first, w_down, adapters, scale):
+    """Every token through its top-k experts, each expert's weights W_e + scale * B_e A_e
+    with A_e, B_e cut from PEFT's stacked factors: A [E*r, in] row-blocks by expert,
+    B [out, r*E] with the expert fastest (PEFT's layout, get_delta_weight)."""
+    def adapted(weight, a, b):
+        experts, rank = weight.shape[0], a.shape[0] // weight.shape[0]
+        a_e = a.view(experts, rank, -1)
+        b_e = b.view(b.shape[0], rank, experts).permute(2, 0, 1)
+        return weight + scale * b_e @ a_e
+    first = adapted(w_first, *adapters["gate_up_proj"])
+    down = adapted(w_down, *adapters["down_proj"])
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    for t in range(x.shape[0]):
+        for e, w in zip(index[t].tolist(), weights[t], strict=True):
+            h = first[e] @ x[t]
+            out[t] += w * (down[e] @ (F.silu(h[:inter]) * h[inter:]))
+    return out
+
+
+@pytest.mark.parametrize("implementation", ["dropless", "dense", "dropped"])
+def test_expert_adapters_are_a_per_expert_low_rank_update_float64(implementation):
+    cfg = lora_model(alpha=8.0)
+    cfg.moe_implementation = implementation
+    if implementation == "dropped":
+        cfg.capacity_factor = 4.0  # E / k: nothing dropped
+    policy, _ = build_models(cfg, seed=1, with_reference=False)
+    policy.double()
+    randomise_adapters(policy, seed=2)
+    block = policy.base_model.model.model.layers[0].mlp
+    experts = block.experts  # PEFT's ParamWrapper around the fused experts
+    base = experts.get_base_layer()
+    torch.manual_seed(4)
+    tokens, hidden = 6, base.gate_up_proj.shape[-1]
+    x = torch.randn(tokens, hidden, dtype=torch.double)
+    index = torch.stack([torch.randperm(base.gate_up_proj.shape[0])[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2, dtype=torch.double)
+    got = experts(x, index, weights)
+
+    layers = {w.parameter_name: w for w in experts.modules()
+              if isinstance(w, LoraLayer) and hasattr(w, "parameter_name")}
+    factors = {name: (w.lora_A["default"].weight, w.lora_B["default"].weight)
+               for name, w in layers.items()}
+    scale = layers["down_proj"].scaling["default"]
+    assert scale == pytest.approx(8.0 / 4)
+    leaves = {k: (a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
+              for k, (a, b) in factors.items()}
+    want = hand_experts(x, index, weights, base.gate_up_proj.detach(), base.down_proj.detach(),
+                        leaves, scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        plain = hand_experts(x, index, weights, base.gate_up_proj, base.down_proj,
+                             {k: (torch.zeros_like(a), b) for k, (a, b) in factors.items()}, 0)
+    assert (got - plain).abs().max() > 1e-3  # the adapters change what the experts compute
+    probe = torch.randn_like(x)
+    (got * probe).sum().backward()
+    (want * probe).sum().backward()
+    for name, (a, b) in factors.items():
+        torch.testing.assert_close(a.grad, leaves[name][0].grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.grad, leaves[name][1].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_lora_dpo_starts_at_ln2_and_learns_the_demo(make_cfg):
+    result = run(make_cfg(*tiny_train_overrides(), "max_steps=10", "eval_frequency=5",
+                          "per_device_train_batch_size=8", "model.lora.r=8",
+                          "model.lora.alpha=16"))
+    evals = [r for r in train_rows(result.run_dir) if "eval/loss" in r]
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[-1]["eval/rewards/margins"] > 0.05
+    assert evals[-1]["eval/rewards/accuracies"] > 0.6
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.02
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("reference.sync_every=2", "TR-DPO"),
+    ("model.router_bias_update_rate=0.001", "correction biases"),
+    ("model.lora.quantize=8bit", "4bit or null"),
+    ("model.lora.r=-1", "must be >= 0"),
+    ("model.lora.dropout=1.5", "[0, 1)"),
+])
+def test_settings_lora_cannot_take_are_one_line_errors(make_cfg, setting, message):
+    extra = [] if setting.startswith("model.lora.r=") else ["model.lora.r=4"]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        validate(make_cfg("+experiment=demo", *extra, setting))
+
+
+def test_expert_dropout_and_quantization_are_refused_when_built():
+    with pytest.raises(ConfigError, match="target_experts"):
+        build_models(lora_model(dropout=0.1), with_reference=False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        build_models(lora_model(quantize="4bit"), with_reference=False)
+    policy, _ = build_models(lora_model(dropout=0.1, target_experts=False),
+                             with_reference=False)
+    assert not any("experts" in n for n, _ in policy.named_parameters() if "lora_" in n)
