@@ -52,3 +52,38 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(tmp_path),
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no config.yaml" in done.stderr
+
+
+def test_lora_export_loads_as_peft_adapter_and_merged_model(make_cfg, tmp_path):
+    """A LoRA run's checkpoint holds its adapters only; `moedpo export` writes a PEFT
+    adapter folder that PeftModel.from_pretrained puts on the base, `--merge` a plain model;
+    both compute the trained policy's logits."""
+    from peft import PeftModel
+
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=3", "model.lora.r=4", "lr=3e-3")
+    result = run(cfg)
+    ids = torch.randint(0, 500, (2, 12))
+    result.policy.eval()
+    with torch.no_grad():
+        want = result.policy(input_ids=ids).logits
+        start, _ = build_models(ModelConfig(config_path=cfg.model.config_path,
+                                            policy_dtype="float32"), cfg.seed,
+                                with_reference=False)
+        assert (start(input_ids=ids).logits - want).abs().max() > 1e-3  # it trained
+
+    def export(*extra):
+        out = tmp_path / ("merged" if extra else "adapter")
+        done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(result.run_dir),
+                               str(out), *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return out
+
+    adapter = export()
+    assert (adapter / "adapter_config.json").exists()
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # adapters only, no base weights
+    loaded = PeftModel.from_pretrained(start, str(adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(export("--merge"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -26,12 +26,13 @@ RESUME_ARGS = ["+experiment=demo", "max_steps=12", "per_device_train_batch_size=
                "report_metrics_freq=2", "checkpoint.save_frequency=4", "max_length=96"]
 
 
-def test_kill_and_resume_matches_an_unbroken_run(tmp_path):
-    straight = subprocess.run(cli(*RESUME_ARGS, "exp_name=straight", out=tmp_path), cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4"]], ids=["full", "lora"])
+def test_kill_and_resume_matches_an_unbroken_run(tmp_path, extra):
+    straight = subprocess.run(cli(*RESUME_ARGS, *extra, "exp_name=straight", out=tmp_path),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    args = cli(*RESUME_ARGS, "exp_name=killed", out=tmp_path)
+    args = cli(*RESUME_ARGS, *extra, "exp_name=killed", out=tmp_path)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(tmp_path / "killed" / "checkpoints" / "step_00000004" / COMPLETE, proc)
     proc.send_signal(signal.SIGKILL)
@@ -44,6 +45,8 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path):
     a = final_weights(tmp_path / "straight" / "checkpoints")
     b = final_weights(tmp_path / "killed" / "checkpoints")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if extra:  # a LoRA checkpoint holds the adapters alone
+        assert a and all("lora_" in k for k in a)
 
 
 def signal_after_first_train_row(tmp_path: Path, name: str, sig: int) -> tuple[list, int, str]:
