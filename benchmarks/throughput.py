@@ -21,7 +21,9 @@ the unshared work, so it reads as useful work per second) and `+precompute`
 (reference.precompute=true: the one-time reference pass happens before step 0 and is not in
 the step times; MFU then counts the policy's FLOPs only) and `+ckpt`
 (model.activation_checkpointing=true: less memory, the policy's forward runs twice; MFU counts
-the FLOPs without the recompute).
+the FLOPs without the recompute) and `+lora` (model.lora.r=16: PEFT adapters on attention
+and experts, the reference the same model with adapters off; the table gives the trainable
+share and each variant's ratios to plain `moedpo`, full fine-tuning).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.pre
            "share": ["data.share_prompt=true"], "plain": ["data.share_prompt=false"],
            "pack": ["data.packing=true"],
            "ckpt": ["model.activation_checkpointing=true"],
-           "compile": ["model.compile=true"]}
+           "compile": ["model.compile=true"],
+           "lora": ["model.lora.r=16", "model.lora.alpha=32"]}
 
 
 def build_model(size: str, folder: Path, dtype: str = "float32") -> dict:
@@ -135,9 +138,13 @@ def run_moedpo(args: argparse.Namespace) -> dict:
         with initialize_config_module("moedpo.conf", version_base=None):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
         result = run(cfg)
+        params = list(result.policy.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad) / sum(
+            p.numel() for p in params)
         rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "train/examples_per_second" in r][WARMUP:]
-        return {"step_seconds": [args.batch / r["train/examples_per_second"] for r in rows],
+        return {"trainable_share": trainable,
+                "step_seconds": [args.batch / r["train/examples_per_second"] for r in rows],
                 "tokens_per_step": [r["train/tokens_per_second"] * args.batch
                                     / r["train/examples_per_second"] for r in rows]}
 
@@ -272,7 +279,8 @@ def report(args: argparse.Namespace, params: dict, peak: float,
         steps = [s for r in results for s in r["step_seconds"]]
         median = statistics.median(steps)
         summary[name] = {"median_step_s": median, "pairs_per_s": args.batch / median,
-                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                         "trainable_share": results[0].get("trainable_share", 1.0)}
         if args.device == "cuda":
             summary[name]["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in results)
     for name in summary:
@@ -291,26 +299,28 @@ def report(args: argparse.Namespace, params: dict, peak: float,
     memory, memory_label = (("peak_gpu_mb", "peak GPU memory") if args.device == "cuda"
                             else ("peak_rss_mb", "peak RSS"))
     ratio = {}
-    if "trl" in summary:
+    for base in ("trl", "moedpo"):  # against TRL, and against moedpo's full fine-tuning
+        if base not in summary:
+            continue
         for name in summary:
-            if name != "trl":
-                ratio[name] = {
-                    "pairs_per_s": summary[name]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
-                    "peak_memory": summary[name][memory] / summary["trl"][memory]}
+            if name not in ("trl", base):
+                ratio[f"{name} / {base}"] = {
+                    "pairs_per_s": summary[name]["pairs_per_s"] / summary[base]["pairs_per_s"],
+                    "peak_memory": summary[name][memory] / summary[base][memory]}
     lines = [f"{args.size} model ({params['total_params'] / 1e6:.1f}M parameters, "
              f"{params['active_params'] / 1e6:.1f}M active), {args.data} pairs, batch "
              f"{args.batch}, max_length "
              f"{args.max_length}, {args.dtype} on {args.device}, live reference; matmul peak "
              f"{peak:.0f} GFLOP/s",
-             "", f"| trainer | step (s) | pairs/s | tokens/s | {memory_label} (MB) | MFU |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "", f"| trainer | step (s) | pairs/s | tokens/s | {memory_label} (MB) | MFU "
+             "| trained |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['pairs_per_s']:.1f} | "
                      f"{s.get('tokens_per_s', 0):.0f} | {s[memory]:.0f} | "
-                     f"{100 * s.get('mfu', 0):.0f}% |")
+                     f"{100 * s.get('mfu', 0):.0f}% | {100 * s['trainable_share']:.1f}% |")
     lines.append("")
     for name, r in ratio.items():
-        lines.append(f"{name} / TRL: pairs/s {r['pairs_per_s']:.2f}x, {memory_label} "
+        lines.append(f"{name}: pairs/s {r['pairs_per_s']:.2f}x, {memory_label} "
                      f"{r['peak_memory']:.2f}x  ")
     table = "\n".join(lines)
     print("\n" + table)

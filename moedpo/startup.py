@@ -27,9 +27,10 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         active -= per_expert * (1 - top_k / experts[0].down_proj.shape[0])
     source = cfg.model.config_path or cfg.model.name_or_path
     precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
+    reference = ("the policy with its adapters off (LoRA)" if cfg.model.lora.r > 0
+                 else cfg.model.reference_dtype)
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
-             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision,
-             cfg.model.reference_dtype)
+             source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision, reference)
     log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
              backend.world_size, backend.devices, backend.device)
     if backend.mesh is not None:

@@ -104,8 +104,8 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     log.info("LoRA r=%d alpha=%g on %s%s: %.3fM trainable parameters (%.2f%% of %.2fM)",
-             cfg.lora.r, cfg.lora.alpha, ", ".join(config.target_modules or ()) or "-",
-             f" and experts ({', '.join(config.target_parameters)})"
+             cfg.lora.r, cfg.lora.alpha, ", ".join(sorted(config.target_modules or ())) or "-",
+             f" and experts ({', '.join(sorted(config.target_parameters))})"
              if config.target_parameters else "", trainable / 1e6, 100 * trainable / total,
              total / 1e6)
     return policy

@@ -171,3 +171,17 @@ def test_expert_dropout_and_quantization_are_refused_when_built():
     policy, _ = build_models(lora_model(dropout=0.1, target_experts=False),
                              with_reference=False)
     assert not any("experts" in n for n, _ in policy.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("layout", [["data.packing=true", "data.max_tokens_per_row=160"],
+                                    ["model.logps_chunk_size=0"]], ids=["packed", "full_logits"])
+def test_lora_training_equals_plain_rows_with_the_fast_paths(make_cfg, tmp_path, layout):
+    """LoRA with the shared prompt and chunked head (the defaults), packed rows, or full
+    logits trains as plain unshared rows do."""
+    from conftest import assert_same_run
+
+    common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true", "model.lora.r=4",
+              "lr=3e-3"]
+    run(make_cfg(*common, "exp_name=plain", "data.share_prompt=false"))
+    run(make_cfg(*common, "exp_name=fast", *layout))
+    assert_same_run(tmp_path / "plain", tmp_path / "fast", atol=1e-5, rel=1e-4)

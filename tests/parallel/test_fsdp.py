@@ -97,6 +97,21 @@ def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one", tmp_path / "whole", atol=1e-5, rel=1e-5)
 
 
+def test_lora_on_two_ranks_equals_one_process(tmp_path):
+    """LoRA under FSDP2: adapters (expert adapters included) sharded with their layers,
+    the reference is the same sharded model with adapters off; the run (and the adapters,
+    all the checkpoint holds) equals one process's."""
+    # The demo's lr: Adam moves each adapter element by ~lr whatever its gradient's size,
+    # so an element whose gradient is rounding-small differs by up to ~lr x its relative
+    # rounding; at lr 3e-3 the expert adapters of the last layer differ by 1.1e-5.
+    args = [*COMMON, "model.lora.r=4", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    weights = final_weights(tmp_path / "two" / "checkpoints")
+    assert weights and all("lora_" in k for k in weights)
+
+
 def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
     """model.router_aux_loss_scope=global_batch: the expert shares pooled over the ranks'
     halves of each micro-batch (and over accumulated micro-batches), so 2 ranks train as
