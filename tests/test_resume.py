@@ -145,8 +145,8 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
     real = train_module.batch_loss
     calls = {"n": 0}
 
-    def sometimes_nan(*args, poison=lambda n: n in (2, 3)):
-        out = real(*args)
+    def sometimes_nan(*args, poison=lambda n: n in (2, 3), **kwargs):
+        out = real(*args, **kwargs)
         calls["n"] += 1
         if poison(calls["n"]):
             out.loss = out.loss * float("nan")
@@ -162,7 +162,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
     assert all(r["train/loss"] == r["train/loss"] for r in rows if "train/loss" in r)
 
     monkeypatch.setattr(train_module, "batch_loss",
-                        lambda *a: sometimes_nan(*a, poison=lambda n: True))
+                        lambda *a, **k: sometimes_nan(*a, poison=lambda n: True, **k))
     with pytest.raises(NonFiniteError, match="5 steps in a row"):
         run(make_cfg(*tiny_train_overrides(), "max_steps=8", "exp_name=nan", "resume=false"))
 
