@@ -185,3 +185,49 @@ def test_lora_training_equals_plain_rows_with_the_fast_paths(make_cfg, tmp_path,
     run(make_cfg(*common, "exp_name=plain", "data.share_prompt=false"))
     run(make_cfg(*common, "exp_name=fast", *layout))
     assert_same_run(tmp_path / "plain", tmp_path / "fast", atol=1e-5, rel=1e-4)
+
+
+def test_gpt_oss_expert_adapters_in_its_transposed_biased_layout():
+    """gpt-oss stores its experts [E, in, out] with biases: the adapters there give the
+    reference the base's logits, train, and compute what PEFT's own merge folds in."""
+    import copy
+
+    cfg = ModelConfig(config_path="tiny-gpt-oss.json", policy_dtype="float32",
+                      reference_dtype="float32")
+    cfg.lora.r = 4
+    base, _ = build_models(ModelConfig(config_path="tiny-gpt-oss.json", policy_dtype="float32",
+                                       reference_dtype="float32"), seed=2, with_reference=False)
+    policy, reference = build_models(cfg, seed=2)
+    assert lora.expert_parameters(base) == ["experts.down_proj", "experts.gate_up_proj"]
+    randomise_adapters(policy, seed=5)
+    ids = torch.randint(0, 500, (2, 9))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        assert torch.equal(reference(input_ids=ids).logits, want)
+        got = policy(input_ids=ids).logits
+        assert (got - want).abs().max() > 1e-3
+        merged = copy.deepcopy(policy).merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, got, rtol=1e-5, atol=1e-5)
+    policy(input_ids=ids).logits.sum().backward()
+    expert_grads = [p.grad for n, p in policy.named_parameters()
+                    if "experts" in n and "lora_" in n]
+    assert expert_grads and all(g is not None and g.abs().sum() > 0 for g in expert_grads)
+
+
+def test_bf16_lora_keeps_float32_adapter_masters_and_moves_them_at_a_dpo_lr(make_cfg):
+    """A bf16 policy under mixed precision: the frozen base stays bf16 (no master), the
+    adapters keep float32 masters, step 0 is ln 2 (the bf16 reference is the bf16 base),
+    and updates at lr 5e-6 reach the adapters rather than rounding away."""
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=3", "model.lora.r=4", "lr=5e-6",
+                   "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16")
+    start, _ = build_models(cfg.model, cfg.seed, with_reference=False)
+    dtypes = {p.dtype for p in start.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in start.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    result = run(cfg)
+    evals = [r for r in train_rows(result.run_dir) if "eval/loss" in r]
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    before = {n: p for n, p in start.named_parameters() if "lora_B" in n}
+    after = dict(result.policy.named_parameters())
+    moved = [(after[n].detach() - p).abs().max().item() for n, p in before.items()]
+    assert min(moved) > 1e-6  # every B moved (B starts at 0; Adam steps ~lr)
