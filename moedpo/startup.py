@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import DPOConfig
+from .models import lora
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import is_mixed
 from .parallel.backend import Backend
@@ -27,7 +28,7 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         active -= per_expert * (1 - top_k / experts[0].down_proj.shape[0])
     source = cfg.model.config_path or cfg.model.name_or_path
     precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
-    reference = ("the policy with its adapters off (LoRA)" if cfg.model.lora.r > 0
+    reference = ("the policy with its adapters off (LoRA)" if lora.is_enabled(cfg.model)
                  else cfg.model.reference_dtype)
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
              source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision, reference)

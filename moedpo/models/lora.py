@@ -78,8 +78,9 @@ def peft_config(cfg: ModelConfig, model: nn.Module):
                           "set model.lora.target_modules")
     saved = []
     if cfg.freeze_router is False:  # a trained router: PEFT keeps a trainable copy of it
+        routers = {id(r) for r in router_modules(model)}
         saved = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                        if any(m is r for r in router_modules(model))})
+                        if id(m) in routers})
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=modules or None, target_parameters=experts or None,
                       use_rslora=lora.use_rslora, init_lora_weights=lora.init,
