@@ -28,7 +28,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..config import ConfigError
-from .expert_layout import all_experts_mlp, expert_weights, is_experts, unsupported_reason
+from .expert_layout import LowRank, all_experts_mlp, expert_weights, is_experts, unsupported_reason
 from .grouped_mlp import routed_expert_mlp
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,29 @@ def kept_slots(top_k_index: torch.Tensor, num_experts: int, slots: int,
     return (place >= 0) & (place < slots)
 
 
+def _use_grouped_mm(hidden: torch.Tensor) -> bool:
+    return hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 \
+        and hasattr(F, "grouped_mm")
+
+
+def _grouped_low_rank(lora: LowRank | None) -> bool:
+    """grouped_mm takes the [slots, r] low-rank inputs where their rows are 16-byte aligned;
+    other ranks fold the update into the weights (W + s B A) for the matmul instead."""
+    return lora is None or lora.a.shape[1] * lora.a.element_size() % 16 == 0
+
+
+def _grouped_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        lora: LowRank | None, offsets: torch.Tensor,
+                        slot_expert: torch.Tensor) -> torch.Tensor:
+    """Slots sorted by expert [N, in] -> [N, out]: x W_e^T (+ s (x A_e^T) B_e^T) (+ b_e)."""
+    out = F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    if lora is not None:
+        low = F.grouped_mm(x, lora.a.transpose(1, 2).contiguous(), offs=offsets)
+        out = out + lora.scale * F.grouped_mm(low, lora.b.transpose(1, 2).contiguous(),
+                                              offs=offsets)
+    return out + bias[slot_expert] if bias is not None else out
+
+
 def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
@@ -75,16 +98,15 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
     counts = torch.bincount(flat, minlength=num_experts)
     slot_token = order // top_k
     slot_weight = top_k_weights.reshape(-1)[order].to(hidden.dtype)
-    if hidden.device.type == "cuda" and hidden.dtype == torch.bfloat16 \
-            and hasattr(F, "grouped_mm"):
+    if _use_grouped_mm(hidden):
         offsets = counts.cumsum(0).to(torch.int32)
         slot_expert = flat[order]
-        gate_up = F.grouped_mm(hidden[slot_token], w.first.transpose(1, 2), offs=offsets)
-        if w.first_bias is not None:
-            gate_up = gate_up + w.first_bias[slot_expert]
-        out_sorted = F.grouped_mm(w.activate(gate_up), w.down.transpose(1, 2), offs=offsets)
-        if w.down_bias is not None:
-            out_sorted = out_sorted + w.down_bias[slot_expert]
+        if not all(_grouped_low_rank(lora) for lora in (w.first_lora, w.down_lora)):
+            w = w.folded()
+        gate_up = _grouped_projection(hidden[slot_token], w.first, w.first_bias, w.first_lora,
+                                      offsets, slot_expert)
+        out_sorted = _grouped_projection(w.activate(gate_up), w.down, w.down_bias, w.down_lora,
+                                         offsets, slot_expert)
         out_sorted = out_sorted * slot_weight[:, None]
     else:
         # One matmul per expert is as fast as grouped_mm on CPU (measured) and works for

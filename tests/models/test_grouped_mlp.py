@@ -1,12 +1,14 @@
 """The routed expert MLP's hand-written backward equals autograd's, in float64, for any gate,
 and keeps only the [gate; up] projection of each slot."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedpo.models.expert_layout import expert_weights
+from moedpo.models.expert_layout import LowRank, expert_weights
 from moedpo.models.grouped_mlp import routed_expert_mlp
 
 
@@ -131,3 +133,45 @@ def test_keeps_only_gate_up_besides_inputs():
     slots = len(slot_token)
     assert kept_bytes(routed) == slots * 2 * 32 * 8
     assert kept_bytes(autograd_reference) > 2 * slots * 2 * 32 * 8
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["fused", "biased_transposed"])
+def test_low_rank_factors_equal_autograd_on_the_folded_weights_float64(layout):
+    """Under expert LoRA the Function adds s (x A_e^T) B_e^T to each projection: output and
+    the gradients of hidden, routing weights and all four factors equal autograd through
+    W_e + s B_e A_e, and the frozen base weights get none."""
+    torch.manual_seed(3)
+    experts = Experts(5, 12, 8, F.silu, biased_transposed=layout).requires_grad_(False)
+    slot_token, counts = routing(9, 2, 5, empty=2)
+    hidden = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    slot_weight = torch.rand(len(slot_token), dtype=torch.float64, requires_grad=True)
+    base = expert_weights(experts)
+    rank = 3
+
+    def factors(w):
+        return LowRank(torch.randn(5, rank, w.shape[2], dtype=torch.float64).requires_grad_(),
+                       torch.randn(5, w.shape[1], rank, dtype=torch.float64).requires_grad_(),
+                       scale=0.7)
+    w = dataclasses.replace(base, first_lora=factors(base.first), down_lora=factors(base.down))
+    leaves = (hidden, slot_weight, w.first_lora.a, w.first_lora.b, w.down_lora.a, w.down_lora.b)
+    upstream = torch.randn(len(slot_token), 12, dtype=torch.float64)
+
+    ours = routed_expert_mlp(hidden, slot_token, slot_weight, counts, w)
+    ours_grads = torch.autograd.grad(ours, leaves, upstream)
+    first, down = (m + lr.scale * lr.b @ lr.a for m, lr in ((w.first, w.first_lora),
+                                                            (w.down, w.down_lora)))
+    outs = []
+    for e, x in enumerate(hidden[slot_token].split(counts)):
+        gate_up = F.linear(x, first[e], None if w.first_bias is None else w.first_bias[e])
+        outs.append(F.linear(w.activate(gate_up), down[e],
+                             None if w.down_bias is None else w.down_bias[e]))
+    ref = torch.cat(outs) * slot_weight[:, None]
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    names = ["hidden", "slot_weight", "first_a", "first_b", "down_a", "down_b"]
+    for name, got, want in zip(names, ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+    assert all(g[2].abs().sum() == 0 for g in ours_grads[2:])  # nobody chose expert 2
+    assert (ours - routed(hidden, slot_token, slot_weight, counts, experts)).abs().max() > 1e-3
+    assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None

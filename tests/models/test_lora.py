@@ -187,6 +187,37 @@ def test_lora_training_equals_plain_rows_with_the_fast_paths(make_cfg, tmp_path,
     assert_same_run(tmp_path / "plain", tmp_path / "fast", atol=1e-5, rel=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["dropless", "dense", "dropped"])
+def test_expert_adapters_run_beside_the_base_weights_without_a_folded_copy(implementation):
+    """moedpo's experts read PEFT's factors and add x A_e^T B_e^T beside x W_e^T: autograd
+    keeps no tensor the size of an expert stack other than the stored weights themselves
+    (PEFT's own fold would keep W + s B A, a new full-size copy, for every forward)."""
+    cfg = lora_model(alpha=8.0)
+    cfg.moe_implementation = implementation
+    if implementation == "dropped":
+        cfg.capacity_factor = 2.0
+    policy, _ = build_models(cfg, seed=1, with_reference=False)
+    randomise_adapters(policy, seed=2)
+    base = policy.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    stored = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    stack_sizes = {base.gate_up_proj.numel(), base.down_proj.numel()}
+    full_size = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() in stack_sizes and t.untyped_storage().data_ptr() not in stored:
+            full_size.append(tuple(t.shape))
+        return t
+
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = policy(input_ids=ids).logits.float().pow(2).mean()
+    loss.backward()
+    assert full_size == []
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.named_parameters() if "experts" in n and "lora_" in n)
+    assert base.gate_up_proj.grad is None and base.down_proj.grad is None
+
+
 def test_gpt_oss_expert_adapters_in_its_transposed_biased_layout():
     """gpt-oss stores its experts [E, in, out] with biases: the adapters there give the
     reference the base's logits, train, and compute what PEFT's own merge folds in."""
