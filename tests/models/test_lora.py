@@ -1,6 +1,7 @@
 """LoRA through PEFT (model.lora): the reference is the base, only adapters train, expert
 adapters are a per-expert low-rank update of each expert's weights."""
 
+import copy
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from conftest import compose_cfg, random_pairs, tiny_train_overrides, train_rows
+from conftest import compose_cfg, final_weights, random_pairs, tiny_train_overrides, train_rows
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.data.collate import collate
 from moedpo.evaluate import batch_loss
@@ -150,6 +151,42 @@ def test_lora_dpo_starts_at_ln2_and_learns_the_demo(make_cfg):
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.02
 
 
+def test_trained_router_under_lora_moves_a_copy_the_reference_does_not_use(make_cfg):
+    """model.freeze_router=false under LoRA: PEFT keeps a trainable copy of each router
+    (modules_to_save). The copies train and the checkpoint holds them; the original routers,
+    which the reference (adapters off) runs, stay as they were, so step 0 is ln 2 and the
+    reference's logits after training are the base model's."""
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=4", "model.lora.r=4", "lr=3e-3",
+                   "model.freeze_router=false", "checkpoint.save_frequency=4")
+    plain = copy.deepcopy(cfg.model)
+    plain.lora.r = 0
+    base, _ = build_models(plain, cfg.seed, with_reference=False)
+    result = run(cfg)
+    evals = [r for r in train_rows(result.run_dir) if "eval/loss" in r]
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    named = dict(result.policy.named_parameters())
+    copies = {n: p for n, p in named.items() if "modules_to_save" in n}
+    originals = {n: p for n, p in named.items() if "original_module" in n}
+    assert copies and len(copies) == len(originals)
+    assert all(p.requires_grad for p in copies.values())
+    assert not any(p.requires_grad for p in originals.values())
+    start = dict(base.named_parameters())
+    moved = [(p.detach() - start[n.replace("base_model.model.", "").replace(
+        ".modules_to_save.default", "")]).abs().max().item() for n, p in copies.items()]
+    assert min(moved) > 1e-5  # every router copy trained
+    for n, p in originals.items():
+        torch.testing.assert_close(p.detach(), start[n.replace("base_model.model.", "").replace(
+            ".original_module", "")], rtol=0, atol=0)
+    ids = torch.randint(0, 500, (2, 10))
+    with torch.no_grad():
+        reference = lora.AdaptersOff(result.policy)
+        assert torch.equal(reference(input_ids=ids).logits, base(input_ids=ids).logits)
+        assert (result.policy(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
+    saved = final_weights(result.run_dir / "checkpoints")
+    assert any("modules_to_save" in k for k in saved)
+    assert all("lora_" in k or "modules_to_save" in k for k in saved)
+
+
 @pytest.mark.parametrize("setting,message", [
     ("reference.sync_every=2", "TR-DPO"),
     ("model.router_bias_update_rate=0.001", "correction biases"),
@@ -221,8 +258,6 @@ def test_expert_adapters_run_beside_the_base_weights_without_a_folded_copy(imple
 def test_gpt_oss_expert_adapters_in_its_transposed_biased_layout():
     """gpt-oss stores its experts [E, in, out] with biases: the adapters there give the
     reference the base's logits, train, and compute what PEFT's own merge folds in."""
-    import copy
-
     cfg = ModelConfig(config_path="tiny-gpt-oss.json", policy_dtype="float32",
                       reference_dtype="float32")
     cfg.lora.r = 4
