@@ -214,6 +214,9 @@ class ReferenceConfig:
 class ParallelConfig:
     # auto: xla when torch_xla and PJRT_DEVICE are present, cuda when a GPU is, else cpu.
     backend: str = "auto"
+    # Expert parallelism under torchrun: each rank holds 1/N of every layer's experts and the
+    # routed tokens move to them (all-to-all); 1 = off (README "Expert parallelism").
+    expert_parallel: int = 1
 
 
 @dataclass

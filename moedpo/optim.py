@@ -36,6 +36,30 @@ def can_fuse(params: list[torch.nn.Parameter]) -> bool:
                                 and not isinstance(p, DTensor) for p in params)
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ over all gradients (the global norm), also where they are
+    DTensors on different meshes (expert parallelism: experts on (efsdp, ep), the rest on
+    the FSDP mesh), which torch's single stack of norms cannot mix: each mesh's norm is
+    taken on its own and made whole, then combined."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(p)
+    if len(groups) <= 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def lr_multiplier(step: int, cfg: DPOConfig, total_steps: int) -> float:
     """Factor on `lr` at optimizer step `step` (0-based)."""
     warmup = cfg.sched.warmup_steps

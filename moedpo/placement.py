@@ -73,6 +73,11 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
     if checkpoint_layers is None:
         checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
                              and (backend.kind == "xla" or backend.distributed))
+    ep = cfg.parallel.expert_parallel
+    if ep > 1 and not backend.distributed:
+        raise ConfigError(f"parallel.expert_parallel={ep} spreads the experts over torchrun's "
+                          f"processes; this run has one ({backend.kind}). Launch with "
+                          f"`torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
     if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
         if lora.is_enabled(cfg.model):
             raise ConfigError("model.lora.r > 0 on XLA: PEFT's adapters (and its expert "

@@ -34,6 +34,12 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
              source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision, reference)
     log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
              backend.world_size, backend.devices, backend.device)
+    ep = cfg.parallel.expert_parallel
+    if ep > 1:
+        total = experts_modules(policy)[0].down_proj.shape[0]
+        log.info("expert parallel: experts on a (efsdp %d x ep %d) mesh, %d of %d experts per "
+                 "rank and layer, routed tokens exchanged all-to-all", backend.world_size // ep,
+                 ep, total // ep, total)
     if backend.mesh is not None:
         log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
                  backend.mesh.axis_names)

@@ -40,7 +40,13 @@ from .metrics import MeanMetrics, MetricWriter, console_line
 from .models import lora
 from .models.balance import update_correction_biases
 from .models.precision import compute_copies, policy_compute_dtype
-from .optim import build_optimizer, build_scheduler, check_nonfinite, step_if_finite
+from .optim import (
+    build_optimizer,
+    build_scheduler,
+    check_nonfinite,
+    clip_grad_norm,
+    step_if_finite,
+)
 from .parallel import spmd
 from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
@@ -277,7 +283,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                     (out.loss / cfg.gradient_accumulation_steps).backward()
                 outputs.append(out)
                 window.tokens += sum(p.n_tokens for p in chunk)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global norm
+            norm = clip_grad_norm(params, clip)  # global norm
             losses = torch.stack([out.loss.detach() for out in outputs]).sum()
             if cfg.model.router_bias_update_rate > 0:  # aux-loss-free balancing
                 counts = torch.stack([out.router.expert_counts for out in outputs]).sum(0)

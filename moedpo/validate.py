@@ -38,6 +38,20 @@ UNUSABLE_OPTIMIZERS = {"LBFGS": "LBFGS needs a closure that recomputes the loss 
                        "SparseAdam": "SparseAdam takes only sparse gradients"}
 
 
+def check_expert_parallel(cfg: DPOConfig) -> None:
+    ep = cfg.parallel.expert_parallel
+    _check(isinstance(ep, int) and ep >= 1,
+           f"parallel.expert_parallel={ep}: must be a whole number >= 1 (1 = off)")
+    if ep == 1:
+        return
+    _check(cfg.parallel.backend != "xla",
+           f"parallel.expert_parallel={ep}: the XLA backend has no expert axis yet; on TPUs "
+           "shard with SPMD (tensor_parallelism) and set parallel.expert_parallel=1")
+    _check(not cfg.model.lora.r, f"parallel.expert_parallel={ep} with model.lora.r="
+           f"{cfg.model.lora.r}: LoRA's expert adapters are not sharded by expert yet; set "
+           "parallel.expert_parallel=1 (LoRA runs hold one copy of the weights)")
+
+
 def check_model_json(path: Path) -> None:
     """A model JSON that transformers can build: an object with a known model_type, and a
     top-k no larger than the expert count."""
@@ -148,6 +162,7 @@ def validate(cfg: DPOConfig) -> None:
            f"{cfg.sample_max_new_tokens}: both must be >= 1")
     _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
            f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
+    check_expert_parallel(cfg)
     _check(cfg.max_consecutive_nonfinite >= 1,
            f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
     _check(cfg.checkpoint.save_frequency >= 0,

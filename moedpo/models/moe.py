@@ -236,6 +236,7 @@ def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float
                               f"{why}, which moedpo's experts do not handle; use "
                               "model.moe_implementation=hf")
     model.set_experts_implementation(f"moedpo_{name}")
+    model.moedpo_moe_implementation = name  # read where the experts are sharded (EP)
     for module in experts:
         module.moedpo_capacity_factor = capacity_factor
         module.moedpo_capacity_rounding = rounding

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import (
 )
 
 from ..config import DTYPES, DPOConfig
+from . import expert
 from .layers import decoder_layers
 
 
@@ -29,6 +30,10 @@ def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
     # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
     offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
                else OffloadPolicy())
+    if cfg.parallel.expert_parallel > 1:  # the experts first: the layers skip them then
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        expert.shard_experts(model, expert.expert_mesh(device, cfg.parallel.expert_parallel),
+                             dict(mp_policy=policy, offload_policy=offload))
     for layer in layers:
         fully_shard(layer, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mp_policy=policy, offload_policy=offload)

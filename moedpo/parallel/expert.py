@@ -1,0 +1,182 @@
+"""Expert parallelism (EP) under torchrun: each rank holds E/N of every layer's experts and
+the routed tokens travel to them (all-to-all) instead of every rank gathering every expert.
+
+The ranks form two views of one world (transformers' layout, `distributed/utils.py`):
+
+    dense  : (fsdp,)       attention, routers, dense MLPs, embeddings, head: FSDP2 over all
+    experts: (efsdp, ep)   expert weights Shard(0) over `ep` (whole experts per rank), and
+                           FSDP2 over `efsdp` = world / ep (the copies of each expert group)
+
+The exchange is transformers' own (`distributed/expert_parallel.py`): its `AllToAllEP`
+sorts each (token, expert) pair by owner rank, swaps the counts, then the rows
+(`all_to_all_single_autograd`, uneven splits), runs the experts module's own forward on the
+received rows with local expert ids (here moedpo's dropless implementation, through the
+experts interface) and sends the results back to be weighted and summed per token. It
+composes with moedpo's experts, FSDP2 and DCP, so moedpo writes no dispatch of its own; what
+it adds is the capacity-factor variant (`DroppedAllToAll`: the sender keeps each sequence's
+first `capacity` claims per expert, exactly as one process does, and sends only those) and
+the gradient scaling below.
+
+Gradients: an expert's weights see the tokens of every rank of its EP group through the
+exchange's backward, and FSDP2 then reduces over its efsdp copies, so the sum covers every
+rank's tokens once; dividing by the world size (not efsdp's) makes it the same mean over all
+ranks that the dense parameters get.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from ..config import ConfigError
+from ..models.moe import capacity, claim_places, experts_modules
+
+_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+
+
+def expert_mesh(device_type: str, ep: int) -> DeviceMesh:
+    """The (efsdp, ep) mesh of the experts, made once per process (policy and reference
+    share it): consecutive ranks form one EP group (one node's GPUs keep the all-to-all on
+    the node's links), efsdp strides across the groups."""
+    world = dist.get_world_size()
+    if ep < 1 or world % ep:
+        raise ConfigError(f"parallel.expert_parallel={ep}: must divide the {world} processes "
+                          "of the run (torchrun --nproc_per_node x nodes)")
+    if (device_type, ep) not in _MESHES:
+        _MESHES[device_type, ep] = init_device_mesh(device_type, (world // ep, ep),
+                                                    mesh_dim_names=("efsdp", "ep"))
+    return _MESHES[device_type, ep]
+
+
+def check_expert_count(model: nn.Module, ep: int) -> None:
+    for experts in experts_modules(model):
+        count = experts.num_experts
+        if count % ep:
+            raise ConfigError(f"parallel.expert_parallel={ep}: {type(experts).__name__} has "
+                              f"{count} experts, which {ep} ranks cannot hold in equal whole "
+                              "shares; use a divisor of the expert count")
+
+
+def _dropped_all_to_all():
+    """`DroppedAllToAll`, defined once transformers' distributed module is importable."""
+    from transformers.distributed.expert_parallel import AllToAllEP
+
+    class DroppedAllToAll(AllToAllEP):
+        """The capacity-factor MoE under EP: slots beyond each sequence's capacity on their
+        expert are dropped on the sender (the first claims in token order are kept, as in
+        `moe.dropped_experts_forward`), only kept slots are exchanged, and a token that lost
+        every slot passes its input through."""
+
+        def __call__(self, hidden_states, top_k_index, top_k_weights):
+            experts = self.module
+            tokens, top_k = top_k_index.shape
+            batch, seq_len = getattr(experts, "moedpo_batch_shape", None) or (1, tokens)
+            num_experts = self.num_local_experts * self.ep_mesh.size()
+            slots = capacity(seq_len, top_k, num_experts, experts.moedpo_capacity_factor,
+                             getattr(experts, "moedpo_capacity_rounding", "floor"))
+            with torch.no_grad():
+                place = claim_places(top_k_index.view(batch, seq_len, top_k), num_experts,
+                                     getattr(experts, "moedpo_token_mask", None))
+                keep = ((place >= 0) & (place < slots)).view(tokens, top_k)
+                slot_token, slot_rank = keep.nonzero(as_tuple=True)
+            # Each kept slot travels as a row of its own (top-1): the exchange then moves
+            # and computes kept slots only.
+            out = super().__call__(hidden_states[slot_token],
+                                   top_k_index[slot_token, slot_rank, None],
+                                   top_k_weights[slot_token, slot_rank, None])
+            combined = out.new_zeros(tokens * top_k, out.shape[-1])
+            combined = combined.index_copy(0, slot_token * top_k + slot_rank, out)
+            combined = combined.view(tokens, top_k, -1).sum(1)
+            return torch.where(~keep.any(-1, keepdim=True), hidden_states, combined)
+
+    return DroppedAllToAll
+
+
+def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None:
+    """Every experts module of `model`: its [E, ...] weights Shard(0) over `mesh["ep"]`
+    (meta tensors stay meta), its forward the all-to-all exchange around its own, then
+    fully_shard over `mesh["efsdp"]`. Call before the decoder layers are sharded (they skip
+    what is managed already)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.distributed.expert_parallel import AllToAllEP
+
+    ep_mesh, efsdp_mesh = mesh["ep"], mesh["efsdp"]
+    ep = ep_mesh.size()
+    if not experts_modules(model):
+        raise ConfigError(f"parallel.expert_parallel={ep}: {type(model).__name__} has no "
+                          "experts (a dense model); set parallel.expert_parallel=1")
+    implementation = getattr(model, "moedpo_moe_implementation", None)
+    if implementation not in ("dropless", "dropped"):
+        raise ConfigError(f"parallel.expert_parallel={ep} with model.moe_implementation="
+                          f"{implementation}: expert parallelism sends each token to its "
+                          "experts only; use dropless, or dropped (model.capacity_factor > 0)")
+    exchange = AllToAllEP
+    if implementation == "dropped":  # dropped on the sender; the receiver runs what came
+        exchange = _dropped_all_to_all()
+        model.set_experts_implementation("moedpo_dropless")
+    check_expert_count(model, ep)
+    own_batch = _self_mesh(ep_mesh)
+    for experts in experts_modules(model):
+        total = experts.num_experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            if param.shape[0] != total:
+                raise ConfigError(f"parallel.expert_parallel: {type(experts).__name__}.{name} "
+                                  f"is not stacked by expert ({tuple(param.shape)})")
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
+        experts.num_experts = total // ep  # what the exchange and the experts see
+        _install(experts, exchange(experts, ep_mesh, own_batch))
+        fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
+        experts.set_gradient_divide_factor(float(dist.get_world_size()))
+        if efsdp_mesh.size() > 1:  # a divide factor other than the group size: sum, then divide
+            experts.set_force_sum_reduction_for_comms(True)
+
+
+def _install(experts: nn.Module, exchange) -> None:
+    """The experts' forward becomes: (global ids) -> exchange -> the module's own forward on
+    local weights and ids -> back. The weights are DTensors (FSDP2 unshards them over efsdp,
+    never over ep); the experts implementations read them as local tensors."""
+    exchange.module = experts
+    exchange.experts_forward = experts.forward
+    experts.moedpo_exchange = exchange
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        with _local_parameters(experts):
+            return exchange(hidden_states, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+    experts.forward = forward
+
+
+@contextlib.contextmanager
+def _local_parameters(module: nn.Module):
+    """`module`'s DTensor parameters as their local shards for the duration (autograd takes
+    each gradient back to the DTensor), restored after."""
+    originals = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
+    module._parameters.update({n: p.to_local() for n, p in originals.items()})
+    try:
+        yield
+    finally:
+        module._parameters.update(originals)
+
+
+_SELF_MESHES: dict[str, DeviceMesh] = {}
+
+
+def _self_mesh(like: DeviceMesh) -> DeviceMesh:
+    """A one-rank mesh of this process: transformers' exchange takes the group of ranks that
+    hold the same batch (its TP group), which under data parallelism is each rank alone.
+    Made once (every rank joins the collective that creates the groups)."""
+    if like.device_type not in _SELF_MESHES:
+        world = dist.get_world_size()
+        mesh = init_device_mesh(like.device_type, (world, 1), mesh_dim_names=("rest", "self"))
+        _SELF_MESHES[like.device_type] = mesh["self"]
+    return _SELF_MESHES[like.device_type]
+
+
+def is_expert_sharded(param: torch.Tensor) -> bool:
+    return isinstance(param, DTensor) and "ep" in (param.device_mesh.mesh_dim_names or ())
