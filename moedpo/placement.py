@@ -15,7 +15,7 @@ from .config import ConfigError, DPOConfig
 from .losses import loss_names, needs_reference
 from .models import lora
 from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
-from .parallel import fsdp, spmd
+from .parallel import expert, fsdp, spmd
 from .parallel.backend import Backend
 from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
 
@@ -74,7 +74,7 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
                              and (backend.kind == "xla" or backend.distributed))
     ep = cfg.parallel.expert_parallel
-    if ep > 1 and not backend.distributed:
+    if ep > 1 and not backend.distributed and backend.kind != "xla":
         raise ConfigError(f"parallel.expert_parallel={ep} spreads the experts over torchrun's "
                           f"processes; this run has one ({backend.kind}). Launch with "
                           f"`torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
@@ -86,6 +86,8 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         if cfg.model.compile:
             raise ConfigError("model.compile=true: on XLA every step is compiled whole "
                               "already; set model.compile=false")
+        if ep > 1:
+            expert.check_expert_count(policy, ep)
         classes = layer_classes(policy, cfg)
         every = cfg.model.activation_checkpointing_every if checkpoint_layers else 0
         policy = spmd.shard_model(policy, backend.mesh, classes, every)

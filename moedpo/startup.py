@@ -38,8 +38,8 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
     if ep > 1:
         total = experts_modules(policy)[0].down_proj.shape[0]
         log.info("expert parallel: experts on a (efsdp %d x ep %d) mesh, %d of %d experts per "
-                 "rank and layer, routed tokens exchanged all-to-all", backend.world_size // ep,
-                 ep, total // ep, total)
+                 "%s and layer, routed tokens exchanged all-to-all", backend.total_devices // ep,
+                 ep, total // ep, total, "device" if backend.kind == "xla" else "rank")
     if backend.mesh is not None:
         log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
                  backend.mesh.axis_names)

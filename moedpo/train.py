@@ -126,7 +126,8 @@ def run(cfg: DPOConfig) -> RunResult:
     eval metrics and the trained policy."""
     validate(cfg)
     backend = init_backend(cfg.parallel.backend, cfg.tensor_parallelism,
-                           cfg.local_compile_cache_dir, cfg.full_precision)
+                           cfg.local_compile_cache_dir, cfg.full_precision,
+                           cfg.parallel.expert_parallel)
     try:
         with run_dir_lib.RunLock(cfg.run_dir, backend):
             result = train(cfg, backend)

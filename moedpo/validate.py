@@ -44,9 +44,6 @@ def check_expert_parallel(cfg: DPOConfig) -> None:
            f"parallel.expert_parallel={ep}: must be a whole number >= 1 (1 = off)")
     if ep == 1:
         return
-    _check(cfg.parallel.backend != "xla",
-           f"parallel.expert_parallel={ep}: the XLA backend has no expert axis yet; on TPUs "
-           "shard with SPMD (tensor_parallelism) and set parallel.expert_parallel=1")
     _check(not cfg.model.lora.r, f"parallel.expert_parallel={ep} with model.lora.r="
            f"{cfg.model.lora.r}: LoRA's expert adapters are not sharded by expert yet; set "
            "parallel.expert_parallel=1 (LoRA runs hold one copy of the weights)")

@@ -147,7 +147,6 @@ def test_exp_name_is_a_plain_folder_name(make_cfg, name):
     (["per_device_eval_batch_size=0"], "per_device_eval_batch_size=0: must be >= 1"),
     (["tensor_parallelism=2", "parallel.backend=cpu"], "tensor_parallelism=2 needs the xla"),
     (["parallel.expert_parallel=0"], "parallel.expert_parallel=0: must be a whole number >= 1"),
-    (["parallel.expert_parallel=2", "parallel.backend=xla"], "XLA backend has no expert axis"),
     (["parallel.expert_parallel=2", "model.lora.r=4"], "LoRA's expert adapters are not sharded"),
 ])
 def test_settings_that_cannot_work_fail_up_front(make_cfg, overrides, message):

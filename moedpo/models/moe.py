@@ -121,6 +121,13 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
     return out.view(tokens, top_k, -1).sum(1).to(hidden.dtype)
 
 
+def _on_experts(experts: nn.Module, buffer: torch.Tensor) -> torch.Tensor:
+    """An [E, rows, H] buffer placed by expert where the experts are (XLA SPMD with an
+    expert axis: parallel/spmd.py sets the annotation); as is elsewhere."""
+    place = getattr(experts, "moedpo_shard_buffer", None)
+    return place(buffer) if place is not None else buffer
+
+
 def dropped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """Each expert processes only its kept slots: gather into a static [E, B*C, H] buffer,
@@ -150,8 +157,9 @@ def dropped_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_inde
         source.scatter_(0, rows.reshape(-1), token_of_slot.reshape(-1))
         source[trash] = tokens
     padded = torch.cat([hidden, hidden.new_zeros(1, hidden_dim)])
-    buffer = padded[source[:trash]].view(num_experts, batch * slots, hidden_dim)
-    out = all_experts_mlp(w, buffer).reshape(trash, hidden_dim)
+    buffer = _on_experts(experts, padded[source[:trash]].view(num_experts, batch * slots,
+                                                              hidden_dim))
+    out = _on_experts(experts, all_experts_mlp(w, buffer)).reshape(trash, hidden_dim)
     out = torch.cat([out, out.new_zeros(1, hidden_dim)])
     weights = (top_k_weights * keep).to(hidden.dtype)
     combined = (out[rows.reshape(-1)].view(tokens, top_k, hidden_dim) * weights[..., None]).sum(1)
@@ -164,7 +172,8 @@ def dense_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index:
     w = expert_weights(experts)
     weights = hidden.new_zeros(hidden.shape[0], w.num_experts)
     weights.scatter_(1, top_k_index, top_k_weights.to(hidden.dtype))
-    out = all_experts_mlp(w, hidden.unsqueeze(0).expand(w.num_experts, -1, -1))
+    every = _on_experts(experts, hidden.unsqueeze(0).expand(w.num_experts, -1, -1))
+    out = _on_experts(experts, all_experts_mlp(w, every))
     return torch.einsum("te,eth->th", weights, out)
 
 
@@ -222,6 +231,7 @@ def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float
     if not experts:
         return "none"
     name = resolve_implementation(name, capacity_factor, static)
+    model.moedpo_moe_implementation = name  # read where the experts are sharded (EP)
     if name.startswith("hf"):
         if static:
             log.warning("model.moe_implementation=%s: Hugging Face's experts have data-dependent "
@@ -236,7 +246,6 @@ def apply_moe_implementation(model: nn.Module, name: str, capacity_factor: float
                               f"{why}, which moedpo's experts do not handle; use "
                               "model.moe_implementation=hf")
     model.set_experts_implementation(f"moedpo_{name}")
-    model.moedpo_moe_implementation = name  # read where the experts are sharded (EP)
     for module in experts:
         module.moedpo_capacity_factor = capacity_factor
         module.moedpo_capacity_rounding = rounding

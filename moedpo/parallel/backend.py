@@ -106,7 +106,7 @@ def choose_kind(requested: str) -> str:
 
 
 def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
-             full_precision: bool = False) -> Backend:
+             full_precision: bool = False, expert_parallel: int = 1) -> Backend:
     import torch_xla
     import torch_xla.runtime as xr
 
@@ -119,7 +119,7 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
         import torch_xla.backends
 
         torch_xla.backends.set_mat_mul_precision("highest")
-    mesh = make_mesh(tensor_parallelism)
+    mesh = make_mesh(tensor_parallelism, expert_parallel)
     hosts = xr.process_count()
     if hosts > 1 and not dist.is_initialized():
         # Hosts agree on checkpoint plans (DCP) and barriers over gloo; torch_xla's xla://
@@ -132,10 +132,11 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
 
 
 def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
-                 compile_cache: str | None = None, full_precision: bool = False) -> Backend:
+                 compile_cache: str | None = None, full_precision: bool = False,
+                 expert_parallel: int = 1) -> Backend:
     kind = choose_kind(requested)
     if kind == "xla":
-        return init_xla(tensor_parallelism, compile_cache, full_precision)
+        return init_xla(tensor_parallelism, compile_cache, full_precision, expert_parallel)
     if tensor_parallelism != 1:
         raise ConfigError(f"tensor_parallelism={tensor_parallelism} needs the xla backend "
                           f"(this run is on {kind}); torch.distributed runs shard with FSDP2 "

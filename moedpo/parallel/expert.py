@@ -54,6 +54,10 @@ def expert_mesh(device_type: str, ep: int) -> DeviceMesh:
 
 
 def check_expert_count(model: nn.Module, ep: int) -> None:
+    """An MoE model whose every experts module splits into `ep` equal whole shares."""
+    if not experts_modules(model):
+        raise ConfigError(f"parallel.expert_parallel={ep}: {type(model).__name__} has no "
+                          "experts (a dense model); set parallel.expert_parallel=1")
     for experts in experts_modules(model):
         count = experts.num_experts
         if count % ep:
@@ -107,9 +111,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None
 
     ep_mesh, efsdp_mesh = mesh["ep"], mesh["efsdp"]
     ep = ep_mesh.size()
-    if not experts_modules(model):
-        raise ConfigError(f"parallel.expert_parallel={ep}: {type(model).__name__} has no "
-                          "experts (a dense model); set parallel.expert_parallel=1")
+    check_expert_count(model, ep)
     implementation = getattr(model, "moedpo_moe_implementation", None)
     if implementation not in ("dropless", "dropped"):
         raise ConfigError(f"parallel.expert_parallel={ep} with model.moe_implementation="
@@ -119,7 +121,6 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None
     if implementation == "dropped":  # dropped on the sender; the receiver runs what came
         exchange = _dropped_all_to_all()
         model.set_experts_implementation("moedpo_dropless")
-    check_expert_count(model, ep)
     own_batch = _self_mesh(ep_mesh)
     for experts in experts_modules(model):
         total = experts.num_experts

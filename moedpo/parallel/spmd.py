@@ -5,7 +5,16 @@ sharding annotations.
 Mesh `(N / tp, tp)` with axes ("fsdp", "tensor"). Every weight gets a partition spec from
 the original trainer's 2-D table; at tp = 1 the "tensor" axis has one device, so the same
 table is plain FSDP (every large weight split over all devices on one dimension). Inputs and
-logits are split on "fsdp" along the batch. Decoder layers are activation-checkpointed with
+logits are split on "fsdp" along the batch.
+
+With expert parallelism (`parallel.expert_parallel=ep`) the mesh is `(N / (ep tp), ep, tp)`
+with axes ("fsdp", "expert", "tensor"): the batch and every dense weight's "fsdp" dimension
+are split over ("fsdp", "expert") together, so the dense parts shard as before; the stacked
+expert weights are split on E over "expert" (and on H over "fsdp"), and so is the static
+[E, rows, H] buffer of the dropped and dense experts. The partitioner then moves the tokens
+from the batch's split to the experts' (an all-to-all) instead of gathering the experts.
+
+Decoder layers are activation-checkpointed with
 torch_xla's own checkpoint (torch.utils.checkpoint's recompute is merged away by XLA's
 common-subexpression elimination).
 
@@ -22,6 +31,7 @@ import torch
 
 log = logging.getLogger("moedpo")
 AXES = ("fsdp", "tensor")
+EP_AXES = ("fsdp", "expert", "tensor")
 
 # (parameter name pattern, partition spec). Weights are [out, in] for linears; the fused
 # experts are [E, 2I, H] (gate_up, the original's w1/w3) and [E, H, I] (down, w2).
@@ -37,28 +47,50 @@ PARTITION_TABLE: list[tuple[str, tuple]] = [
 ]
 
 
-def make_mesh(tensor_parallelism: int):
+def make_mesh(tensor_parallelism: int, expert_parallel: int = 1):
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
+
+    from ..config import ConfigError
 
     devices = xr.global_runtime_device_count()
     if tensor_parallelism < 1 or devices % tensor_parallelism:
         raise ValueError(f"tensor_parallelism={tensor_parallelism} must divide the {devices} "
                          "XLA devices")
-    return xs.Mesh(np.arange(devices), (devices // tensor_parallelism, tensor_parallelism),
-                   AXES)
+    if expert_parallel == 1:
+        return xs.Mesh(np.arange(devices), (devices // tensor_parallelism, tensor_parallelism),
+                       AXES)
+    if devices % (expert_parallel * tensor_parallelism):
+        raise ConfigError(f"parallel.expert_parallel={expert_parallel} x tensor_parallelism="
+                          f"{tensor_parallelism} must divide the {devices} XLA devices")
+    shape = (devices // (expert_parallel * tensor_parallelism), expert_parallel,
+             tensor_parallelism)
+    return xs.Mesh(np.arange(devices), shape, EP_AXES)
 
 
-def partition_spec(name: str, param: torch.Tensor) -> tuple | None:
-    """The table's spec for a weight; norms, biases and routers stay replicated (None)."""
+def data_axes(mesh) -> str | tuple[str, str]:
+    """The axis (or axes) the batch and the dense weights' "fsdp" dimension are split on."""
+    return ("fsdp", "expert") if "expert" in mesh.axis_names else "fsdp"
+
+
+def partition_spec(name: str, param: torch.Tensor, mesh=None) -> tuple | None:
+    """The table's spec for a weight; norms, biases and routers stay replicated (None).
+    On an expert-parallel mesh the stacked experts split E over "expert", and the other
+    weights' "fsdp" dimension spans ("fsdp", "expert")."""
     if param.dim() < 2 or name.endswith("mlp.gate.weight") or ".router." in name:
         return None
+    experts_axis = mesh is not None and "expert" in mesh.axis_names
+    data = data_axes(mesh) if mesh is not None else "fsdp"
     for pattern, spec in PARTITION_TABLE:
         if re.search(pattern, name):
-            return spec if len(spec) == param.dim() else None
+            if len(spec) != param.dim():
+                return None
+            if experts_axis and pattern.startswith(r"experts\."):
+                return ("expert",) + spec[1:]
+            return tuple(data if axis == "fsdp" else axis for axis in spec)
     # A weight the table does not know: split its largest dimension over "fsdp".
     spec = [None] * param.dim()
-    spec[int(np.argmax(param.shape))] = "fsdp"
+    spec[int(np.argmax(param.shape))] = data
     return tuple(spec)
 
 
@@ -70,9 +102,18 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
     from torch_xla.distributed.fsdp import checkpoint_module
 
     for name, param in model.named_parameters():
-        spec = partition_spec(name, param)
+        spec = partition_spec(name, param, mesh)
         if spec is not None:
             xs.mark_sharding(param, mesh, spec)
+    if "expert" in mesh.axis_names:
+        from ..models.moe import experts_modules
+
+        def shard_buffer(buffer: torch.Tensor) -> torch.Tensor:  # [E, rows, H]
+            xs.mark_sharding(buffer, mesh, ("expert", "fsdp", None))
+            return buffer
+
+        for experts in experts_modules(model):
+            experts.moedpo_shard_buffer = shard_buffer
     if checkpoint_every:
         layers = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children()
@@ -81,7 +122,7 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
             parent.register_module(name, checkpoint_module(child))
 
     def shard_logits(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        xs.mark_sharding(output, mesh, ("fsdp",) + (None,) * (output.dim() - 1))
+        xs.mark_sharding(output, mesh, (data_axes(mesh),) + (None,) * (output.dim() - 1))
         return output
 
     model.get_output_embeddings().register_forward_hook(shard_logits)
@@ -89,11 +130,11 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
 
 
 def shard_batch(batch: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
-    """Split each input over "fsdp" along its rows."""
+    """Split each input over "fsdp" (and "expert") along its rows."""
     import torch_xla.distributed.spmd as xs
 
     for tensor in batch.values():
-        xs.mark_sharding(tensor, mesh, ("fsdp",) + (None,) * (tensor.dim() - 1))
+        xs.mark_sharding(tensor, mesh, (data_axes(mesh),) + (None,) * (tensor.dim() - 1))
     return batch
 
 

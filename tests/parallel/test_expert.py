@@ -138,3 +138,53 @@ def test_communication_model_counts_what_the_exchange_sends():
     for rank in comm.measure():
         assert rank["measured_rows"] == rank["formula_rows_actual_routing"] > 0
         assert rank["measured_rows"] == pytest.approx(rank["formula_rows_uniform"], rel=0.2)
+
+
+def test_spmd_expert_axis_splits_experts_by_id_and_the_rest_as_before():
+    """The partition specs of an expert-parallel SPMD mesh: the stacked experts split E over
+    "expert" (H still over "fsdp"), dense weights' "fsdp" dimension over ("fsdp", "expert");
+    without the axis, the original table."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moedpo.parallel.spmd import partition_spec
+
+    ep_mesh = SimpleNamespace(axis_names=("fsdp", "expert", "tensor"))
+    plain = SimpleNamespace(axis_names=("fsdp", "tensor"))
+    gate_up, down = torch.empty(8, 32, 16), torch.empty(8, 16, 16)
+    q_proj, unknown = torch.empty(16, 16), torch.empty(4, 40)
+    name = "model.layers.0.mlp.experts."
+    assert partition_spec(name + "gate_up_proj", gate_up, ep_mesh) == ("expert", "tensor", "fsdp")
+    assert partition_spec(name + "down_proj", down, ep_mesh) == ("expert", "fsdp", "tensor")
+    assert partition_spec("model.layers.0.self_attn.q_proj.weight", q_proj, ep_mesh) == \
+        ("tensor", ("fsdp", "expert"))
+    assert partition_spec("model.x.weight", unknown, ep_mesh) == (None, ("fsdp", "expert"))
+    assert partition_spec("model.layers.0.mlp.gate.weight", q_proj, ep_mesh) is None
+    assert partition_spec(name + "gate_up_proj", gate_up, plain) == (None, "tensor", "fsdp")
+    assert partition_spec("model.layers.0.self_attn.q_proj.weight", q_proj, plain) == \
+        ("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.expert_parallel=3"], "parallel.expert_parallel=3: must divide the 2 processes"),
+    (["parallel.expert_parallel=2", "model.moe_implementation=dense"],
+     "moe_implementation=dense: expert parallelism sends each token to its experts only"),
+], ids=["not-a-divisor", "dense-experts"])
+def test_expert_parallel_refusals_under_torchrun(tmp_path, args, message):
+    done = subprocess.run(torchrun(*COMMON, f"output_dir={tmp_path}", *args), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-3000:]
+
+
+def test_models_expert_parallelism_cannot_split_are_refused(tiny_neox_dir):
+    from moedpo.parallel.expert import check_expert_count
+
+    mixtral, _ = build_models(ModelConfig(config_path="tiny-mixtral.json"), with_reference=False)
+    check_expert_count(mixtral, 4)  # 8 experts: 2 per rank
+    with pytest.raises(ConfigError, match="8 experts, which 3 ranks cannot hold"):
+        check_expert_count(mixtral, 3)
+    dense, _ = build_models(ModelConfig(name_or_path=str(tiny_neox_dir)), with_reference=False)
+    with pytest.raises(ConfigError, match="has no experts"):
+        check_expert_count(dense, 2)
