@@ -125,25 +125,35 @@ def latest_checkpoint(path: str) -> str:
 
 
 def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False,
-                    trusted: list[str] | None = None, trainable_only: bool = False) -> str:
+                    trusted: list[str] | None = None, trainable_only: bool = False,
+                    key_of: Callable[[str], str | None] | None = None) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype and
     sharding; a sharded model reads only its own shards). With `trusted` (training), the
     checkpoint must be signed by this key or lie under one of those paths (moedpo.trust).
-    `trainable_only`: the checkpoint holds only the parameters that train (LoRA's)."""
+    `trainable_only`: the checkpoint holds only the parameters that train (LoRA's).
+    `key_of`: the checkpoint's key of each of the model's keys, None for those it does not
+    hold (a LoRA policy reads its base from a full model's checkpoint); several of the
+    model's keys may read one."""
     checkpoint = latest_checkpoint(path)
     if trusted is not None:
         trust.check(checkpoint, trusted, "checkpoint_manager_path")
     for model in models:
-        state = {"model": model.state_dict()}
+        own = model.state_dict()
         if trainable_only:
             names = {n for n, p in model.named_parameters() if p.requires_grad}
-            state = {"model": {k: v for k, v in state["model"].items() if k in names}}
+            own = {k: v for k, v in own.items() if k in names}
+        source = {k: (key_of(k) if key_of else k) for k in own}
+        state = {"model": {}}
+        for k, key in source.items():
+            if key is not None:
+                state["model"].setdefault(key, own[k])
         try:
             dcp.load(state, storage_reader=_reader(checkpoint), planner=_load_planner(xla))
         except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
-        model.load_state_dict(state["model"], strict=not trainable_only)
+        loaded = {k: state["model"][key] for k, key in source.items() if key is not None}
+        model.load_state_dict(loaded, strict=not trainable_only and key_of is None)
     return checkpoint
 
 

@@ -32,8 +32,6 @@ def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
                           "Hugging Face folder) or set model.meta_init=false")
     if cfg.model.meta_init is not None:
         return cfg.model.meta_init
-    if lora.is_enabled(cfg.model):  # the adapters are initialised with the whole model
-        return False
     return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
 
 
@@ -43,16 +41,25 @@ def load_models(cfg: DPOConfig, backend: Backend):
     weightless, then each process fills only its own shards (README "Loading at scale")."""
     tokenizer = load_tokenizer(cfg.model)
     meta = use_meta_init(cfg, backend)
+    if meta and cfg.checkpoint_manager_path and lora.is_enabled(cfg.model) \
+            and cfg.model.lora.init not in lora.SHAPE_ONLY_INITS:
+        raise ConfigError(f"model.lora.init={cfg.model.lora.init} computes the adapters from "
+                          "the base weights, which meta init reads shard by shard from "
+                          "checkpoint_manager_path; set model.meta_init=false (or "
+                          "model.lora.init=true)")
     # No loss reads the reference (SimPO, ORPO, reference-free DPO...): none is built.
     with_reference = needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)
     policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta,
                                      with_reference=with_reference)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
-    models = [m for m in (policy, reference) if m is not None]  # moved and filled in place
+    # Moved and filled in place; a LoRA reference is the policy itself.
+    models = [m for m in (policy, reference)
+              if m is not None and not isinstance(m, lora.AdaptersOff)]
     if not meta:
         if cfg.checkpoint_manager_path:
             restored = restore_weights(cfg.checkpoint_manager_path, models,
-                                       trusted=list(cfg.checkpoint.trusted_paths))
+                                       trusted=list(cfg.checkpoint.trusted_paths),
+                                       key_of=base_keys(cfg))
             log.info("restored weights of policy and reference from %s", restored)
         for model in models:
             model.to(backend.device)
@@ -108,6 +115,12 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
     return policy, reference
 
 
+def base_keys(cfg: DPOConfig):
+    """How a policy's keys read a full model's checkpoint: as they are, or (LoRA) the base's
+    key of each PEFT key, the adapters left as initialised."""
+    return lora.base_key if lora.is_enabled(cfg.model) else None
+
+
 def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn.Module]) -> None:
     """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
     process reads only its shards; otherwise one process builds the starting weights once and
@@ -117,12 +130,17 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
             materialize(model, backend.device)
     if cfg.checkpoint_manager_path:
         restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla",
-                                   list(cfg.checkpoint.trusted_paths))
+                                   list(cfg.checkpoint.trusted_paths), key_of=base_keys(cfg))
         log.info("restored weights of policy and reference from %s (each process its shards)",
                  restored)
+        if lora.is_enabled(cfg.model):  # the checkpoint holds no adapter: drawn here
+            lora.init_adapters(models[0], cfg.model, cfg.seed)  # the policy comes first
         return
-    full = initial_model(cfg.model, cfg.seed, backend.kind == "xla").state_dict() \
-        if backend.is_main else None
+    full = None
+    if backend.is_main:  # LoRA: the base and its adapters, initialised as one process does
+        full = (build_models(cfg.model, cfg.seed, backend.kind == "xla",
+                             with_reference=False)[0] if lora.is_enabled(cfg.model)
+                else initial_model(cfg.model, cfg.seed, backend.kind == "xla")).state_dict()
     for model in models:
         if backend.distributed:
             fsdp.load_from_rank0(model, full)

@@ -304,11 +304,6 @@ def check_lora(cfg: DPOConfig) -> None:
            "TR-DPO moves the reference, which under LoRA is the frozen base",
            "model.router_bias_update_rate": m.router_bias_update_rate > 0 and
            "the correction biases belong to the base, which is also the reference",
-           "checkpoint_manager_path": bool(cfg.checkpoint_manager_path) and
-           "its weights are the full model's; give model.name_or_path (an HF folder: "
-           "`moedpo convert --to-hf` writes one)",
-           "model.meta_init": bool(m.meta_init) and
-           "the adapters are built with the model on one process",
            "reference.cpu_offload": cfg.reference.cpu_offload and
            "there is no separate reference to offload"}
     for key, reason in why.items():

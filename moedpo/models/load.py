@@ -199,7 +199,7 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     reference = None
     if lora.is_enabled(cfg):  # one model: the reference is the policy without its adapters
         torch.manual_seed(seed)  # the adapters' initialisation, the same on every process
-        policy = lora.apply_lora(model, cfg).train()
+        policy = lora.apply_lora(model, cfg, seed).train()
         if with_reference:
             reference = lora.AdaptersOff(policy).eval()
     else:

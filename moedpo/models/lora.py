@@ -17,6 +17,8 @@ adapters keep float32 masters.
 from __future__ import annotations
 
 import logging
+import math
+import zlib
 
 import torch
 from torch import nn
@@ -87,7 +89,7 @@ def peft_config(cfg: ModelConfig, model: nn.Module):
                       modules_to_save=saved or None, task_type="CAUSAL_LM")
 
 
-def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """`model` (the base, any dtype) -> a PeftModel: the base frozen in `policy_dtype`, the
     adapters in the policy's storage dtype (float32 under mixed precision)."""
     from peft import get_peft_model
@@ -102,6 +104,8 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     for param in policy.parameters():
         if param.requires_grad:
             param.data = param.data.to(dtype)
+    if not is_meta(policy):
+        init_adapters(policy, cfg, seed)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     log.info("LoRA r=%d alpha=%g on %s%s: %.3fM trainable parameters (%.2f%% of %.2fM)",
@@ -110,6 +114,54 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
              if config.target_parameters else "", trainable / 1e6, 100 * trainable / total,
              total / 1e6)
     return policy
+
+
+def base_key(name: str) -> str | None:
+    """The plain model's state-dict key of a PeftModel's key (`base_model.model.` and every
+    `.base_layer` dropped; a router's trainable copy and its original both read the router's
+    weights), or None for the adapters' own parameters, which no base checkpoint holds."""
+    if "lora_" in name:
+        return None
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    return name.replace(".modules_to_save.default", "").replace(".original_module", "")
+
+
+# PEFT's inits that need nothing but a shape (the others read the base weights).
+SHAPE_ONLY_INITS = (True, "gaussian")
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+@torch.no_grad()
+def init_adapters(policy: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """The adapters' starting values, as PEFT draws them (`init=true`: A kaiming-uniform
+    with a = sqrt(5), B = 0; `gaussian`: A ~ N(0, 1/r), B = 0), each from a generator seeded
+    by `seed` and the parameter's name. PEFT draws them from the global generator in
+    creation order, which a model built on the meta device cannot replay; drawn by name they
+    are the same whether the model was built whole, on the meta device and filled from a
+    checkpoint, or sharded over ranks (each rank draws the whole small matrix, keeps its
+    shard). Other inits (pissa, olora, ...) are PEFT's own, from the loaded base."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if cfg.lora.init not in SHAPE_ONLY_INITS:
+        return
+    for name, param in policy.named_parameters():
+        if "lora_A" not in name and "lora_B" not in name:
+            continue
+        full = torch.zeros(param.shape, dtype=torch.float32)
+        if "lora_A" in name:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if cfg.lora.init == "gaussian":
+                full.normal_(0.0, 1 / cfg.lora.r, generator=gen)
+            else:
+                nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+        full = full.to(param.dtype)
+        if isinstance(param, DTensor):  # every rank drew the same; each keeps its shard
+            full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                     src_data_rank=None)
+        param.copy_(full)
 
 
 class AdaptersOff(nn.Module):

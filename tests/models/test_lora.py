@@ -297,3 +297,37 @@ def test_bf16_lora_keeps_float32_adapter_masters_and_moves_them_at_a_dpo_lr(make
     after = dict(result.policy.named_parameters())
     moved = [(after[n].detach() - p).abs().max().item() for n, p in before.items()]
     assert min(moved) > 1e-6  # every B moved (B starts at 0; Adam steps ~lr)
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["loaded", "meta_init"])
+def test_lora_reads_its_base_from_a_full_models_checkpoint(make_cfg, tmp_path, meta):
+    """checkpoint_manager_path under LoRA: the checkpoint holds the plain model's keys; the
+    PeftModel's base weights (and a trained router copy's) read them, the adapters keep their
+    initialisation (B = 0: the policy starts as the checkpoint's model). With meta init the
+    model is built weightless first and filled from the checkpoint the same way."""
+    import torch as t
+
+    from moedpo.checkpoint import save_weights
+    from moedpo.parallel.backend import Backend
+    from moedpo.placement import load_models
+
+    saved, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                        policy_dtype="float32"), seed=5, with_reference=False)
+    save_weights(saved, str(tmp_path / "weights"))
+    cfg = make_cfg("+experiment=demo", "model.lora.r=4", "model.freeze_router=false",
+                   f"checkpoint_manager_path={tmp_path / 'weights'}",
+                   f"model.meta_init={str(meta).lower()}")
+    _, policy, reference = load_models(cfg, Backend("cpu", t.device("cpu")))
+    ids = t.randint(0, 500, (2, 10))
+    with t.no_grad():
+        want = saved(input_ids=ids).logits
+        t.testing.assert_close(reference(input_ids=ids).logits, want, rtol=0, atol=0)
+        t.testing.assert_close(policy(input_ids=ids).logits, want, rtol=0, atol=0)
+    copies = [p for n, p in policy.named_parameters() if "modules_to_save" in n]
+    assert copies and all(p.requires_grad for p in copies)
+    router = dict(saved.named_parameters())["model.layers.0.mlp.gate.weight"]
+    copy0 = dict(policy.named_parameters())[
+        "base_model.model.model.layers.0.mlp.gate.modules_to_save.default.weight"]
+    assert t.equal(copy0, router)
+    adapters_a = [p for n, p in policy.named_parameters() if "lora_A" in n]
+    assert adapters_a and all(p.abs().sum() > 0 for p in adapters_a)  # initialised, not read

@@ -49,13 +49,14 @@ def test_exchange_with_uneven_routing_and_a_rank_without_tokens():
     assert ranks[0][1] == 48 and ranks[1][1] <= 1
 
 
-# the expert shares pooled over ranks (global_batch): per-rank shares train another model
-PACKED = ["data.static_shapes=false", "data.packing=true", "model.router_aux_loss_coef=0.1",
-          "model.router_aux_loss_scope=global_batch"]
+# Packed shared-prompt rows, the chunked head, and the router loss with the expert shares
+# pooled over ranks (global_batch: per-rank shares would train another model).
+PACKED = ["data.static_shapes=false", "data.packing=true", "model.logps_chunk_size=16",
+          "model.router_aux_loss_coef=0.1", "model.router_aux_loss_scope=global_batch"]
 
 
 @pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"], PACKED],
-                         ids=["dropless", "dropped", "packed_shared_prompt_aux_loss"])
+                         ids=["dropless", "dropped", "packed_chunked_head_aux_loss"])
 def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
     out = f"output_dir={tmp_path}"
     run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))

@@ -97,16 +97,28 @@ def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one", tmp_path / "whole", atol=1e-5, rel=1e-5)
 
 
-def test_lora_on_two_ranks_equals_one_process(tmp_path):
-    """LoRA under FSDP2: adapters (expert adapters included) sharded with their layers,
-    the reference is the same sharded model with adapters off; the run (and the adapters,
-    all the checkpoint holds) equals one process's."""
+@pytest.mark.parametrize("start", ["seeded", "checkpoint"])
+def test_lora_on_two_ranks_equals_one_process(tmp_path, start):
+    """LoRA under FSDP2: built on the meta device (the default under torchrun), the base
+    and adapters broadcast from rank 0 or, from checkpoint_manager_path, each rank reading
+    its base shards and drawing its adapter shards; adapters (expert adapters included)
+    sharded with their layers, the reference the same sharded model with adapters off. The
+    run (and the adapters, all the checkpoint holds) equals one process's, which builds the
+    model whole."""
     # The demo's lr: Adam moves each adapter element by ~lr whatever its gradient's size,
     # so an element whose gradient is rounding-small differs by up to ~lr x its relative
     # rounding; at lr 3e-3 the expert adapters of the last layer differ by 1.1e-5.
     args = [*COMMON, "model.lora.r=4", f"output_dir={tmp_path}"]
+    if start == "checkpoint":
+        base, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                           policy_dtype="float32"), seed=5,
+                               with_reference=False)
+        save_weights(base, str(tmp_path / "weights"))
+        args.append(f"checkpoint_manager_path={tmp_path / 'weights'}")
     run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
     run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    if start == "checkpoint":
+        assert "(each process its shards)" in (tmp_path / "two" / "train.log").read_text()
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
     weights = final_weights(tmp_path / "two" / "checkpoints")
     assert weights and all("lora_" in k for k in weights)
