@@ -60,6 +60,8 @@ def export(source: Path, out: Path, merge: bool = False) -> str:
     if merge and not adapters:
         raise CheckpointError(f"{source}: --merge merges LoRA adapters, and this run trained "
                               "the full model (model.lora.r=0); export it without --merge")
+    # QLoRA's adapters go on the unquantized base (merged, or beside it), as QLoRA ships them.
+    cfg.model.lora.quantize = None
     policy, _ = build_models(cfg.model, cfg.seed, with_reference=False)
     restore_weights(checkpoint, [policy], trainable_only=adapters)
     tokenizer = load_tokenizer(cfg.model)

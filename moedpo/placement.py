@@ -32,6 +32,8 @@ def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
                           "Hugging Face folder) or set model.meta_init=false")
     if cfg.model.meta_init is not None:
         return cfg.model.meta_init
+    if lora.is_quantized(cfg.model):  # quantized by from_pretrained as it loads
+        return False
     return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
 
 
@@ -40,6 +42,10 @@ def load_models(cfg: DPOConfig, backend: Backend):
     is None for reference-free DPO. With meta init the models are sharded while still
     weightless, then each process fills only its own shards (README "Loading at scale")."""
     tokenizer = load_tokenizer(cfg.model)
+    if lora.is_quantized(cfg.model) and backend.distributed:
+        raise ConfigError("model.lora.quantize=4bit under torchrun: FSDP2 cannot shard "
+                          "bitsandbytes' 4-bit weights; run QLoRA as one process (one GPU), "
+                          "or plain LoRA (model.lora.quantize=null) on several")
     meta = use_meta_init(cfg, backend)
     if meta and cfg.checkpoint_manager_path and lora.is_enabled(cfg.model) \
             and cfg.model.lora.init not in lora.SHAPE_ONLY_INITS:

@@ -3,6 +3,7 @@ point at, each failure a one-line `ConfigError` naming the key, before anything 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -308,6 +309,16 @@ def check_lora(cfg: DPOConfig) -> None:
            "there is no separate reference to offload"}
     for key, reason in why.items():
         _check(not reason, f"{key} with model.lora.r={lora.r}: {reason}; turn one of them off")
+    if lora.quantize == "4bit":
+        _check(not m.config_path, f"model.lora.quantize=4bit with model.config_path="
+               f"{m.config_path}: QLoRA quantizes pretrained weights as they load; give "
+               "model.name_or_path (an HF folder or hub id) instead")
+        _check(importlib.util.find_spec("bitsandbytes") is not None,
+               "model.lora.quantize=4bit needs bitsandbytes: pip install 'moedpo[qlora]'")
+        _check(cfg.parallel.backend != "xla", "model.lora.quantize=4bit: bitsandbytes has no "
+               "XLA kernels; set model.lora.quantize=null on TPUs")
+        _check(not m.meta_init, "model.lora.quantize=4bit with model.meta_init=true: the 4-bit "
+               "base is quantized as it loads whole; set model.meta_init=false")
 
 
 def check_loss(cfg: DPOConfig) -> None:

@@ -150,10 +150,14 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
             return AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn,
                 trust_remote_code=cfg.trust_remote_code)
+    quantized = {}
+    if lora.is_quantized(cfg):  # QLoRA: quantized as it loads; moved to the device later
+        dtype = DTYPES[cfg.policy_dtype]
+        quantized = dict(quantization_config=lora.quantization(cfg), device_map="cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype, revision=cfg.revision,
-            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **quantized)
     except (OSError, ValueError) as err:
         raise _hub_error("model", cfg.name_or_path, err) from None
     return own_storage(model)

@@ -89,14 +89,34 @@ def peft_config(cfg: ModelConfig, model: nn.Module):
                       modules_to_save=saved or None, task_type="CAUSAL_LM")
 
 
+# Linear layers QLoRA keeps unquantized: the head and the routers (small, and the routing
+# decisions are sensitive to their rounding).
+NOT_QUANTIZED = ["lm_head", "embed_out", "gate", "router", "shared_expert_gate"]
+
+
+def is_quantized(cfg: ModelConfig) -> bool:
+    return is_enabled(cfg) and cfg.lora.quantize == "4bit"
+
+
+def quantization(cfg: ModelConfig):
+    """QLoRA's base (`model.lora.quantize=4bit`): transformers' bitsandbytes config for
+    `from_pretrained`, which quantizes every nn.Linear but the head and routers to NF4 with
+    double quantization as it loads, computing in `policy_dtype`. The fused expert stacks
+    are no nn.Linear: bitsandbytes leaves them in `policy_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.policy_dtype],
+                              llm_int8_skip_modules=NOT_QUANTIZED)
+
+
 def apply_lora(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """`model` (the base, any dtype) -> a PeftModel: the base frozen in `policy_dtype`, the
-    adapters in the policy's storage dtype (float32 under mixed precision)."""
+    """`model` (the base, any dtype; 4-bit under QLoRA) -> a PeftModel: the base frozen in
+    `policy_dtype`, the adapters in the policy's storage dtype (float32 under mixed
+    precision)."""
     from peft import get_peft_model
 
-    if cfg.lora.quantize is not None:
-        raise ConfigError(f"model.lora.quantize={cfg.lora.quantize}: QLoRA needs bitsandbytes "
-                          "on CUDA, which this build does not run; set model.lora.quantize=null")
     config = peft_config(cfg, model)
     cast_parameters(model, DTYPES[cfg.policy_dtype])
     policy = get_peft_model(model, config, autocast_adapter_dtype=False)
@@ -108,8 +128,9 @@ def apply_lora(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
         init_adapters(policy, cfg, seed)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
-    log.info("LoRA r=%d alpha=%g on %s%s: %.3fM trainable parameters (%.2f%% of %.2fM)",
-             cfg.lora.r, cfg.lora.alpha, ", ".join(sorted(config.target_modules or ())) or "-",
+    log.info("%s r=%d alpha=%g on %s%s: %.3fM trainable parameters (%.2f%% of %.2fM)",
+             "QLoRA (NF4 base)" if is_quantized(cfg) else "LoRA", cfg.lora.r, cfg.lora.alpha,
+             ", ".join(sorted(config.target_modules or ())) or "-",
              f" and experts ({', '.join(sorted(config.target_parameters))})"
              if config.target_parameters else "", trainable / 1e6, 100 * trainable / total,
              total / 1e6)

@@ -4,13 +4,12 @@ exchange equals the unsharded experts, and EP training equals one process."""
 import re
 import subprocess
 import sys
-import time
 
 import pytest
-from test_fsdp import COMMON, single, torchrun
+from test_fsdp import COMMON, kill_after_checkpoint_and_resume, single, torchrun
 
-from conftest import ROOT, assert_same_run, final_weights, run_ok, wait_for
-from moedpo.checkpoint import COMPLETE, save_weights
+from conftest import ROOT, assert_same_run, final_weights, run_ok
+from moedpo.checkpoint import save_weights
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models.load import build_models
 from moedpo.train import run
@@ -96,13 +95,7 @@ def test_expert_parallel_kill_and_resume_equals_a_straight_run(tmp_path):
             "checkpoint.save_frequency=2", "parallel.expert_parallel=2",
             f"output_dir={tmp_path}"]
     run_ok(torchrun(*args, "exp_name=straight"))
-    cmd = torchrun(*args, "exp_name=killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000004" / COMPLETE, proc, 300)
-    subprocess.run(["pkill", "-KILL", "-f", f"output_dir={tmp_path}"], check=True)
-    proc.wait()
-    time.sleep(0.5)
-    run_ok(cmd)
+    kill_after_checkpoint_and_resume(torchrun(*args, "exp_name=killed"), tmp_path, "killed", 4)
     assert_same_run(tmp_path / "straight", tmp_path / "killed", atol=1e-6)
     experts = {k: v for k, v in final_weights(tmp_path / "killed" / "checkpoints").items()
                if k.endswith("experts.gate_up_proj")}

@@ -35,6 +35,18 @@ def single(*args: str) -> list[str]:
     return [sys.executable, "run_dpo_no_trainer.py", *args]
 
 
+def kill_after_checkpoint_and_resume(cmd: list[str], out, exp_name: str, step: int) -> None:
+    """Run `cmd` (writing under `out`), SIGKILL it and its ranks once the checkpoint of `step`
+    is complete, then run it again to the end (it resumes)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(out / exp_name / "checkpoints" / f"step_{step:08d}" / COMPLETE, proc, 300)
+    # The launcher and both ranks at once (torchrun's workers outlive a killed launcher).
+    subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=True)
+    proc.wait()
+    time.sleep(0.5)
+    run_ok(cmd)
+
+
 @pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"]], ids=["dropless", "dropped"])
 def test_two_ranks_equal_one_process(tmp_path, moe):
     out = f"output_dir={tmp_path}"
@@ -177,14 +189,7 @@ def test_two_rank_kill_and_resume(tmp_path):
     policy = {k: v for k, v in saved.items() if k.startswith("model.")}
     assert policy and all(torch.equal(v, saved["reference." + k.removeprefix("model.")])
                           for k, v in policy.items())
-    cmd = torchrun(*args, "exp_name=killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000004" / COMPLETE, proc, 300)
-    # The launcher and both ranks at once (torchrun's workers outlive a killed launcher).
-    subprocess.run(["pkill", "-KILL", "-f", f"output_dir={tmp_path}"], check=True)
-    proc.wait()
-    time.sleep(0.5)
-    run_ok(cmd)
+    kill_after_checkpoint_and_resume(torchrun(*args, "exp_name=killed"), tmp_path, "killed", 4)
     assert_same_run(tmp_path / "straight", tmp_path / "killed", atol=1e-6)
 
 
