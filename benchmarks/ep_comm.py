@@ -160,6 +160,7 @@ def worker() -> None:
               "layers": counts["layers"]}
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
+    dist.barrier()  # leave together: a gloo peer gone mid-exchange aborts the other
     dist.destroy_process_group()
 
 

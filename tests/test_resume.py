@@ -49,9 +49,11 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path, extra):
         assert a and all("lora_" in k for k in a)
 
 
-def signal_after_first_train_row(tmp_path: Path, name: str, sig: int) -> tuple[list, int, str]:
+def signal_after_first_train_row(tmp_path: Path, name: str, sig: int,
+                                 extra: tuple[str, ...] = ()) -> tuple[list, int, str]:
     """Start a run, send `sig` once it has logged a train row; (args, exit code, output)."""
-    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", f"exp_name={name}", out=tmp_path)
+    args = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", *extra, f"exp_name={name}",
+               out=tmp_path)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics = tmp_path / name / "metrics.jsonl"
@@ -63,8 +65,15 @@ def signal_after_first_train_row(tmp_path: Path, name: str, sig: int) -> tuple[l
     return args, proc.returncode, output
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    args, code, output = signal_after_first_train_row(tmp_path, "term", signal.SIGTERM)
+STREAMED = ("data.streaming=true", "data.shuffle_buffer=64")
+
+
+@pytest.mark.parametrize("extra", [(), STREAMED], ids=["in_memory", "streamed"])
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, extra):
+    """SIGTERM at whatever step the run is in: a checkpoint there, exit 0, and the resumed run
+    ends as an unbroken one. Streamed, the stop falls mid-epoch and mid shuffle buffer: the
+    stream's position and buffer come back with the checkpoint."""
+    args, code, output = signal_after_first_train_row(tmp_path, "term", signal.SIGTERM, extra)
     assert code == 0, output[-2000:]
     assert "stopped by SIGTERM" in output and "resume=auto" in output
     (saved,) = (tmp_path / "term" / "checkpoints").glob("step_*")
@@ -73,6 +82,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert finished.returncode == 0
     steps = [r["step"] for r in train_rows(tmp_path / "term") if "train/loss" in r]
     assert steps == [0, 2, 4, 6, 8, 10, 11]
+    straight = cli(*RESUME_ARGS, "checkpoint.save_frequency=0", *extra, "exp_name=straight",
+                   out=tmp_path)
+    assert subprocess.run(straight, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    a = final_weights(tmp_path / "straight" / "checkpoints")
+    b = final_weights(tmp_path / "term" / "checkpoints")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_false_refuses_to_overwrite_checkpoints(make_cfg):

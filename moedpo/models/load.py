@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
+from ..config import ASSETS_DIR, DTYPES, ConfigError, ModelConfig, resolve_model_json
 from . import chunked_head, lora
 from .balance import correction_bias_routers
 from .moe import apply_moe_implementation
@@ -140,6 +140,10 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                   on_meta: bool = False) -> torch.nn.Module:
     """The starting weights, once, in the wider of the two dtypes: pretrained, or freshly
     initialised from `seed`. `on_meta`: the same modules with no storage (shapes only)."""
+    if lora.is_quantized(cfg) and (on_meta or cfg.config_path):
+        raise ConfigError("model.lora.quantize=4bit: QLoRA quantizes pretrained weights as "
+                          "they load whole; give model.name_or_path (not model.config_path) "
+                          "and model.meta_init=false")
     config = model_config(cfg)
     dtype = _load_dtype(cfg)
     attn = attention_implementation(cfg, config, for_xla)

@@ -90,6 +90,7 @@ def main() -> None:
     local = sharded.gate_up_proj.to_local().shape[0] * world // args.ep  # FSDP2's over efsdp
     sys.stdout.write(f"ok {rank} {local} {received[0]}\n")  # one write: ranks share the pipe
     sys.stdout.flush()
+    dist.barrier()  # leave together: a gloo peer gone mid-exchange aborts the other
     dist.destroy_process_group()
 
 
