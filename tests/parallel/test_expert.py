@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_fsdp import COMMON, kill_after_checkpoint_and_resume, single, torchrun
 
 from conftest import ROOT, assert_same_run, final_weights, run_ok
@@ -182,3 +183,21 @@ def test_models_expert_parallelism_cannot_split_are_refused(tiny_neox_dir):
     dense, _ = build_models(ModelConfig(name_or_path=str(tiny_neox_dir)), with_reference=False)
     with pytest.raises(ConfigError, match="has no experts"):
         check_expert_count(dense, 2)
+
+
+def test_a_checkpoint_resumes_with_another_expert_parallel_size(tmp_path):
+    """DCP saves every expert shard with its global offsets, so a run checkpointed with
+    EP 2 resumes as plain FSDP2 (EP 1) on the same ranks, optimizer state included, and ends
+    with the weights of a straight EP 2 run."""
+    args = [*COMMON, "checkpoint.save_frequency=2", f"output_dir={tmp_path}",
+            "per_device_train_batch_size=2"]
+    run_ok(torchrun(*args, "max_steps=4", "exp_name=straight", "parallel.expert_parallel=2"))
+    run_ok(torchrun(*args, "max_steps=2", "exp_name=switch", "parallel.expert_parallel=2"))
+    run_ok(torchrun(*args, "max_steps=4", "exp_name=switch", "parallel.expert_parallel=1"))
+    log = (tmp_path / "switch" / "train.log").read_text()
+    assert "parallel.expert_parallel: 2 -> 1" in log and "at step 2" in log
+    a = final_weights(tmp_path / "straight" / "checkpoints")
+    b = final_weights(tmp_path / "switch" / "checkpoints")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
