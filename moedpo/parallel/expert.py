@@ -178,6 +178,3 @@ def _self_mesh(like: DeviceMesh) -> DeviceMesh:
         _SELF_MESHES[like.device_type] = mesh["self"]
     return _SELF_MESHES[like.device_type]
 
-
-def is_expert_sharded(param: torch.Tensor) -> bool:
-    return isinstance(param, DTensor) and "ep" in (param.device_mesh.mesh_dim_names or ())
