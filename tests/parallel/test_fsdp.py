@@ -193,13 +193,15 @@ def test_two_rank_kill_and_resume(tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "killed", atol=1e-6)
 
 
-def test_bf16_policy_under_fsdp2_trains_float32_masters(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["parallel.expert_parallel=2"]], ids=["fsdp", "ep2"])
+def test_bf16_policy_under_fsdp2_trains_float32_masters(tmp_path, extra):
     """A bf16 policy on 2 ranks: FSDP2 keeps float32 sharded masters (saved as such) and
     computes in bf16; at a DPO learning rate its update is the one-process mixed-precision
-    update (both differ from it only by bf16 rounding of the gradients)."""
+    update (both differ from it only by bf16 rounding of the gradients). With expert
+    parallelism the experts compute in bf16 on their ranks and exchange bf16 rows."""
     args = [*COMMON, "max_steps=2", "lr=5e-6", "sched.warmup_steps=0", "eval_frequency=100",
             "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16",
             f"output_dir={tmp_path}"]
     run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
-    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    run_ok(torchrun(*args, *extra, "per_device_train_batch_size=2", "exp_name=two"))
     assert_same_update(tmp_path / "one", tmp_path / "two")
