@@ -55,14 +55,18 @@ PACKED = ["data.static_shapes=false", "data.packing=true", "model.logps_chunk_si
           "model.router_aux_loss_coef=0.1", "model.router_aux_loss_scope=global_batch"]
 
 
-@pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"], PACKED],
-                         ids=["dropless", "dropped", "packed_chunked_head_aux_loss"])
+@pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"], PACKED,
+                                 ["model.config_path=tiny-gpt-oss.json"]],
+                         ids=["dropless", "dropped", "packed_chunked_head_aux_loss",
+                              "gpt_oss_transposed_biased_experts"])
 def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
     out = f"output_dir={tmp_path}"
     run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
     run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", out, "exp_name=two",
                     "parallel.expert_parallel=2"))
-    assert "4 of 8 experts per rank" in (tmp_path / "two" / "train.log").read_text()
+    total = 4 if "gpt-oss" in " ".join(moe) else 8  # tiny-gpt-oss.json has 4 experts
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert f"{total // 2} of {total} experts per rank" in log
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
