@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import build_model  # noqa: E402
+from throughput import build_model, demo_pairs, long_pairs, write_pairs  # noqa: E402
 
 # Kernels that are matrix products (the useful work of a transformer step).
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
@@ -29,6 +29,11 @@ def main() -> None:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--data", choices=["short", "long"], default="short",
+                        help="the demo pairs (max_length 256) or throughput.py's long-prompt "
+                        "pairs (max_length 1024)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides on top of the defaults, e.g. data.packing=true")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "profile_step.json")
     args = parser.parse_args()
@@ -47,11 +52,15 @@ def main() -> None:
     register_schema()
     with tempfile.TemporaryDirectory() as tmp:
         build_model(args.size, Path(tmp) / "model")
+        max_length = 1024 if args.data == "long" else 256
+        write_pairs(Path(tmp) / "data", long_pairs() if args.data == "long" else demo_pairs())
         overrides = [f"model.name_or_path={Path(tmp) / 'model'}", "use_synthetic_data=false",
-                     "datasets=demo", f"per_device_train_batch_size={args.batch}",
-                     "max_length=256", "max_prompt_length=128", "optimizer=AdamW",
-                     "model.policy_dtype=float32", "model.reference_dtype=float32",
-                     f"output_dir={tmp}", "dry_run=true"]
+                     f"datasets=[{Path(tmp) / 'data'}]",
+                     f"per_device_train_batch_size={args.batch}",
+                     f"max_length={max_length}", f"max_prompt_length={max_length // 2}",
+                     "optimizer=AdamW", "model.policy_dtype=float32",
+                     "model.reference_dtype=float32", f"output_dir={tmp}", "dry_run=true",
+                     *args.set]
         with initialize_config_module("moedpo.conf", version_base=None):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
         backend = init_backend("cpu", 1, None, False)
@@ -78,7 +87,8 @@ def main() -> None:
     rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / args.steps,
              "share": e.self_cpu_time_total / total, "calls": e.count // args.steps}
             for e in top]
-    lines = [f"{args.size} model, batch {args.batch}, defaults (shared prompt), per step: "
+    setting = " ".join(args.set) or "defaults (shared prompt)"
+    lines = [f"{args.size} model, {args.data} pairs, batch {args.batch}, {setting}, per step: "
              f"{total / 1e3 / args.steps:.0f} ms CPU self time, {100 * matmul / total:.0f}% "
              "in matmul kernels", "", "| op | self ms/step | share | calls/step |",
              "| --- | ---: | ---: | ---: |"]
@@ -86,7 +96,8 @@ def main() -> None:
               for r in rows]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "batch": args.batch,
+    args.out.write_text(json.dumps({"size": args.size, "data": args.data, "set": args.set,
+                                    "batch": args.batch,
                                     "matmul_share": matmul / total,
                                     "step_cpu_ms": total / 1e3 / args.steps, "top": rows},
                                    indent=2) + "\n")

@@ -23,7 +23,7 @@ from .losses import (
 )
 from .losses.unpaired import RewardShift, global_kl_estimate
 from .metrics import MeanMetrics
-from .models import chunked_head
+from .models import block_attention, chunked_head
 from .models.drift import routing_drift
 from .models.moe import moe_top_k
 from .models.router import RouterRecord, record_router_logits, router_losses
@@ -40,9 +40,15 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
         layout = {k: batch[k] for k in ("segments", "pair_ids", "pair_rows")}
         extra["position_ids"] = batch["position_ids"]
         dtype = model.get_input_embeddings().weight.dtype
-        attention_mask = shared_prompt_attention(model, batch["segments"],
-                                                 batch["position_ids"], dtype,
-                                                 batch["pair_ids"])
+        blocks = attention_blocks(model, batch)
+        if blocks is not None:  # only the blocks the mask allows are computed
+            extra[block_attention.KEYWORD] = blocks
+            attention_mask = block_attention.placeholder_mask(
+                *batch["segments"].shape, dtype, batch["segments"].device)
+        else:
+            attention_mask = shared_prompt_attention(model, batch["segments"],
+                                                     batch["position_ids"], dtype,
+                                                     batch["pair_ids"])
     else:
         attention_mask = batch["attention_mask"]
     chunked = chunked_head.is_enabled(model)
@@ -56,6 +62,19 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_pa
     sums = to_sums(out.logits, batch["labels"], label_pad, layout, batch.get("token_weights"),
                    wpo=wpo)
     return sums, record if with_router else None
+
+
+def attention_blocks(model: torch.nn.Module,
+                     batch: dict[str, torch.Tensor]) -> tuple | None:
+    """The pairs' layout for models.block_attention, as Python ints; None where the dense
+    mask is needed: another attention implementation, no `blocks` in the batch, or a sliding
+    window shorter than a sequence of the batch (the blocks know no window)."""
+    if not block_attention.uses_blocks(model) or "blocks" not in batch:
+        return None
+    blocks = tuple(tuple(b) for b in batch["blocks"].tolist())  # a host tensor: no sync
+    window, _ = sliding_window(model.config)
+    longest = max((b[2] + max(b[3], b[4]) for b in blocks), default=0)
+    return blocks if window is None or longest <= window else None
 
 
 def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype,
@@ -105,7 +124,7 @@ def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
     if m.capacity_factor > 0 or m.moe_implementation == "dropped":
         return "the dropped MoE (its capacity is per sequence)"
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attention not in ("sdpa", "eager"):
+    if attention not in ("sdpa", "eager", block_attention.NAME):
         return f"attn_implementation={attention}, which takes no 4-D attention mask"
     _, mixed = sliding_window(model.config)
     if mixed and not takes_mask_per_layer_type(model):

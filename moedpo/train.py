@@ -26,6 +26,7 @@ from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
 from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
+from .data.collate import HOST_KEYS
 from .evaluate import (
     batch_loss,
     evaluate,
@@ -108,7 +109,8 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend,
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
-        batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v if k in HOST_KEYS else v.to(backend.device, non_blocking=True)
+                 for k, v in batch.items()}
         return spmd.shard_batch(batch, backend.mesh) if backend.kind == "xla" else batch
     return make
 

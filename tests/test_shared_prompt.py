@@ -7,7 +7,7 @@ import torch
 from conftest import assert_same_run, random_pairs, tiny_train_overrides
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.data import collate, collate_shared
-from moedpo.evaluate import batch_logps, shared_prompt_mask
+from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
 from moedpo.models.load import build_models
 from moedpo.train import run
 from moedpo.validate import validate
@@ -28,6 +28,8 @@ def test_shared_logps_and_gradients_equal_unshared(tiny_neox_dir, model, sdpa, c
     pairs = random_pairs(8, seed=1)
     other = collate_shared(pairs, pad_id=0, max_tokens=48 if packed else 0)
     assert (other["input_ids"].shape[0] < 8) == packed  # several pairs to a row when packed
+    # sdpa runs models.block_attention (per pair), eager the dense 4-D mask: both checked
+    assert (attention_blocks(policy, other) is not None) == sdpa
     results = []
     for batch in (collate(pairs, pad_id=0), other):
         policy.zero_grad()

@@ -23,6 +23,8 @@ from .tokenize import TokenizedPair
 # Segment of each position in a shared-prompt row. The last prompt token predicts a
 # response's first token, so each response segment starts with its own copy of it.
 SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
+# Batch entries read on the host (Python ints for slicing), never moved to the device.
+HOST_KEYS = frozenset({"blocks"})
 
 
 def _per_pair(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
@@ -116,8 +118,11 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
     (evaluate.shared_prompt_mask: a token sees its own pair's prompt and its own segment)
     and the log-prob sums of each pair (`pair_rows`: [pairs], each pair's row). A response's
     first token is predicted from its own copy of the last prompt token, so every position
-    predicts at most one label, and the log-probs equal the unshared ones."""
+    predicts at most one label, and the log-probs equal the unshared ones. `blocks` [pairs, 5]
+    (row, start, and the three segments' lengths of each pair) is the same layout for the
+    attention (models.block_attention); it stays on the host (HOST_KEYS)."""
     blocks = [_block(p) for p in pairs]
+    layout = torch.zeros(len(pairs), 5, dtype=torch.long)
     rows = pack_rows([sum(len(t) for _, t in b) for b in blocks], max_tokens)
     length = _padded_length(max(sum(len(t) for i in row for _, t in blocks[i]) for row in rows),
                             pad_to)
@@ -134,6 +139,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
         for i in members:
             pair_rows[i] = row
             n_shared = len(blocks[i][0][1])
+            layout[i] = torch.tensor([row, start, *(len(t) for _, t in blocks[i])])
             shorter = min(len(pairs[i].chosen), len(pairs[i].rejected))
             for segment, tokens in blocks[i]:
                 end = start + len(tokens)
@@ -150,7 +156,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
                 start = end
     batch = {"input_ids": input_ids, "attention_mask": (segments != SEGMENT_PAD).long(),
              "labels": labels, "position_ids": position_ids, "segments": segments,
-             "pair_ids": pair_ids, "pair_rows": pair_rows}
+             "pair_ids": pair_ids, "pair_rows": pair_rows, "blocks": layout}
     if ld_alpha is not None:
         batch["token_weights"] = weights
     return {**batch, **_per_pair(pairs)}

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ConfigError, ModelConfig, resolve_model_json
-from . import chunked_head, lora
+from . import block_attention, chunked_head, lora
 from .balance import correction_bias_routers
 from .moe import apply_moe_implementation
 from .precision import cast_parameters, storage_dtype
@@ -147,6 +147,8 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     config = model_config(cfg)
     dtype = _load_dtype(cfg)
     attn = attention_implementation(cfg, config, for_xla)
+    if attn == "sdpa":  # the same SDPA, computing only the unmasked blocks of shared rows
+        attn = block_attention.NAME
     if on_meta or cfg.config_path:
         if cfg.config_path:
             torch.manual_seed(seed)
