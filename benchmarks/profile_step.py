@@ -43,7 +43,7 @@ def main() -> None:
 
     from moedpo.config import register_schema
     from moedpo.data import build_data
-    from moedpo.evaluate import batch_loss, use_shared_prompt
+    from moedpo.evaluate import batch_loss, packing_budget, use_shared_prompt
     from moedpo.optim import build_optimizer
     from moedpo.parallel.backend import init_backend
     from moedpo.placement import load_models
@@ -66,7 +66,9 @@ def main() -> None:
         backend = init_backend("cpu", 1, None, False)
         tokenizer, policy, reference = load_models(cfg, backend)
         data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
-        to_batch = batch_maker(cfg, tokenizer, backend, use_shared_prompt(cfg, False, policy))
+        shared = use_shared_prompt(cfg, False, policy)
+        to_batch = batch_maker(cfg, tokenizer, backend, shared,
+                               packing_budget(cfg, shared, policy))
         optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
 
         def step(i: int) -> None:

@@ -15,7 +15,9 @@ measured on the spot, and the ratios moedpo / TRL. Prints a Markdown table and w
 `--data long` trains on HH-like pairs with multi-turn prompts of 300-600 tokens and short
 replies (max_length 1024) instead of the short demo pairs. `moedpo` is its defaults (the
 shared prompt on: `data.share_prompt=auto`). Variants add or remove options: `+plain`
-(data.share_prompt=false), `+pack` (data.packing=true), `+group` (data.group_by_length=true),
+(data.share_prompt=false), `+nopack` (data.packing=false: one pair per row; the default packs
+a micro-batch into one row where attention runs per pair), `+pack` (data.packing=true),
+`+group` (data.group_by_length=true),
 `+share` (data.share_prompt=true: the prompt runs once per pair; MFU counts the FLOPs of
 the unshared work, so it reads as useful work per second) and `+precompute`
 (reference.precompute=true: the one-time reference pass happens before step 0 and is not in
@@ -52,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP = 2
 OPTIONS = {"group": ["data.group_by_length=true"], "precompute": ["reference.precompute=true"],
            "share": ["data.share_prompt=true"], "plain": ["data.share_prompt=false"],
-           "pack": ["data.packing=true"],
+           "pack": ["data.packing=true"], "nopack": ["data.packing=false"],
            "ckpt": ["model.activation_checkpointing=true"],
            "compile": ["model.compile=true"],
            "lora": ["model.lora.r=16", "model.lora.alpha=32"]}

@@ -167,8 +167,11 @@ class DataConfig:
     # attention that takes a 4-D mask), else off with one info line; true: on or refuse.
     share_prompt: str = "auto"
     # Several pairs per row (shared-prompt blocks, kept apart by the mask), up to
-    # max_tokens_per_row tokens (null: 2 x max_length): almost no padding.
-    packing: bool = False
+    # max_tokens_per_row tokens: no padding. auto: on wherever attention runs per pair
+    # (models/block_attention.py), else off with one info line; true: on or refuse.
+    packing: str = "auto"
+    # null: the whole micro-batch in one row where attention runs per pair, else
+    # 2 x max_length (a dense mask's cost grows with the square of the row).
     max_tokens_per_row: int | None = None
     # The tokenizer's BOS at the start of each prompt. auto: where the tokenizer adds it by
     # default (Llama, Mistral, Mixtral), as TRL and the model's pretraining do.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -146,6 +147,35 @@ def use_shared_prompt(cfg: DPOConfig, static_shapes: bool, model: torch.nn.Modul
                           "data.share_prompt=auto or false")
     logging.getLogger("moedpo").info("shared prompt off (data.share_prompt=auto): %s", why)
     return False
+
+
+def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module) -> int:
+    """data.packing resolved for this run: the most tokens a row takes (0: one pair per row).
+    auto packs wherever attention runs per pair (models.block_attention), where a row's
+    length costs nothing: the whole micro-batch then goes in one row unless
+    data.max_tokens_per_row says otherwise. Under a dense mask a packed row costs attention
+    over all of it (it lost on long prompts), so auto leaves packing off there."""
+    setting, d = str(cfg.data.packing).lower(), cfg.data
+    if setting == "false":
+        return 0
+    if not shared:
+        if setting == "true":
+            raise ConfigError("data.packing=true packs shared-prompt rows, which are off for "
+                              "this run (see the line above, or data.share_prompt=false); set "
+                              "data.packing=false")
+        return 0
+    window, _ = sliding_window(model.config)
+    per_pair = block_attention.uses_blocks(model) and (window is None or window >= cfg.max_length)
+    if setting == "auto" and not per_pair:
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        why = (f"attn_implementation={attention}" if not block_attention.uses_blocks(model)
+               else f"a sliding window of {window} < max_length")
+        logging.getLogger("moedpo").info("packing off (data.packing=auto): %s computes a "
+                                         "dense mask over a whole packed row", why)
+        return 0
+    if d.max_tokens_per_row:
+        return d.max_tokens_per_row
+    return sys.maxsize if per_pair else 2 * cfg.max_length
 
 
 def shared_prompt_attention(model: torch.nn.Module, segments: torch.Tensor,

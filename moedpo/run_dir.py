@@ -135,8 +135,8 @@ SAFE_ON_RESUME = (
     "model.meta_init", "model.logps_chunk_size", "model.flash_attention",
     "model.attn_implementation",
     "model.fsdp_config.", "reference.cpu_offload", "reference.cache_dir",
-    "reference.precompute", "data.share_prompt", "data.static_shapes", "data.length_buckets",
-    "data.strict",
+    "reference.precompute", "data.share_prompt", "data.packing", "data.max_tokens_per_row",
+    "data.static_shapes", "data.length_buckets", "data.strict",
 )
 
 

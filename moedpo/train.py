@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
-from .config import ConfigError, DPOConfig
+from .config import DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
 from .data.collate import HOST_KEYS
 from .evaluate import (
@@ -32,6 +32,7 @@ from .evaluate import (
     evaluate,
     generate,
     global_routing,
+    packing_budget,
     pools_accumulation,
     use_shared_prompt,
 )
@@ -91,19 +92,15 @@ def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
     return cfg.max_length
 
 
-def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend,
-                shared: bool = False) -> Callable:
+def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend, shared: bool = False,
+                max_tokens: int = 0) -> Callable:
     """pairs -> collated tensors on the backend's device (split over the mesh on XLA); one
-    row per pair with `shared` (use_shared_prompt), several with data.packing."""
+    row per pair with `shared` (use_shared_prompt), several of up to `max_tokens` tokens
+    with packing (packing_budget)."""
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
     pad_to = padded_length(cfg, backend)
-    if cfg.data.packing and not shared:
-        raise ConfigError("data.packing=true packs shared-prompt rows, which are off for this "
-                          "run (see the line above, or data.share_prompt=false); set "
-                          "data.packing=false")
-    max_tokens = (cfg.data.max_tokens_per_row or 2 * cfg.max_length) if cfg.data.packing else 0
     to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha)
                if shared else partial(collate, ld_alpha=cfg.loss.ld_alpha))
 
@@ -156,7 +153,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                       backend.total_devices)
     check_rows_fit_losses(cfg, data.unpaired)
     shared = use_shared_prompt(cfg, padded_length(cfg, backend) is not None, policy)
-    to_batch = batch_maker(cfg, tokenizer, backend, shared)
+    to_batch = batch_maker(cfg, tokenizer, backend, shared,
+                           packing_budget(cfg, shared, policy))
     # One forward's pairs: SPMD splits one batch over all devices of the mesh.
     micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step

@@ -225,7 +225,10 @@ def validate(cfg: DPOConfig) -> None:
     _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
            f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
            f"({cfg.max_length}), e.g. [128,256]")
-    _check(not cfg.data.packing or share != "false",
+    packing = str(cfg.data.packing).lower()
+    _check(packing in ("auto", "true", "false"),
+           f"data.packing={cfg.data.packing}: use auto, true or false")
+    _check(packing != "true" or share != "false",
            "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
     _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
            f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "

@@ -221,6 +221,17 @@ def tiny_mixtral_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def tiny_policy(sdpa: bool = True) -> torch.nn.Module:
+    """The tiny Mixtral as moedpo builds it (seed 0, float32): sdpa resolves to
+    models.block_attention's moedpo_sdpa, `sdpa=False` to eager attention."""
+    from moedpo.config import ModelConfig
+    from moedpo.models.load import build_models
+
+    cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
+                      reference_dtype="float32", flash_attention=sdpa)
+    return build_models(cfg, seed=0)[0]
+
+
 def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     g = torch.Generator().manual_seed(seed)
     pairs = []

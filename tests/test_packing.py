@@ -5,11 +5,12 @@ gradient equality on the tiny Mixtral and GPT-NeoX is test_shared_prompt's, pack
 import pytest
 import torch
 
-from conftest import assert_same_run, random_pairs, tiny_train_overrides
+from conftest import assert_same_run, random_pairs, tiny_policy, tiny_train_overrides
+from moedpo.config import ConfigError
 from moedpo.data import collate, collate_shared
 from moedpo.data.collate import SEGMENT_CHOSEN, SEGMENT_PROMPT, SEGMENT_REJECTED, pack_rows
 from moedpo.data.tokenize import TokenizedPair
-from moedpo.evaluate import batch_logps, shared_prompt_mask
+from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
 
 
 def test_first_fit_decreasing_by_hand():
@@ -61,8 +62,53 @@ def test_training_with_packing_equals_plain(make_cfg, tmp_path):
 
 
 def test_packing_needs_the_shared_layout(make_cfg):
-    from moedpo.config import ConfigError
     from moedpo.validate import validate
 
     with pytest.raises(ConfigError, match="data.packing=true packs shared-prompt rows"):
         validate(make_cfg("data.packing=true", "data.share_prompt=false"))
+
+
+def test_packing_auto_packs_where_attention_runs_per_pair(make_cfg, caplog):
+    """auto: the whole micro-batch in one row under moedpo_sdpa; off, with one info line,
+    where a dense mask would cost attention over the whole packed row."""
+    import sys
+
+    from test_shared_prompt import windowed_model
+
+    from moedpo.evaluate import packing_budget
+
+    per_pair, eager = tiny_policy(), tiny_policy(sdpa=False)
+    cfg = make_cfg()
+    assert cfg.data.packing == "auto"
+    assert packing_budget(cfg, True, per_pair) == sys.maxsize
+    assert packing_budget(cfg, False, per_pair) == 0  # no shared prompt, nothing to pack
+    assert packing_budget(make_cfg("data.max_tokens_per_row=300"), True, per_pair) == 300
+    assert packing_budget(make_cfg("data.packing=false"), True, per_pair) == 0
+    with caplog.at_level("INFO", logger="moedpo"):
+        assert packing_budget(cfg, True, eager) == 0
+    assert "packing off (data.packing=auto): attn_implementation=eager" in caplog.text
+    assert packing_budget(make_cfg("data.packing=true"), True, eager) == 2 * cfg.max_length
+    windowed = windowed_model("mistral")  # a 4-token window: the blocks cannot apply
+    windowed.config._attn_implementation = per_pair.config._attn_implementation
+    assert packing_budget(cfg, True, windowed) == 0
+    with pytest.raises(ConfigError, match="data.packing=true packs shared-prompt rows"):
+        packing_budget(make_cfg("data.packing=true"), False, per_pair)
+
+
+def test_default_batches_are_one_packed_row(make_cfg):
+    """What the trainer builds by default for the tiny Mixtral: one row per micro-batch."""
+
+    from moedpo.evaluate import packing_budget, use_shared_prompt
+    from moedpo.parallel.backend import Backend
+    from moedpo.train import batch_maker
+
+    cfg, policy = make_cfg("per_device_train_batch_size=4"), tiny_policy()
+    shared = use_shared_prompt(cfg, False, policy)
+
+    class Tok:
+        pad_token_id = 0
+    to_batch = batch_maker(cfg, Tok(), Backend("cpu", torch.device("cpu")), shared,
+                           packing_budget(cfg, shared, policy))
+    batch = to_batch(random_pairs(4, seed=0))
+    assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()
+    assert batch["blocks"].device.type == "cpu" and attention_blocks(policy, batch) is not None

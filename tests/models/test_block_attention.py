@@ -7,13 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_pairs
-from moedpo.config import ModelConfig
+from conftest import random_pairs, tiny_policy
 from moedpo.data import collate, collate_shared
 from moedpo.data.tokenize import TokenizedPair
 from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
 from moedpo.models import block_attention
-from moedpo.models.load import build_models
 
 
 def ragged_pairs(n: int, seed: int) -> list[TokenizedPair]:
@@ -71,14 +69,8 @@ def test_a_gap_in_a_row_is_an_error():
         block_attention.block_attention(q, q, q, [(0, 3, 1, 1, 1)])
 
 
-def tiny(sdpa: bool = True, **extra) -> torch.nn.Module:
-    cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
-                      reference_dtype="float32", flash_attention=sdpa, **extra)
-    return build_models(cfg, seed=0)[0]
-
-
 def test_moedpo_loads_sdpa_as_block_attention_and_batch_logps_uses_it(monkeypatch):
-    policy, eager = tiny(), tiny(sdpa=False)
+    policy, eager = tiny_policy(), tiny_policy(sdpa=False)
     assert policy.config._attn_implementation == block_attention.NAME
     assert eager.config._attn_implementation == "eager"
     calls = []
@@ -120,7 +112,7 @@ def test_gradients_under_activation_checkpointing_equal_without():
     batch = collate_shared(pairs, pad_id=0, max_tokens=10_000)
     grads = []
     for checkpointed in (False, True):
-        policy = tiny()
+        policy = tiny_policy()
         policy.train()
         if checkpointed:
             checkpoint_decoder_layers(policy)
@@ -136,10 +128,10 @@ def test_bf16_blocks_are_as_close_to_float64_as_the_dense_mask():
     """In a bf16 policy the per-pair products round no worse than the dense masked one."""
     pairs = random_pairs(8, seed=5)
     batch = collate_shared(pairs, pad_id=0, max_tokens=10_000)
-    reference, _ = batch_logps(tiny().double(), batch, -100)
+    reference, _ = batch_logps(tiny_policy().double(), batch, -100)
     errors = {}
     for name, sdpa in (("blocks", True), ("dense", False)):
-        model = tiny(sdpa).to(torch.bfloat16)
+        model = tiny_policy(sdpa).to(torch.bfloat16)
         with torch.no_grad():
             logps, _ = batch_logps(model, batch, -100)
         errors[name] = (logps.logps.double() - reference.logps).abs().max().item()
