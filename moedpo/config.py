@@ -173,6 +173,10 @@ class DataConfig:
     # null: the whole micro-batch in one row where attention runs per pair, else
     # 2 x max_length (a dense mask's cost grows with the square of the row).
     max_tokens_per_row: int | None = None
+    # Cut each rank's pairs of a step into forwards of at most this many tokens (as laid
+    # out) instead of per_device_train_batch_size pairs each; the step's pairs and its
+    # mean-over-pairs loss stay the same (data/micro_batches.py). null: by count.
+    tokens_per_batch: int | None = None
     # The tokenizer's BOS at the start of each prompt. auto: where the tokenizer adds it by
     # default (Llama, Mistral, Mixtral), as TRL and the model's pretraining do.
     add_bos: str = "auto"

@@ -24,9 +24,11 @@ from omegaconf import OmegaConf
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
-from .config import DPOConfig
+from .config import ConfigError, DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
 from .data.collate import HOST_KEYS
+from .data.micro_batches import micro_batches, row_tokens
+from .data.micro_batches import weights as micro_weights
 from .evaluate import (
     batch_loss,
     evaluate,
@@ -153,8 +155,14 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                       backend.total_devices)
     check_rows_fit_losses(cfg, data.unpaired)
     shared = use_shared_prompt(cfg, padded_length(cfg, backend) is not None, policy)
-    to_batch = batch_maker(cfg, tokenizer, backend, shared,
-                           packing_budget(cfg, shared, policy))
+    max_tokens = packing_budget(cfg, shared, policy)
+    if cfg.data.tokens_per_batch and padded_length(cfg, backend) is not None:
+        raise ConfigError("data.tokens_per_batch cuts steps into forwards of varying pair "
+                          "counts, one compiled graph each under static shapes (on by default "
+                          "on XLA); set data.static_shapes=false or data.tokens_per_batch=null")
+    to_batch = batch_maker(cfg, tokenizer, backend, shared, max_tokens)
+    cut = partial(micro_batches, budget=cfg.data.tokens_per_batch, cost=row_tokens(shared),
+                  packed=max_tokens > 0)
     # One forward's pairs: SPMD splits one batch over all devices of the mesh.
     micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
@@ -270,18 +278,17 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             lr = scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
             outputs, totals = [], None
-            # this rank's share of each micro-batch of the step
-            chunks = [pairs[start + backend.rank * micro:][:micro]
-                      for start in range(0, step_size, micro * world)]
+            # this rank's share of the step, cut by count or by tokens (data.tokens_per_batch)
+            chunks = cut(pairs, backend.rank, world, micro)
             batches = [to_batch(chunk) for chunk in chunks]
             if pooled_routing:  # the step's expert loads, before the first backward
                 with computing():
                     totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
-            for chunk, batch in zip(chunks, batches, strict=True):
+            for chunk, batch, weight in zip(chunks, batches, micro_weights(chunks), strict=True):
                 with computing():
                     out = batch_loss(policy, reference, batch, cfg, shift,
                                      backend.sum_over_ranks, router_totals=totals)
-                    (out.loss / cfg.gradient_accumulation_steps).backward()
+                    (out.loss * weight).backward()  # the step's loss: a mean over its pairs
                 outputs.append(out)
                 window.tokens += sum(p.n_tokens for p in chunk)
             norm = clip_grad_norm(params, clip)  # global norm
@@ -302,6 +309,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                 for out in outputs:
                     window.add_output(out)
                 window.add_scalars({"grad_norm": grad_norm, "lr": lr})
+                if cfg.data.tokens_per_batch:  # how many forwards the budget made
+                    window.add_scalars({"forwards": len(chunks)})
             else:  # skip the update, keep the schedule in step
                 check_nonfinite(nonfinite, step, step_loss, grad_norm, cfg)
             with warnings.catch_warnings():  # torch warns when a skipped update precedes it

@@ -230,6 +230,15 @@ def validate(cfg: DPOConfig) -> None:
            f"data.packing={cfg.data.packing}: use auto, true or false")
     _check(packing != "true" or share != "false",
            "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
+    _check(cfg.data.tokens_per_batch is None or cfg.data.tokens_per_batch > 0,
+           f"data.tokens_per_batch={cfg.data.tokens_per_batch}: must be > 0, or null (forwards "
+           "of per_device_train_batch_size pairs)")
+    static = (cfg.data.static_shapes if cfg.data.static_shapes is not None
+              else cfg.parallel.backend == "xla")
+    _check(cfg.data.tokens_per_batch is None or not static,
+           "data.tokens_per_batch cuts steps into forwards of varying pair counts, one compiled "
+           "graph each under static shapes; set data.static_shapes=false or "
+           "data.tokens_per_batch=null")
     _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
            f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "
            f"({cfg.max_length}), or null (2 x max_length)")

@@ -13,6 +13,7 @@ from conftest import (
     assert_same_update,
     final_weights,
     run_ok,
+    train_rows,
     wait_for,
     write_tiny_deepseek,
     write_unpaired,
@@ -65,6 +66,22 @@ def test_packed_shared_prompt_rows_on_two_ranks_equal_one_process(tmp_path):
     run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
     run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+
+
+def test_token_budget_on_two_ranks_equals_one_process_by_count(tmp_path):
+    """data.tokens_per_batch on 2 ranks: each rank cuts its 4 pairs by a 150-token budget
+    (ranks whose pairs fit in fewer forwards split one, so both run as many); the run equals
+    one process taking its 8 pairs in one forward (router losses off: they are per forward)."""
+    args = [*(a for a in COMMON if not a.startswith("data.static_shapes")),
+            "model.router_aux_loss_coef=0", "model.router_z_loss_coef=0",
+            f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=8", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=4", "data.tokens_per_batch=150",
+                    "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5,
+                    ignore=("aux_loss", "z_loss"))
+    assert min(r["train/forwards"] for r in train_rows(tmp_path / "two")
+               if "train/forwards" in r) > 1
 
 
 @pytest.mark.parametrize("loss", ["kto", "bco"])
