@@ -239,6 +239,11 @@ def validate(cfg: DPOConfig) -> None:
            "data.tokens_per_batch cuts steps into forwards of varying pair counts, one compiled "
            "graph each under static shapes; set data.static_shapes=false or "
            "data.tokens_per_batch=null")
+    _check(cfg.data.tokens_per_batch is None or m.router_aux_loss_scope != "global_batch",
+           "data.tokens_per_batch with model.router_aux_loss_scope=global_batch: the pooled "
+           "loss splits its gradient evenly over a step's forwards, which token budgets make "
+           "uneven; use router_aux_loss_scope=micro_batch or sequence, or "
+           "data.tokens_per_batch=null")
     _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
            f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "
            f"({cfg.max_length}), or null (2 x max_length)")

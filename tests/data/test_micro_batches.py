@@ -93,5 +93,8 @@ def test_tokens_per_batch_refused_with_static_shapes(make_cfg):
 
     with pytest.raises(ConfigError, match="data.tokens_per_batch cuts steps"):
         validate(make_cfg("data.tokens_per_batch=512", "data.static_shapes=true"))
+    with pytest.raises(ConfigError, match="router_aux_loss_scope=global_batch: the pooled"):
+        validate(make_cfg("data.tokens_per_batch=512",
+                          "model.router_aux_loss_scope=global_batch"))
     with pytest.raises(ConfigError, match="data.tokens_per_batch=0: must be > 0"):
         validate(make_cfg("data.tokens_per_batch=0"))
