@@ -144,7 +144,7 @@ def test_router_jitter_is_off_so_the_policy_starts_as_the_reference(tmp_path):
 
 
 @pytest.mark.parametrize("settings, expected", [
-    (dict(**TINY), "sdpa"),  # auto: sdpa where the class has it
+    (dict(**TINY), "moedpo_sdpa"),  # auto: sdpa where the class has it (per pair on shared rows)
     (dict(config_path="tiny-gpt-oss.json"), "eager"),  # gpt-oss's sinks: no sdpa
     (dict(**TINY, flash_attention=False), "eager"),  # the seed's alias
     (dict(**TINY, attn_implementation="eager"), "eager"),
