@@ -120,8 +120,9 @@ def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
     """Why one row per pair (shared prompt) would not give the same result here; None when
     it does."""
     m = cfg.model
-    if static_shapes:
-        return "static shapes (rows padded to a fixed length)"
+    if static_shapes and str(cfg.data.packing).lower() != "true":
+        return ("static shapes (rows padded to a fixed length; data.packing=true bin-packs "
+                "shared rows into them)")
     if m.capacity_factor > 0 or m.moe_implementation == "dropped":
         return "the dropped MoE (its capacity is per sequence)"
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -149,12 +150,15 @@ def use_shared_prompt(cfg: DPOConfig, static_shapes: bool, model: torch.nn.Modul
     return False
 
 
-def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module) -> int:
+def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module,
+                   static: bool = False) -> int:
     """data.packing resolved for this run: the most tokens a row takes (0: one pair per row).
     auto packs wherever attention runs per pair (models.block_attention), where a row's
     length costs nothing: the whole micro-batch then goes in one row unless
     data.max_tokens_per_row says otherwise. Under a dense mask a packed row costs attention
-    over all of it (it lost on long prompts), so auto leaves packing off there."""
+    over all of it (it lost on long prompts), so auto leaves packing off there. With `static`
+    shapes (only data.packing=true gets here) rows are exactly the budget long: bin packing
+    into fixed rows, data.max_tokens_per_row or 2 x max_length (a pair's block fits)."""
     setting, d = str(cfg.data.packing).lower(), cfg.data
     if setting == "false":
         return 0
@@ -164,6 +168,8 @@ def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module) -> int:
                               "this run (see the line above, or data.share_prompt=false); set "
                               "data.packing=false")
         return 0
+    if static:
+        return d.max_tokens_per_row or 2 * cfg.max_length
     window, _ = sliding_window(model.config)
     per_pair = block_attention.uses_blocks(model) and (window is None or window >= cfg.max_length)
     if setting == "auto" and not per_pair:

@@ -103,11 +103,16 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend, shared: bool = Fals
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
     pad_to = padded_length(cfg, backend)
-    to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha)
+    if shared and pad_to is not None:  # static shapes: bin packing into rows of max_tokens
+        pad_to = max_tokens
+    to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha,
+                       row_multiple=backend.devices if pad_to is not None else 1)
                if shared else partial(collate, ld_alpha=cfg.loss.ld_alpha))
 
     def make(pairs: list) -> dict[str, torch.Tensor]:
         batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
+        if backend.kind == "xla":  # eager attention: the dense mask, no per-pair layout
+            batch.pop("blocks", None)
         batch = {k: v if k in HOST_KEYS else v.to(backend.device, non_blocking=True)
                  for k, v in batch.items()}
         return spmd.shard_batch(batch, backend.mesh) if backend.kind == "xla" else batch
@@ -154,9 +159,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
                       backend.total_devices)
     check_rows_fit_losses(cfg, data.unpaired)
-    shared = use_shared_prompt(cfg, padded_length(cfg, backend) is not None, policy)
-    max_tokens = packing_budget(cfg, shared, policy)
-    if cfg.data.tokens_per_batch and padded_length(cfg, backend) is not None:
+    static = padded_length(cfg, backend) is not None
+    shared = use_shared_prompt(cfg, static, policy)
+    max_tokens = packing_budget(cfg, shared, policy, static)
+    if cfg.data.tokens_per_batch and static:
         raise ConfigError("data.tokens_per_batch cuts steps into forwards of varying pair "
                           "counts, one compiled graph each under static shapes (on by default "
                           "on XLA); set data.static_shapes=false or data.tokens_per_batch=null")

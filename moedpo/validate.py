@@ -246,10 +246,16 @@ def validate(cfg: DPOConfig) -> None:
            "data.tokens_per_batch=null")
     _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
            f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "
-           f"({cfg.max_length}), or null (2 x max_length)")
-    _check(not (share == "true" and cfg.data.static_shapes),
+           f"({cfg.max_length}), or null (see README: data.max_tokens_per_row)")
+    _check(not (share == "true" and cfg.data.static_shapes) or packing == "true",
            "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
-           "responses long); set data.static_shapes=false")
+           "responses long) or data.packing=true (bin packing into fixed rows); set "
+           "data.static_shapes=false")
+    _check(not (packing == "true" and static) or cfg.data.max_tokens_per_row is None
+           or cfg.data.max_tokens_per_row >= 2 * cfg.max_length,
+           f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: with static shapes every "
+           f"row is that long and must hold any pair's block (up to 2 x max_length = "
+           f"{2 * cfg.max_length} tokens); raise it or set it to null")
     _check(m.logps_chunk_size >= 0,
            f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):

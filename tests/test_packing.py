@@ -112,3 +112,21 @@ def test_default_batches_are_one_packed_row(make_cfg):
     batch = to_batch(random_pairs(4, seed=0))
     assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()
     assert batch["blocks"].device.type == "cpu" and attention_blocks(policy, batch) is not None
+
+
+def test_static_shapes_bin_pack_into_fixed_rows(make_cfg, tmp_path):
+    """data.packing=true under static shapes: shared-prompt blocks bin-packed into rows of
+    exactly 2 x max_length tokens, the row count rounded up to a multiple of the devices;
+    the run equals the plain static layout (what XLA runs without packing)."""
+    from moedpo.train import run
+
+    common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true", "max_length=64",
+              "max_prompt_length=32", "data.static_shapes=true",
+              "model.moe_implementation=dense", "model.router_aux_loss_coef=0.05"]
+    run(make_cfg(*common, "exp_name=plain"))
+    run(make_cfg(*common, "exp_name=packed", "data.packing=true"))
+    assert_same_run(tmp_path / "plain", tmp_path / "packed", atol=1e-5, rel=1e-4)
+    batch = collate_shared(random_pairs(5, seed=1), pad_id=0, pad_to=128, max_tokens=128,
+                           row_multiple=4)
+    assert batch["input_ids"].shape == (4, 128)
+    assert (batch["segments"][-1] == 3).all()  # a row of padding only

@@ -110,7 +110,8 @@ def pack_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -100,
                    pad_to: PadTo = None, max_tokens: int = 0,
-                   ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
+                   ld_alpha: float | None = None,
+                   row_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Rows of shared-prompt blocks `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`,
     one pair per row, or with `max_tokens` (data.packing) as many as fit in that many tokens.
     Each token keeps the position id it has in its own unshared sequence; `segments` and
@@ -120,13 +121,15 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
     first token is predicted from its own copy of the last prompt token, so every position
     predicts at most one label, and the log-probs equal the unshared ones. `blocks` [pairs, 5]
     (row, start, and the three segments' lengths of each pair) is the same layout for the
-    attention (models.block_attention); it stays on the host (HOST_KEYS)."""
+    attention (models.block_attention); it stays on the host (HOST_KEYS). `row_multiple`:
+    rows of padding added until their number is a multiple of it (static shapes: rows are
+    split over the devices, and each row count is one compiled graph)."""
     blocks = [_block(p) for p in pairs]
     layout = torch.zeros(len(pairs), 5, dtype=torch.long)
     rows = pack_rows([sum(len(t) for _, t in b) for b in blocks], max_tokens)
     length = _padded_length(max(sum(len(t) for i in row for _, t in blocks[i]) for row in rows),
                             pad_to)
-    shape = (len(rows), length)
+    shape = (-(-len(rows) // row_multiple) * row_multiple, length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, label_pad, dtype=torch.long)
     segments = torch.full(shape, SEGMENT_PAD, dtype=torch.long)

@@ -156,3 +156,32 @@ def test_bf16_policy_on_spmd_trains_float32_masters(tmp_path):
     run_xla(*args, "per_device_train_batch_size=2", "per_device_eval_batch_size=2",
             "exp_name=xla")
     assert_same_update(tmp_path / "cpu", tmp_path / "xla")
+
+
+def test_bin_packing_equals_cpu_and_compiles_per_row_count(tmp_path):
+    """data.packing=true under SPMD: each global micro-batch's shared-prompt blocks are
+    bin-packed into rows of exactly 2 x max_length tokens, the row count rounded up to a
+    multiple of the 4 devices; one step graph per row count, and the run equals the CPU
+    trainer on the plain static layout."""
+    from moedpo.data import collate_shared
+
+    args = [*COMMON, "max_steps=8", "do_first_eval=false", "eval_frequency=1000",
+            "model.moe_implementation=dense", f"output_dir={tmp_path}"]
+    run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "data.static_shapes=true",
+            "per_device_train_batch_size=8", "per_device_eval_batch_size=8", "exp_name=cpu"])
+    run_xla(*args, "data.packing=true", "per_device_train_batch_size=2",
+            "per_device_eval_batch_size=2", "exp_name=xla")
+    assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
+
+    cfg = compose_cfg(*args, "per_device_train_batch_size=2")
+    data = build_data(cfg, load_tokenizer(cfg.model), 10**6, DEVICES)
+    stream = train_indices(len(data.train), 2 * DEVICES, cfg.seed, cfg.shuffle)
+    rows = [collate_shared([data.train[i] for i in next(stream)], 0, -100, 128, 128,
+                           row_multiple=DEVICES)["input_ids"].shape for _ in range(8)]
+    assert all(r[1] == 128 for r in rows) and max(r[0] for r in rows) < 2 * 8  # < plain's 16
+    graphs = [len({(rows[0][0], False)} | {(r[0], True) for r in rows[1:step + 1]})
+              for step in range(8)]
+    lines = (tmp_path / "xla/metrics.jsonl").read_text().splitlines()
+    compiles = [json.loads(x)["train/xla_compiles"] for x in lines if '"train/' in x]
+    assert [n - compiles[0] for n in compiles] == [n - graphs[0] for n in graphs], \
+        (rows, compiles)
