@@ -1,7 +1,9 @@
 """Where the default training step's time goes: torch.profiler over optimizer steps of the
 benchmark's Mixtral (`--size tiny|small`, benchmarks/throughput.py) on the demo pairs with
 moedpo's defaults (shared prompt on, live reference, AdamW, fp32, one process), reporting the
-share of CPU time in matmul kernels and the top operators by self time.
+share of CPU time in matmul kernels, the MFU of the matmuls actually run (the profiler's FLOP
+count over the unprofiled wall time, against a matmul peak timed on the spot) and the top
+operators by self time.
 
     python benchmarks/profile_step.py --size small   # -> benchmarks/results/profile_step.json
 """
@@ -12,12 +14,19 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import build_model, demo_pairs, long_pairs, write_pairs  # noqa: E402
+from throughput import (  # noqa: E402
+    build_model,
+    demo_pairs,
+    long_pairs,
+    matmul_peak,
+    write_pairs,
+)
 
 # Kernels that are matrix products (the useful work of a transformer step).
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm",
@@ -78,21 +87,34 @@ def main() -> None:
             optimizer.step()
 
         step(0)  # warm-up
+        # Wall time without the profiler's overhead, then the same steps' operators under it.
+        started = time.perf_counter()
+        for i in range(1, args.steps + 1):
+            step(i)
+        wall = (time.perf_counter() - started) / args.steps
         activities = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, with_flops=True) as prof:
             for i in range(1, args.steps + 1):
                 step(i)
+        peak = matmul_peak("cpu", "float32")
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    # FLOPs of the matrix products actually run (the profiler counts mm/addmm/bmm; attention
+    # kernels are not counted, so this is a lower bound), against the timed matmul peak.
+    flops = sum(e.flops for e in events if e.key in MATMULS) / args.steps
+    mfu = flops / wall / (peak * 1e9)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / args.steps,
              "share": e.self_cpu_time_total / total, "calls": e.count // args.steps}
             for e in top]
+    lines_mfu = (f"step {wall * 1e3:.0f} ms wall (unprofiled), {flops / 1e9:.1f} GFLOP of "
+                 f"matmuls actually run per step, matmul peak {peak:.0f} GFLOP/s: MFU "
+                 f"{100 * mfu:.0f}% (attention kernels not counted)")
     setting = " ".join(args.set) or "defaults (shared prompt)"
     lines = [f"{args.size} model, {args.data} pairs, batch {args.batch}, {setting}, per step: "
              f"{total / 1e3 / args.steps:.0f} ms CPU self time, {100 * matmul / total:.0f}% "
-             "in matmul kernels", "", "| op | self ms/step | share | calls/step |",
+             "in matmul kernels", lines_mfu, "", "| op | self ms/step | share | calls/step |",
              "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r['op']} | {r['self_ms']:.1f} | {100 * r['share']:.1f}% | {r['calls']} |"
               for r in rows]
@@ -101,7 +123,9 @@ def main() -> None:
     args.out.write_text(json.dumps({"size": args.size, "data": args.data, "set": args.set,
                                     "batch": args.batch,
                                     "matmul_share": matmul / total,
-                                    "step_cpu_ms": total / 1e3 / args.steps, "top": rows},
+                                    "step_cpu_ms": total / 1e3 / args.steps,
+                                    "step_wall_ms": wall * 1e3, "matmul_gflop": flops / 1e9,
+                                    "peak_gflops": peak, "mfu_matmuls_run": mfu, "top": rows},
                                    indent=2) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
