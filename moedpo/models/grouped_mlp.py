@@ -84,8 +84,8 @@ class RoutedExpertMLP(torch.autograd.Function):
         grad_first_a, grad_first_b, grad_down_a, grad_down_b = grads[4:]
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
         for grad in grads:
-            if grad is not None and idle:
-                grad[idle] = 0
+            for e in idle if grad is not None else ():
+                grad[e].zero_()  # a memset; `grad[idle] = 0` is an element-wise index_put
         per_expert = 1 + (first_a is not None) + (down_a is not None)
         for i, (e, rows) in enumerate(_expert_rows(ctx.counts)):
             gate_up, *low = kept[i * per_expert:(i + 1) * per_expert]
