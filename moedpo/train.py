@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from .evaluate import (
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
-from .models import lora
+from .models import block_attention, lora
 from .models.balance import update_correction_biases
 from .models.precision import compute_copies, policy_compute_dtype
 from .optim import (
@@ -119,6 +120,26 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend, shared: bool = Fals
     return make
 
 
+def row_layout(shared: bool, max_tokens: int, static: bool, policy: torch.nn.Module,
+               cfg: DPOConfig) -> str:
+    """One line on how pairs become rows and how attention runs over them."""
+    if not shared:
+        layout = "two per pair (chosen, rejected), prompt in both"
+    elif not max_tokens:
+        layout = "one per pair, prompt shared"
+    elif max_tokens >= sys.maxsize:
+        layout = "prompts shared, each micro-batch packed into one row"
+    else:
+        layout = (f"prompts shared, pairs packed into rows of {'exactly' if static else 'up to'} "
+                  f"{max_tokens} tokens")
+    attention = getattr(policy.config, "_attn_implementation", None) or "eager"
+    if shared and block_attention.uses_blocks(policy):
+        attention += ", per pair"
+    budget = (f"; forwards of at most {cfg.data.tokens_per_batch} tokens"
+              if cfg.data.tokens_per_batch else "")
+    return f"{layout}; attention {attention}{budget}"
+
+
 def reward_shift(cfg: DPOConfig, backend: Backend) -> RewardShift | None:
     """BCO's running reward mean, averaged over ranks (one scalar a micro-batch)."""
     if "bco" not in loss_names(cfg.loss.name):
@@ -174,6 +195,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
     n_steps = total_steps(cfg, len(data.train), step_size)
     log_startup(cfg, policy, data, n_steps, backend, run_dir)
+    log.info("rows: %s", row_layout(shared, max_tokens, static, policy, cfg))
     if cfg.reference.precompute:  # from here on the reference lives in the data
         bar = partial(batch_bar, desc="reference", enabled=backend.is_main and interactive())
         data = reference_lib.precompute(cfg, data, reference, to_batch,

@@ -130,3 +130,20 @@ def test_static_shapes_bin_pack_into_fixed_rows(make_cfg, tmp_path):
                            row_multiple=4)
     assert batch["input_ids"].shape == (4, 128)
     assert (batch["segments"][-1] == 3).all()  # a row of padding only
+
+
+@pytest.mark.parametrize(("overrides", "line"), [
+    ([], "rows: prompts shared, each micro-batch packed into one row; attention moedpo_sdpa, "
+         "per pair"),
+    (["model.attn_implementation=eager"], "rows: one per pair, prompt shared; attention eager"),
+    (["data.share_prompt=false", "data.tokens_per_batch=400"],
+     "rows: two per pair (chosen, rejected), prompt in both; attention moedpo_sdpa; forwards "
+     "of at most 400 tokens"),
+])
+def test_startup_names_the_row_layout(make_cfg, caplog, overrides, line):
+    from moedpo.train import run
+
+    with caplog.at_level("INFO", logger="moedpo"):
+        run(make_cfg(*tiny_train_overrides(), "max_steps=1", "do_first_eval=false",
+                     *overrides))
+    assert line in caplog.text
