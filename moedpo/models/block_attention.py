@@ -90,6 +90,13 @@ def block_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if blocks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    # Terms SDPA would add to the scores (attention sinks, soft-capping, position biases):
+    # the per-pair products know none of them, so refuse rather than drop one silently.
+    extra = [k for k in ("s_aux", "softcap", "position_bias") if kwargs.get(k) is not None]
+    if extra:
+        raise ValueError(f"{NAME}: {type(module).__name__} passes {', '.join(extra)} to its "
+                         "attention, which the per-pair path does not apply; set "
+                         "model.attn_implementation=eager")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)

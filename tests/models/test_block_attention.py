@@ -136,3 +136,12 @@ def test_bf16_blocks_are_as_close_to_float64_as_the_dense_mask():
             logps, _ = batch_logps(model, batch, -100)
         errors[name] = (logps.logps.double() - reference.logps).abs().max().item()
     assert errors["blocks"] <= 2 * errors["dense"] + 1e-2, errors
+
+
+def test_score_terms_the_blocks_cannot_apply_are_refused():
+    q = torch.zeros(1, 1, 3, 2)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="passes s_aux to its attention"):
+        block_attention.block_attention_forward(module, q, q, q, None,
+                                                moedpo_blocks=[(0, 0, 1, 1, 1)],
+                                                s_aux=torch.zeros(1))
