@@ -60,6 +60,8 @@ def main() -> None:
 
     register_schema()
     with tempfile.TemporaryDirectory() as tmp:
+        # First, as in a run: the backend sets the host allocator up before any large tensor.
+        backend = init_backend("cpu", 1, None, False)
         build_model(args.size, Path(tmp) / "model")
         max_length = 1024 if args.data == "long" else 256
         write_pairs(Path(tmp) / "data", long_pairs() if args.data == "long" else demo_pairs())
@@ -72,7 +74,6 @@ def main() -> None:
                      *args.set]
         with initialize_config_module("moedpo.conf", version_base=None):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-        backend = init_backend("cpu", 1, None, False)
         tokenizer, policy, reference = load_models(cfg, backend)
         data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
         shared = use_shared_prompt(cfg, False, policy)

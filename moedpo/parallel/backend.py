@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .host_memory import keep_freed_host_memory
+from .host_memory import huge_pages_for_large_tensors, keep_freed_host_memory
 
 log = logging.getLogger("moedpo")
 BACKENDS = ("auto", "cpu", "cuda", "xla")
@@ -152,6 +152,7 @@ def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
     else:
         device = torch.device("cpu")
         keep_freed_host_memory()  # activations and gradients live in host memory
+        huge_pages_for_large_tensors()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return Backend(kind, device, rank, world, local_rank)

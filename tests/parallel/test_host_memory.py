@@ -73,3 +73,41 @@ def test_user_malloc_settings_win():
     applied, grown, free_bytes = second_step(
         "keep", "dynamic", MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == "False" and free_bytes < 16 * MB and grown > 90 * MB
+
+
+THP_PROBE = """
+import sys, torch
+from moedpo.parallel.host_memory import huge_pages_for_large_tensors
+applied = huge_pages_for_large_tensors() if sys.argv[1] == "on" else None
+x = torch.ones(32 << 20)  # 128 MB, as an MoE layer's expert gradients
+address, eligible, inside = x.data_ptr(), None, False
+for line in open("/proc/self/smaps"):
+    first = line.split()[0]
+    if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
+        start, end = (int(v, 16) for v in first.split("-"))
+        inside = start <= address < end
+    elif inside and first == "THPeligible:":
+        eligible = line.split()[1]
+print(applied, eligible)
+"""
+
+
+def thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="the kernel's THP mode is not madvise")
+@pytest.mark.parametrize(("mode", "env", "expected"), [
+    ("on", {}, ["True", "1"]),  # madvised: eligible for huge pages
+    ("off", {}, ["None", "0"]),  # the allocator's default: 4 KB pages
+    ("on", {"THP_MEM_ALLOC_ENABLE": "0"}, ["False", "0"]),  # the user's setting wins
+])
+def test_large_tensors_ask_for_huge_pages(mode, env, expected):
+    clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", THP_PROBE, mode], capture_output=True,
+                         text=True, check=True, env={**clean, **env}).stdout.split()
+    assert out == expected
