@@ -23,6 +23,7 @@ from .config import (
     resolve_model_json,
     resolve_optimizer,
 )
+from .data.checks import check_rows
 from .data.sources import is_hub_id
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
@@ -211,51 +212,7 @@ def validate(cfg: DPOConfig) -> None:
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
-    share = str(cfg.data.share_prompt).lower()
-    _check(share in ("auto", "true", "false"),
-           f"data.share_prompt={cfg.data.share_prompt}: use auto, true or false")
-    _check(share != "true" or (m.capacity_factor == 0 and m.moe_implementation
-                                         in ("auto", "dropless", "dense", "hf", "hf_eager")),
-           "data.share_prompt=true puts both responses in one row, which changes what the "
-           "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
-           "or data.share_prompt=false")
-    _check(str(cfg.data.add_bos).lower() in ("auto", "true", "false"),
-           f"data.add_bos={cfg.data.add_bos}: use auto, true or false")
-    buckets = cfg.data.length_buckets or []
-    _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
-           f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
-           f"({cfg.max_length}), e.g. [128,256]")
-    packing = str(cfg.data.packing).lower()
-    _check(packing in ("auto", "true", "false"),
-           f"data.packing={cfg.data.packing}: use auto, true or false")
-    _check(packing != "true" or share != "false",
-           "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
-    _check(cfg.data.tokens_per_batch is None or cfg.data.tokens_per_batch > 0,
-           f"data.tokens_per_batch={cfg.data.tokens_per_batch}: must be > 0, or null (forwards "
-           "of per_device_train_batch_size pairs)")
-    static = (cfg.data.static_shapes if cfg.data.static_shapes is not None
-              else cfg.parallel.backend == "xla")
-    _check(cfg.data.tokens_per_batch is None or not static,
-           "data.tokens_per_batch cuts steps into forwards of varying pair counts, one compiled "
-           "graph each under static shapes; set data.static_shapes=false or "
-           "data.tokens_per_batch=null")
-    _check(cfg.data.tokens_per_batch is None or m.router_aux_loss_scope != "global_batch",
-           "data.tokens_per_batch with model.router_aux_loss_scope=global_batch: the pooled "
-           "loss splits its gradient evenly over a step's forwards, which token budgets make "
-           "uneven; use router_aux_loss_scope=micro_batch or sequence, or "
-           "data.tokens_per_batch=null")
-    _check(cfg.data.max_tokens_per_row is None or cfg.data.max_tokens_per_row >= cfg.max_length,
-           f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: must be >= max_length "
-           f"({cfg.max_length}), or null (see README: data.max_tokens_per_row)")
-    _check(not (share == "true" and cfg.data.static_shapes) or packing == "true",
-           "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
-           "responses long) or data.packing=true (bin packing into fixed rows); set "
-           "data.static_shapes=false")
-    _check(not (packing == "true" and static) or cfg.data.max_tokens_per_row is None
-           or cfg.data.max_tokens_per_row >= 2 * cfg.max_length,
-           f"data.max_tokens_per_row={cfg.data.max_tokens_per_row}: with static shapes every "
-           f"row is that long and must hold any pair's block (up to 2 x max_length = "
-           f"{2 * cfg.max_length} tokens); raise it or set it to null")
+    check_rows(cfg)
     _check(m.logps_chunk_size >= 0,
            f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
