@@ -80,6 +80,10 @@ class ModelConfig:
     # The seed's switch, kept as an alias: false = eager attention (with attn_implementation
     # auto).
     flash_attention: bool = True
+    # Let transformers swap layers for kernels from the Hugging Face Hub (its `kernels`
+    # package; on by default in from_pretrained since transformers 5.25). Off: moedpo's own
+    # experts, attention and precision code run as built. Refused on XLA. README "Attention".
+    hub_kernels: bool = False
     capacity_factor: float = 0.0
     # auto: dropped when capacity_factor > 0, else dropless. README "MoE implementations".
     moe_implementation: str = "auto"

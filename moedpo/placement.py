@@ -14,7 +14,14 @@ from .checkpoint import restore_weights
 from .config import ConfigError, DPOConfig
 from .losses import loss_names, needs_reference
 from .models import lora
-from .models.load import build_models, check_vocab, initial_model, load_tokenizer, materialize
+from .models.load import (
+    build_models,
+    check_hub_kernels,
+    check_vocab,
+    initial_model,
+    load_tokenizer,
+    materialize,
+)
 from .parallel import expert, fsdp, spmd
 from .parallel.backend import Backend
 from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
@@ -75,6 +82,9 @@ def load_models(cfg: DPOConfig, backend: Backend):
     policy, reference = place_models(cfg, backend, policy, reference)
     if meta:
         load_sharded_weights(cfg, backend, models)
+    for model in (policy, reference):  # placed on the device as they will train
+        if model is not None and not isinstance(model, lora.AdaptersOff):
+            check_hub_kernels(model, cfg.model.hub_kernels)
     return tokenizer, policy, reference
 
 

@@ -27,6 +27,7 @@ from .data.checks import check_rows
 from .data.sources import is_hub_id
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
+from .parallel.backend import choose_kind
 
 
 def _check(ok: bool, message: str) -> None:
@@ -162,6 +163,9 @@ def validate(cfg: DPOConfig) -> None:
     _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
            f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
     check_expert_parallel(cfg)
+    _check(not (cfg.model.hub_kernels and choose_kind(cfg.parallel.backend) == "xla"),
+           "model.hub_kernels=true: the Hub's kernels package has no XLA kernels (transformers "
+           "would fail at the first train()/eval()); set model.hub_kernels=false on TPUs")
     _check(cfg.max_consecutive_nonfinite >= 1,
            f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
     _check(cfg.checkpoint.save_frequency >= 0,

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -161,12 +162,44 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
         dtype = DTYPES[cfg.policy_dtype]
         quantized = dict(quantization_config=lora.quantization(cfg), device_map="cpu")
     try:
+        # Hub kernels never come on by themselves (transformers 5.25 defaults use_kernels to
+        # true here): set_hub_kernels turns them on for pretrained and built models alike.
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype, revision=cfg.revision,
-            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **quantized)
+            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+            use_kernels=False, **quantized)
     except (OSError, ValueError) as err:
         raise _hub_error("model", cfg.name_or_path, err) from None
     return own_storage(model)
+
+
+def set_hub_kernels(model: torch.nn.Module, wanted: bool) -> None:
+    """`model.hub_kernels`: transformers' Hub kernels on (its `kernels` package swaps layers
+    for the device at each train()/eval()) or off, and the model's public `use_kernels` state
+    checked against it, so no release can turn them on under moedpo's own layers."""
+    if wanted and not getattr(model, "use_kernels", False):
+        if not hasattr(model, "set_use_kernels"):
+            raise ModelLoadError(f"model.hub_kernels=true: {type(model).__name__} cannot use "
+                                 "Hub kernels (this transformers has no set_use_kernels)")
+        try:
+            model.set_use_kernels(True)
+        except (ImportError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"model.hub_kernels=true: {first}; install the kernels "
+                                 "package (pip install kernels) or set model.hub_kernels=false"
+                                 ) from None
+    check_hub_kernels(model, wanted)
+
+
+def check_hub_kernels(model: torch.nn.Module, wanted: bool) -> None:
+    """A one-line error when the model's Hub-kernel state is not what model.hub_kernels says."""
+    state = bool(getattr(model, "use_kernels", False))
+    if state != wanted:
+        raise ModelLoadError(
+            f"model.hub_kernels={str(wanted).lower()} but transformers left Hub kernels "
+            f"{'on' if state else 'off'} on {type(model).__name__} (USE_HUB_KERNELS="
+            f"{os.environ.get('USE_HUB_KERNELS', 'unset')}); unset USE_HUB_KERNELS or set "
+            "model.hub_kernels to match")
 
 
 def own_storage(model: torch.nn.Module) -> torch.nn.Module:
@@ -193,6 +226,11 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding. Without
     `with_reference` (losses that read none) the reference is None: never copied."""
     model = initial_model(cfg, seed, for_xla, on_meta)
+    if cfg.hub_kernels and on_meta:
+        raise ConfigError("model.hub_kernels=true: Hub kernels are chosen for the device the "
+                          "weights are on, which meta init fills later; set "
+                          "model.meta_init=false")
+    set_hub_kernels(model, cfg.hub_kernels)
     if on_meta and getattr(model.config, "tie_word_embeddings", False):
         raise ModelLoadError(
             f"model.meta_init=true: {type(model).__name__} ties its input and output "

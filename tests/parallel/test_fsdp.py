@@ -195,6 +195,19 @@ def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
         assert_same_run(tmp_path / "one", seed_init, atol=1e-5)
 
 
+@pytest.mark.parametrize("meta", ["true", "false"])
+def test_pretrained_folder_on_two_ranks_equals_one_process(tmp_path, tiny_mixtral_dir, meta):
+    """Weights from a saved pretrained folder, as users load them: read shard by shard into
+    meta-built models, or through from_pretrained on each rank (where transformers 5.25 turns
+    Hub kernels on unless moedpo says otherwise); the same run as one process."""
+    args = [*COMMON, "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}",
+            f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, f"model.meta_init={meta}", "per_device_train_batch_size=2",
+                    "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+
+
 def test_two_rank_kill_and_resume(tmp_path):
     """With TR-DPO's hard sync every 2 steps: the sharded reference is the policy at each
     checkpoint, and a resumed run reads it back (or it would train against the old one)."""

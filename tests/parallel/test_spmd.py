@@ -128,11 +128,7 @@ def test_spmd_meta_init_reads_checkpoint_shards(tmp_path):
     """checkpoint_manager_path on XLA: built on the meta device, sharded while still empty,
     each shard read by torch_xla's planner; the same run as the CPU trainer from that file."""
     weights = tmp_path / "weights"
-    save = ("from moedpo.config import ModelConfig; from moedpo.models.load import build_models;"
-            " from moedpo.checkpoint import save_weights;"
-            " p, _ = build_models(ModelConfig(config_path='tiny-mixtral.json',"
-            f" policy_dtype='float32'), seed=5); save_weights(p, '{weights}')")
-    run_ok([XLA_PYTHON, "-c", save])  # written by the older torch: the CPU run reads it too
+    save_perturbed_dcp(weights)
     args = [*COMMON, "max_steps=3", "model.moe_implementation=dense",
             f"checkpoint_manager_path={weights}", f"output_dir={tmp_path}"]
     run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "data.static_shapes=true",
@@ -143,6 +139,52 @@ def test_spmd_meta_init_reads_checkpoint_shards(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(each process its shards)" in done.stdout + done.stderr
     assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
+
+
+SEED_TPU = ["parallel.backend=xla", "data.static_shapes=true", "max_steps=3"]
+
+
+def save_perturbed_dcp(folder) -> None:
+    """A DCP checkpoint of the tiny Mixtral with other weights (seed 5) than the pretrained
+    folder's, written by the XLA venv's older torch so both venvs read it."""
+    save = ("from moedpo.config import ModelConfig; from moedpo.models.load import build_models;"
+            " from moedpo.checkpoint import save_weights;"
+            " p, _ = build_models(ModelConfig(config_path='tiny-mixtral.json',"
+            f" policy_dtype='float32'), seed=5); save_weights(p, '{folder}')")
+    run_ok([XLA_PYTHON, "-c", save])
+
+
+@pytest.mark.parametrize("weights", ["pretrained", "pretrained+dcp"])
+def test_seed_tpu_command_on_a_pretrained_folder_equals_cpu(tiny_mixtral_dir, tmp_path, weights):
+    """The seed's TPU command as users run it: weights from a saved pretrained folder through
+    from_pretrained (or its config plus a DCP checkpoint_manager_path, read shard by shard),
+    with transformers' `kernels` package installed (5.25 turns Hub kernels on in
+    from_pretrained, and kernelizing for the 'xla' device raised at the first eval). 3 steps on
+    4 virtual devices equal the CPU trainer within 1e-4."""
+    run_ok([XLA_PYTHON, "-c", "import kernels, transformers; "
+            "assert transformers.__version__ >= '5.25', transformers.__version__"])
+    args = [*COMMON, *SEED_TPU, "model.config_path=null",
+            f"model.name_or_path={tiny_mixtral_dir}", f"output_dir={tmp_path}"]
+    if weights == "pretrained+dcp":
+        save_perturbed_dcp(tmp_path / "weights")
+        args.append(f"checkpoint_manager_path={tmp_path / 'weights'}")
+    run_ok([sys.executable, "run_dpo_no_trainer.py", *args, "parallel.backend=cpu",
+            "per_device_train_batch_size=8", "per_device_eval_batch_size=8", "exp_name=cpu"])
+    run_xla(*args, "per_device_train_batch_size=2", "per_device_eval_batch_size=2",
+            "exp_name=xla")
+    assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
+    rows = [json.loads(x) for x in (tmp_path / "xla/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [0, 1, 2]
+
+
+def test_hub_kernels_on_xla_is_one_line(tmp_path):
+    done = subprocess.run([XLA_PYTHON, "run_dpo_no_trainer.py", *COMMON, *SEED_TPU,
+                           "model.hub_kernels=true", f"output_dir={tmp_path}"],
+                          cwd=ROOT, env=xla_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "moedpo: error: model.hub_kernels=true: the Hub's kernels package has no XLA " \
+        "kernels" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_bf16_policy_on_spmd_trains_float32_masters(tmp_path):
