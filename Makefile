@@ -20,11 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/moedpo plot runs/demo
 
 test: $(STAMP)
+	$(PY) scripts/deps.py show --add kernels --add trl --add pytest
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own cached venv
-# (scripts/xla_env.sh builds it once, ~7 GB, ~3 min).
+# The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own venv, cached while
+# the requirements resolve to the same releases (scripts/xla_env.sh; ~7 GB, ~3 min to build).
 test-xla: $(STAMP)
 	MOEDPO_XLA_PYTHON="$$(bash scripts/xla_env.sh)" $(PY) -m pytest -q tests/parallel/test_spmd.py
 

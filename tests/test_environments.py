@@ -1,0 +1,81 @@
+"""The environments CI builds: one declared list (pyproject.toml), cached venvs keyed on what
+it resolves to today (scripts/deps.py, scripts/xla_env.sh), versions printed."""
+
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import deps  # noqa: E402
+
+
+def test_requirements_are_pyprojects_with_torch_swapped():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    reqs = deps.requirements(torch="torch==2.9.0", add=["torch-xla==2.9.0"])
+    assert reqs[-1] == "torch-xla==2.9.0"
+    assert [r for r in reqs if deps.project_name(r) == "torch"] == ["torch==2.9.0"]
+    # Every other declared requirement, peft included (the old hand-copied list lacked it).
+    assert [r for r in reqs[:-1] if deps.project_name(r) != "torch"] == \
+        [r for r in declared if deps.project_name(r) != "torch"]
+    assert "peft" in {deps.project_name(r) for r in reqs}
+
+
+def report(*packages: tuple[str, str]) -> dict:
+    return {"install": [{"metadata": {"name": n, "version": v}} for n, v in packages]}
+
+
+def test_pins_follow_what_pip_resolved_so_a_new_release_is_a_new_key():
+    today = deps.pins(report(("Transformers", "5.25.0"), ("torch", "2.9.0"),
+                             ("typing_extensions", "4.16.0")))
+    assert today == ["torch==2.9.0", "transformers==5.25.0", "typing-extensions==4.16.0"]
+    # Order of the report does not matter; a changed version does.
+    assert deps.pins(report(("typing_extensions", "4.16.0"), ("torch", "2.9.0"),
+                            ("transformers", "5.25.0"))) == today
+    assert deps.pins(report(("transformers", "5.26.0"), ("torch", "2.9.0"),
+                            ("typing_extensions", "4.16.0"))) != today
+
+
+def test_show_prints_each_direct_dependency_with_its_version():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/deps.py"), "show",
+                           "--add", "no-such-package-xyz"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    import transformers
+
+    assert f"transformers {transformers.__version__}" in done.stdout
+    assert "no-such-package-xyz not installed" in done.stdout
+
+
+def xla_env(tmp_path, **extra) -> subprocess.CompletedProcess:
+    # No package index at all: resolution fails at once, without a network.
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": "", **extra}
+    env.pop("MOEDPO_XLA_ENV", None)
+    return subprocess.run(["bash", str(ROOT / "scripts/xla_env.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_xla_env_offline_without_a_cache_says_so(tmp_path):
+    done = xla_env(tmp_path)
+    assert done.returncode == 1
+    assert "cannot resolve the requirements" in done.stderr
+    assert not (tmp_path / "moedpo").exists() or not list((tmp_path / "moedpo").iterdir())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="symlinked venv python")
+def test_xla_env_offline_reuses_the_newest_cached_venv_with_a_warning(tmp_path):
+    for name in ("xla-env-old", "xla-env-new"):
+        folder = tmp_path / "moedpo" / name
+        (folder / "bin").mkdir(parents=True)
+        (folder / "bin" / "python").symlink_to(sys.executable)
+        (folder / ".complete").touch()
+        os.utime(folder / ".complete", (1, 1) if name.endswith("old") else None)
+    done = xla_env(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "moedpo/xla-env-new/bin/python")
+    assert "WARNING: cannot resolve today's versions" in done.stderr
+    assert "dependencies (" in done.stderr and "transformers " in done.stderr
