@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from ..config import ASSETS_DIR, DTYPES, ConfigError, ModelConfig, resolve_model_json
 from . import block_attention, chunked_head, lora
 from .balance import correction_bias_routers
+from .families import deterministic_routing, without_train_noise
 from .moe import apply_moe_implementation
 from .precision import cast_parameters, storage_dtype
 from .router import freeze_routers
@@ -62,18 +63,6 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def _without_dropout(config: PretrainedConfig) -> PretrainedConfig:
-    # DPO compares log-probs of two models; dropout would add noise to both for no gain, and
-    # router jitter (Mixtral's router_jitter_noise, multiplicative noise on the router's
-    # input in train mode) noise to the policy alone: at step 0 it would differ from the
-    # reference.
-    for key, value in config.to_dict().items():
-        noise = "dropout" in key or key.endswith("_pdrop") or "jitter" in key
-        if isinstance(value, float) and noise:
-            setattr(config, key, 0.0)
-    return config
-
-
 def model_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.config_path:
         path = resolve_model_json(cfg.config_path)
@@ -89,7 +78,7 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise _hub_error("model config", cfg.name_or_path, err) from None
-    return _without_dropout(config)
+    return without_train_noise(config)
 
 
 # What each implementation needs of the model class (transformers' own flags).
@@ -231,6 +220,7 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                           "weights are on, which meta init fills later; set "
                           "model.meta_init=false")
     set_hub_kernels(model, cfg.hub_kernels)
+    deterministic_routing(model)
     if on_meta and getattr(model.config, "tie_word_embeddings", False):
         raise ModelLoadError(
             f"model.meta_init=true: {type(model).__name__} ties its input and output "

@@ -152,3 +152,53 @@ def test_bf16_experts_err_no_more_than_hugging_face(family):
         our_err = (ours(input_ids=ids).logits.float() - exact).abs().max()
     assert hf_err > 0
     assert our_err <= 1.5 * hf_err + 1e-3
+
+
+# Each family with train-mode noise set: moedpo turns off only the noise (models/load.py's
+# TRAIN_NOISE), never a setting the eval forward reads (PhiMoE's router_jitter_noise is its
+# sparsemixer's selection threshold).
+NOISY = {**{f: {} for f in FAMILIES},
+         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5),
+         "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3,
+                        input_jitter_noise=0.5)}
+
+
+@pytest.mark.parametrize("family", list(NOISY))
+def test_load_turns_off_train_noise_only_and_keeps_the_eval_forward(family, tmp_path):
+    import json
+
+    from moedpo.config import ModelConfig
+    from moedpo.models.families import SAMPLED_ROUTERS, TRAIN_NOISE
+    from moedpo.models.load import build_models
+
+    fields = {**COMMON, **FAMILIES.get(family, {}), **NOISY[family]}
+    config = AutoConfig.for_model(family, **fields)
+    for key in TRAIN_NOISE.get(family, ()):  # the table names real settings of the family
+        assert isinstance(getattr(config, key), float), (family, key)
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps({**config.to_diff_dict(), "model_type": family}))
+    policy, reference = build_models(ModelConfig(config_path=str(path), policy_dtype="float32",
+                                                 reference_dtype="float32", flash_attention=False))
+    hf = build(family) if family in FAMILIES else None
+    if hf is None:
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    hf.config = config  # the family's own settings, noise and thresholds as given
+    for layer in hf.modules():  # modules copied the settings when built
+        for key, value in fields.items():
+            if hasattr(layer, key) and key not in ("hidden_size", "head_dim"):
+                setattr(layer, key, value)
+    policy.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.eval()(input_ids=ids).logits,
+                                   hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        policy.train()  # no noise left in train mode: the policy starts as the reference
+        if family in SAMPLED_ROUTERS:
+            routers = [m for m in policy.modules() if type(m).__name__ == SAMPLED_ROUTERS[family]]
+            assert routers and not any(m.training for m in routers)
+        torch.testing.assert_close(policy(input_ids=ids).logits, policy(input_ids=ids).logits)
+        reference.load_state_dict(hf.state_dict())
+        torch.testing.assert_close(policy(input_ids=ids).logits,
+                                   reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
