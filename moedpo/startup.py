@@ -29,6 +29,9 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
     source = cfg.model.config_path or cfg.model.name_or_path
     precision = " (mixed: float32 master weights)" if is_mixed(cfg.model) else ""
     reference = ("the policy with its adapters off (LoRA)" if lora.is_enabled(cfg.model)
+                 and not lora.rewrites_base(cfg.model) else
+                 f"{cfg.model.reference_dtype}, a copy of the base (model.lora.init="
+                 f"{cfg.model.lora.init} rewrites the policy's base)" if lora.is_enabled(cfg.model)
                  else cfg.model.reference_dtype)
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
              source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision, reference)

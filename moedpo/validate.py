@@ -27,6 +27,7 @@ from .data.checks import check_rows
 from .data.sources import is_hub_id
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
+from .models.lora import check_init
 from .parallel.backend import choose_kind
 
 
@@ -285,6 +286,7 @@ def check_lora(cfg: DPOConfig) -> None:
     _check(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
     _check(lora.quantize in (None, "4bit"),
            f"model.lora.quantize={lora.quantize}: use 4bit or null")
+    check_init(m)
     why = {"reference.sync_every": cfg.reference.sync_every > 0 and
            "TR-DPO moves the reference, which under LoRA is the frozen base",
            "model.router_bias_update_rate": m.router_bias_update_rate > 0 and

@@ -236,9 +236,16 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     # Parameters only: buffers (rotary inv_freq) stay float32, as from_pretrained leaves them.
     reference = None
     if lora.is_enabled(cfg):  # one model: the reference is the policy without its adapters
+        if with_reference and lora.rewrites_base(cfg):  # ... unless the init rewrites the base
+            if on_meta:
+                raise ConfigError(f"model.lora.init={cfg.lora.init} rewrites the base weights, "
+                                  "so the reference is a copy of the original base, which meta "
+                                  "init cannot fill; set model.meta_init=false")
+            reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
+            reference.eval().requires_grad_(False)
         torch.manual_seed(seed)  # the adapters' initialisation, the same on every process
         policy = lora.apply_lora(model, cfg, seed).train()
-        if with_reference:
+        if with_reference and reference is None:
             reference = lora.AdaptersOff(policy).eval()
     else:
         if with_reference:

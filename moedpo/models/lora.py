@@ -117,6 +117,7 @@ def apply_lora(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> nn.Module:
     precision)."""
     from peft import get_peft_model
 
+    check_init(cfg)
     config = peft_config(cfg, model)
     cast_parameters(model, DTYPES[cfg.policy_dtype])
     policy = get_peft_model(model, config, autocast_adapter_dtype=False)
@@ -149,6 +150,54 @@ def base_key(name: str) -> str | None:
 
 # PEFT's inits that need nothing but a shape (the others read the base weights).
 SHAPE_ONLY_INITS = (True, "gaussian")
+
+# PEFT's init_lora_weights values (model.lora.init) by what each does to the starting policy.
+# PiSSA and OLoRA replace each adapted base weight W by the residual W - BA: the policy starts
+# as W, but the base with adapters off is the residual, so their reference is a frozen copy
+# of the original base (one more copy of the weights, as in full fine-tuning).
+REWRITES_BASE = ("pissa", "olora")  # pissa_niter_<n> too
+# Inits a DPO run cannot start from here, and why.
+REFUSED_INITS = {
+    False: "starts the adapters random (PEFT offers it for debugging), so the policy would not "
+           "start as the reference",
+    "eva": "needs a data pass over the training set (peft.initialize_lora_eva_weights) that "
+           "moedpo does not run",
+    "corda": "needs a calibration pass (peft's preprocess_corda) that moedpo does not run",
+    "loftq": "quantizes the base with its own loftq_config; for a quantized base use "
+             "model.lora.quantize=4bit with init=true",
+}
+# Inits PEFT applies to nn.Linear weights only, not to fused experts (target_parameters).
+LINEAR_ONLY_INITS = ("pissa", "olora", "orthogonal", "mica")
+INITS = (True, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "mica")
+
+
+def init_family(init) -> object:
+    """`pissa_niter_4` -> `pissa` (PEFT's fast-SVD PiSSA); any other value as it is."""
+    if isinstance(init, str) and init.startswith("pissa_niter_") \
+            and init.removeprefix("pissa_niter_").isdigit():
+        return "pissa"
+    return init
+
+
+def check_init(cfg: ModelConfig) -> None:
+    """model.lora.init: a value PEFT offers that gives a starting policy equal to the
+    reference (the base with adapters off, or its copy), on what the run adapts."""
+    init = cfg.lora.init
+    family = init_family(init)
+    shown = str(init).lower() if isinstance(init, bool) else init
+    if family in REFUSED_INITS:
+        raise ConfigError(f"model.lora.init={shown}: {REFUSED_INITS[family]}; use one of "
+                          f"{', '.join(str(i).lower() for i in INITS)}")
+    if family not in INITS:
+        raise ConfigError(f"model.lora.init={shown}: not an init PEFT offers; use one of "
+                          f"{', '.join(str(i).lower() for i in INITS)}")
+    if family in LINEAR_ONLY_INITS and cfg.lora.target_experts:
+        raise ConfigError(f"model.lora.init={shown}: PEFT applies it to linear layers only, not "
+                          "to fused experts; set model.lora.target_experts=false (or init=true)")
+
+
+def rewrites_base(cfg: ModelConfig) -> bool:
+    return is_enabled(cfg) and init_family(cfg.lora.init) in REWRITES_BASE
 
 
 def is_meta(model: nn.Module) -> bool:
