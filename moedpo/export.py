@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,6 +64,10 @@ def export(source: Path, out: Path, merge: bool = False) -> str:
     # QLoRA's adapters go on the unquantized base (merged, or beside it), as QLoRA ships them.
     cfg.model.lora.quantize = None
     policy, _ = build_models(cfg.model, cfg.seed, with_reference=False)
+    if cfg.checkpoint_manager_path:  # the run's base came from there, not from name_or_path
+        restore_weights(cfg.checkpoint_manager_path, [policy],
+                        trusted=list(cfg.checkpoint.trusted_paths),
+                        key_of=lora.base_key if adapters else None)
     restore_weights(checkpoint, [policy], trainable_only=adapters)
     tokenizer = load_tokenizer(cfg.model)
     try:  # the template the run trained with goes with the model
@@ -72,16 +77,39 @@ def export(source: Path, out: Path, merge: bool = False) -> str:
     if adapters and merge:  # W + scale * B A in float32, then the policy's dtype
         policy = cast_parameters(policy, torch.float32).merge_and_unload()
     elif adapters:  # adapter_config.json + adapter_model.safetensors, for PeftModel
-        cast_parameters(policy, DTYPES[cfg.model.policy_dtype])
-        out.mkdir(parents=True, exist_ok=True)
-        policy.peft_config["default"].base_model_name_or_path = (
-            cfg.model.name_or_path if not cfg.model.config_path else None)
-        policy.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
+        save_adapters(policy, cfg, tokenizer, out)
         return checkpoint
     # In the dtype the policy computed in (mixed precision trains float32 masters).
     save_hf(cast_parameters(policy, DTYPES[cfg.model.policy_dtype]), tokenizer, out)
     return checkpoint
+
+
+def save_adapters(policy: torch.nn.Module, cfg: DPOConfig, tokenizer, out: Path) -> None:
+    """A PEFT adapter folder that applies to the base it names. PiSSA/OLoRA trained on the
+    residual W - B0 A0: PEFT's conversion rewrites them as a rank-2r LoRA on the original W
+    (B A - B0 A0), from the initial adapters rebuilt here (same seed, same init)."""
+    cast_parameters(policy, DTYPES[cfg.model.policy_dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    base = cfg.model.name_or_path if not cfg.model.config_path else None
+    if cfg.checkpoint_manager_path:  # named as is: loading it as a model id fails loudly
+        base = cfg.checkpoint_manager_path
+        log.warning("the adapters belong to the base in checkpoint_manager_path=%s, which no "
+                    "model id names: make it a Hugging Face folder with `moedpo convert --to-hf "
+                    "%s BASE_DIR --model %s` and load the adapters on BASE_DIR (or export with "
+                    "--merge)", cfg.checkpoint_manager_path, cfg.checkpoint_manager_path,
+                    cfg.model.config_path or cfg.model.name_or_path)
+    policy.peft_config["default"].base_model_name_or_path = base
+    if not lora.rewrites_base(cfg.model):
+        policy.save_pretrained(str(out), safe_serialization=True)
+    else:
+        with tempfile.TemporaryDirectory() as initial:
+            start, _ = build_models(cfg.model, cfg.seed, with_reference=False)
+            cast_parameters(start, DTYPES[cfg.model.policy_dtype])
+            start.peft_config["default"].init_lora_weights = True  # as PEFT's conversion asks
+            start.save_pretrained(initial, safe_serialization=True)
+            policy.save_pretrained(str(out), safe_serialization=True,
+                                   path_initial_model_for_weight_conversion=initial)
+    tokenizer.save_pretrained(str(out))
 
 
 def hf_to_dcp(model_dir: str, out: str, dtype: str = "float32") -> None:

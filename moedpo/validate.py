@@ -27,7 +27,7 @@ from .data.checks import check_rows
 from .data.sources import is_hub_id
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
-from .models.lora import check_init
+from .models.lora import check_init, rewrites_base
 from .parallel.backend import choose_kind
 
 
@@ -287,6 +287,11 @@ def check_lora(cfg: DPOConfig) -> None:
     _check(lora.quantize in (None, "4bit"),
            f"model.lora.quantize={lora.quantize}: use 4bit or null")
     check_init(m)
+    _check(not (rewrites_base(m) and cfg.checkpoint_manager_path),
+           f"model.lora.init={lora.init} rewrites the base it computes from model.name_or_path, "
+           "and checkpoint_manager_path's weights would replace that base afterwards; make the "
+           "checkpoint a Hugging Face folder (moedpo convert --to-hf) and give it as "
+           "model.name_or_path, or use model.lora.init=true")
     why = {"reference.sync_every": cfg.reference.sync_every > 0 and
            "TR-DPO moves the reference, which under LoRA is the frozen base",
            "model.router_bias_update_rate": m.router_bias_update_rate > 0 and

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_train_overrides
-from moedpo.checkpoint import restore_weights
+from moedpo.checkpoint import restore_weights, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
 from moedpo.train import run
@@ -86,4 +86,71 @@ def test_lora_export_loads_as_peft_adapter_and_merged_model(make_cfg, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(export("--merge"))).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def run_export(source, out, *extra) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(source), str(out),
+                           *extra], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_lora_export_restores_a_checkpoint_manager_base(make_cfg, tmp_path, tiny_mixtral_dir):
+    """A LoRA run whose base came from checkpoint_manager_path (not the named model): the
+    merged export is the run's policy, and the adapter folder names the DCP base and says how to
+    make the DCP base a folder, on which the adapters give the run's policy too."""
+    from peft import PeftModel
+
+    perturbed, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
+                                            policy_dtype="float32"), seed=5)
+    save_weights(perturbed, str(tmp_path / "base_dcp"))
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=2", "model.lora.r=8", "lr=3e-3",
+                   "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}",
+                   f"checkpoint_manager_path={tmp_path / 'base_dcp'}")
+    result = run(cfg)
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        want = result.policy.eval()(input_ids=ids).logits
+        named = AutoModelForCausalLM.from_pretrained(str(tiny_mixtral_dir)).eval()
+        assert (named(input_ids=ids).logits - want).abs().max() > 0.1  # the named base differs
+    run_export(result.run_dir, tmp_path / "merged", "--merge")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    done = run_export(result.run_dir, tmp_path / "adapter")
+    assert "moedpo convert --to-hf" in done.stderr
+    config = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    # Names the DCP base (an id that loads nothing rather than the wrong model)
+    assert f'"base_model_name_or_path": "{tmp_path / "base_dcp"}"' in config
+    subprocess.run([sys.executable, "-m", "moedpo", "convert", "--to-hf",
+                    str(tmp_path / "base_dcp"), str(tmp_path / "base_hf"), "--model",
+                    str(tiny_mixtral_dir)], check=True, capture_output=True, timeout=300)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base_hf"))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_adapters_export_onto_the_original_base(make_cfg, tmp_path, tiny_mixtral_dir):
+    """PiSSA trains adapters on the residual W - B0 A0; the exported adapter folder (PEFT's
+    rank-2r conversion) applies to the original named base, and --merge is the policy."""
+    from peft import PeftModel
+
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=2", "model.lora.r=4", "lr=3e-3",
+                   "model.lora.init=pissa", "model.lora.target_experts=false",
+                   "sched.warmup_steps=0",
+                   "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}")
+    result = run(cfg)
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        want = result.policy.eval()(input_ids=ids).logits
+    run_export(result.run_dir, tmp_path / "adapter")
+    run_export(result.run_dir, tmp_path / "merged", "--merge")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_mixtral_dir))
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - want).abs().max() > 1e-3  # it trained
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -191,6 +191,9 @@ def check_init(cfg: ModelConfig) -> None:
     if family not in INITS:
         raise ConfigError(f"model.lora.init={shown}: not an init PEFT offers; use one of "
                           f"{', '.join(str(i).lower() for i in INITS)}")
+    if family == "orthogonal" and cfg.lora.r % 2:
+        raise ConfigError(f"model.lora.init=orthogonal with model.lora.r={cfg.lora.r}: PEFT's "
+                          "orthogonal init pairs rows of A and B, so r must be even")
     if family in LINEAR_ONLY_INITS and cfg.lora.target_experts:
         raise ConfigError(f"model.lora.init={shown}: PEFT applies it to linear layers only, not "
                           "to fused experts; set model.lora.target_experts=false (or init=true)")

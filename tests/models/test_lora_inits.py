@@ -85,3 +85,10 @@ def test_base_rewriting_inits_keep_the_original_base_as_reference(init):
     assert (residual - want).abs().max() > 0.05
     with pytest.raises(ConfigError, match="rewrites the base weights.*meta_init=false"):
         build_models(cfg, on_meta=True)
+
+
+def test_base_rewriting_init_with_a_checkpoint_base_is_refused(make_cfg, tmp_path):
+    cfg = make_cfg(*overrides("pissa", False), f"checkpoint_manager_path={tmp_path}")
+    with pytest.raises(ConfigError, match="model.lora.init=pissa rewrites the base .*\\(moedpo "
+                       "convert --to-hf"):
+        validate(cfg)
