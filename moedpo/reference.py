@@ -5,13 +5,15 @@ DPO's reference term depends only on the frozen reference model and the data, so
 keeps its two summed log-probs, and training never runs (or holds) the reference again.
 
 The cache file is named by a hash of everything the values depend on: the tokenised pairs
-themselves (which covers the data, the tokenizer and every truncation setting), the
-reference's weights and architecture by content where that is cheap (the model JSON's and
+themselves (which covers the data, the tokenizer and every truncation setting), where the
+reference's weights come from, by content where that is cheap (the model JSON's and
 `config.json`'s contents, the hub revision resolved to its commit in the local cache; for
 weight files, too large to hash at every start, their names, sizes and modification
-times), the JSON model's init seed, `checkpoint_manager_path`, its dtype, attention, MoE
-implementation and capacity, and the padding; with the dropped MoE and dynamic padding also
-the batch geometry (a sequence's capacity follows its batch's padded length). A changed
+times; the JSON model's init seed, `checkpoint_manager_path`), what the built reference is,
+read from the module (`reference_identity`: dtypes, adapters off, quantization, kernels,
+attention, MoE implementation and capacity), and the padding; with the dropped MoE and
+dynamic padding also the batch geometry (a sequence's capacity follows its batch's padded
+length). A changed
 setting gives a new name, so a stale cache is never read. Files are safetensors (no
 pickle), written atomically.
 """
@@ -19,6 +21,7 @@ pickle), written atomically.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ from .config import DPOConfig, is_url
 from .data import DataBundle, TokenizedPair, eval_indices
 from .data.collate import PadTo
 from .evaluate import batch_logps
+from .models import lora
 
 log = logging.getLogger("moedpo")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", ".gguf")
@@ -99,22 +103,54 @@ def data_digest(pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, devices: int = 1) -> dict:
+def _plain(value) -> bool:
+    return isinstance(value, bool | int | float | str) or value is None
+
+
+def reference_identity(reference: torch.nn.Module) -> dict:
+    """What the built reference computes, read from the module itself rather than from the
+    settings that made it, so no setting can be left out of the key: its class and config
+    (attention and experts implementations included), whether it is a LoRA policy with its
+    adapters off, Hub kernels, quantization, every parameter's and buffer's name, dtype and
+    shape (the dtype it computes in; 4-bit weights show as uint8), moedpo's per-module
+    settings (MoE capacity, rounding, padding) and which modules run in train mode."""
+    adapters_off = isinstance(reference, lora.AdaptersOff)
+    model = reference.policy if adapters_off else reference
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version") and _plain(v)}
+    tensors = [[name, str(t.dtype), list(t.shape)] for name, t in
+               itertools.chain(model.named_parameters(), model.named_buffers())
+               if not (adapters_off and ("lora_" in name or ".modules_to_save." in name))]
+    settings = {name: {k: v for k, v in vars(m).items() if k.startswith("moedpo_") and _plain(v)}
+                for name, m in model.named_modules()}
+    return {
+        "class": type(model).__name__, "adapters_off": adapters_off, "config": config,
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "experts": getattr(model.config, "_experts_implementation", None),
+        "hub_kernels": bool(getattr(model, "use_kernels", False)),
+        "quantization": str(getattr(model.config, "quantization_config", None)),
+        "tensors": tensors, "modules": {k: v for k, v in settings.items() if v},
+        "training": sorted(name for name, m in model.named_modules() if m.training),
+    }
+
+
+def cache_fields(cfg: DPOConfig, data: DataBundle, pad_to: PadTo, reference: torch.nn.Module,
+                 devices: int = 1) -> dict:
     m = cfg.model
     dropped = m.capacity_factor > 0 and m.moe_implementation in ("auto", "dropped")
     return {
         "train_pairs": data_digest(data.train), "eval_pairs": data_digest(data.eval),
+        # Where the starting weights come from, then what the built reference is.
         **_model_fields(cfg),
         "checkpoint_manager_path": cfg.checkpoint_manager_path,
         "checkpoint_files": _folder_stamp(cfg.checkpoint_manager_path),
+        "reference": reference_identity(reference),
         # The dropped MoE's capacity depends on each batch's padded length, so on which
         # pairs share a batch: the precompute batch and how many devices split it.
         "batch": [cfg.eval_batch_size, devices] if dropped and pad_to is None else None,
-        "dtype": m.reference_dtype, "attention": [m.attn_implementation, m.flash_attention],
-        "moe": [m.moe_implementation, m.capacity_factor, m.capacity_rounding,
-                m.moe_ignore_padding],
         "pad_to": pad_to, "label_pad_token_id": cfg.label_pad_token_id,
-        "full_precision": cfg.full_precision, "ld_alpha": cfg.loss.ld_alpha,
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "ld_alpha": cfg.loss.ld_alpha,
     }
 
 
@@ -200,7 +236,7 @@ def precompute(cfg: DPOConfig, data: DataBundle, reference: torch.nn.Module, to_
                pad_to: PadTo, backend, progress=None) -> DataBundle:
     """`data` with every pair's reference log-probs attached, from the cache when it holds
     them, else computed now (and cached by the main process)."""
-    fields = cache_fields(cfg, data, pad_to, backend.total_devices)
+    fields = cache_fields(cfg, data, pad_to, reference, backend.total_devices)
     path = cache_path(cfg, fields)
     values = _read(path, fields, len(data.train), len(data.eval))
     # Every rank must agree, or some would wait in a collective the others skip.

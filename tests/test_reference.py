@@ -83,11 +83,57 @@ def test_precompute_conflicts_with_reference_free(make_cfg):
         validate(make_cfg("reference.precompute=true", "loss.reference_free=true"))
 
 
-def key_of(cfg, pad_to=None, devices=1):
+def built_reference(cfg) -> torch.nn.Module:
+    from moedpo.models.load import build_models
+
+    return build_models(cfg.model, cfg.seed)[1]
+
+
+def key_of(cfg, pad_to=None, devices=1, reference=None):
     from moedpo.data import DataBundle
 
     data = DataBundle(train=random_pairs(3), eval=random_pairs(2, seed=1))
-    return reference_lib.cache_path(cfg, reference_lib.cache_fields(cfg, data, pad_to, devices))
+    reference = built_reference(cfg) if reference is None else reference
+    return reference_lib.cache_path(cfg, reference_lib.cache_fields(cfg, data, pad_to,
+                                                                     reference, devices))
+
+
+@pytest.mark.parametrize("setting", [
+    "model.lora.r=4",  # the LoRA reference: the base in policy_dtype, adapters off
+    "model.reference_dtype=bfloat16",
+    "model.attn_implementation=eager",
+    "model.capacity_factor=1.5",
+    "model.moe_implementation=dense",
+    "model.hub_kernels=true",
+])
+def test_cache_key_follows_the_reference_actually_built(make_cfg, setting):
+    """Each setting that changes the reference changes the key, read from the built module
+    (a full fine-tuning run reused a LoRA run's file before: 0.158 nats off)."""
+    base = [*tiny_train_overrides(), "model.policy_dtype=float32",
+            "model.reference_dtype=float32"]
+    assert key_of(make_cfg(*base)) == key_of(make_cfg(*base))  # same settings: a hit
+    assert key_of(make_cfg(*base, setting)) != key_of(make_cfg(*base)), setting
+
+
+def test_lora_cache_key_follows_policy_dtype_init_and_quantization(make_cfg, tiny_mixtral_dir):
+    """Under LoRA the reference is the base in policy_dtype (reference_dtype unused), PiSSA's
+    a copy of the original base, QLoRA's the NF4 base: each a different key."""
+    import importlib.util
+
+    lora = [*tiny_train_overrides(), "model.lora.r=4", "model.reference_dtype=float32"]
+    keys = {key_of(make_cfg(*lora, "model.policy_dtype=float32")),
+            key_of(make_cfg(*lora, "model.policy_dtype=bfloat16")),
+            key_of(make_cfg(*lora, "model.policy_dtype=float32", "model.lora.init=pissa",
+                            "model.lora.target_experts=false")),
+            key_of(make_cfg(*lora, "model.policy_dtype=float32",
+                            "model.lora.target_experts=false"))}
+    assert len(keys) == 4
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed: the QLoRA key is not checked")
+    pretrained = [*lora, "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}",
+                  "model.policy_dtype=float32"]
+    assert key_of(make_cfg(*pretrained, "model.lora.quantize=4bit")) != \
+        key_of(make_cfg(*pretrained))
 
 
 def test_cache_key_follows_the_model_json_contents_not_its_path(make_cfg, tmp_path):
@@ -136,9 +182,10 @@ def test_cache_key_names_the_hub_commit(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg("model=pythia", "model.name_or_path=org/tiny")
     (repo / "refs" / "main").write_text("a" * 40)
     assert reference_lib._model_fields(cfg)["commit"] == "a" * 40
-    before = key_of(cfg)
+    reference = built_reference(make_cfg(*tiny_train_overrides()))  # a stand-in: not loadable
+    before = key_of(cfg, reference=reference)
     (repo / "refs" / "main").write_text("b" * 40)  # main moved on: another model
-    assert key_of(cfg) != before
+    assert key_of(cfg, reference=reference) != before
 
 
 def test_cache_key_holds_the_batch_geometry_only_where_it_changes_values(make_cfg):
