@@ -9,8 +9,8 @@ share (a merge across the boundary moves the split into the prompt). The tokeniz
 starts a standard prompt where it adds one by default (Llama, Mistral, Mixtral;
 `data.add_bos`), and EOS ends each standard response unless already last; a chat template
 writes its own BOS and turn ends. If prompt + longer response exceeds
-`max_length`, the prompt keeps `max_prompt_length` tokens (its end with `keep_end`, its
-start with `keep_start`); if still too long, both responses are cut to
+`max_length`, the prompt keeps `max_prompt_length` tokens (its end with `keep_end`, after its
+BOS, which stays; its start with `keep_start`); if still too long, both responses are cut to
 `max_length - max_prompt_length`. Labels (built in the collator) are the ids with prompt
 positions masked.
 """
@@ -86,13 +86,18 @@ class TokenizeStats:
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
              max_prompt_length: int, mode: str = "keep_end",
-             stats: TokenizeStats | None = None) -> tuple[list[int], list[int], list[int]]:
+             stats: TokenizeStats | None = None, lead: int = 0
+             ) -> tuple[list[int], list[int], list[int]]:
+    """`lead`: how many leading prompt ids (a BOS) stay whatever is cut: `keep_end` cuts the
+    body after them, and they count in `max_prompt_length` (TRL cuts the BOS away with the
+    rest, so every truncated prompt of a BOS tokenizer started mid-text)."""
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
         if len(prompt) > max_prompt_length:
             keep_end = mode == "keep_end"
-            # Not prompt[-max_prompt_length:]: at 0 that keeps the whole prompt.
-            prompt = (prompt[len(prompt) - max_prompt_length:] if keep_end
-                      else prompt[:max_prompt_length])
+            lead = min(lead, max_prompt_length)
+            # Not prompt[-n:]: at 0 that keeps the whole prompt.
+            prompt = (prompt[:lead] + prompt[len(prompt) - (max_prompt_length - lead):]
+                      if keep_end else prompt[:max_prompt_length])
             if stats is not None:
                 stats.counts["prompt"] += 1
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
@@ -161,7 +166,11 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
                 p, c, r = bos + p[:n], _with_eos(pc[n:], eos), _with_eos(pr[n:], eos)
             for key, values in (("prompt", p), ("chosen", c), ("rejected", r)):
                 stats.lengths[key].append(len(values))
-            p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats)
+            # A BOS (ours, or the chat template's) starts the prompt however it is cut.
+            lead = int(bool(p) and p[0] == tokenizer.bos_token_id and (
+                bool(bos) or pair.conversational))
+            p, c, r = truncate(p, c, r, max_length, max_prompt_length, truncation_mode, stats,
+                               lead)
             if not c or not r:
                 log.skip(pair.origin, "no response tokens left after truncation")
                 continue

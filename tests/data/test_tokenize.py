@@ -21,6 +21,32 @@ def test_keep_end_prompt_truncation_is_enough():
     assert p == P[-8:] and c == C and r == R
 
 
+def test_keep_end_keeps_the_bos_and_counts_it():
+    # BOS 1 then 9 body tokens; 8 kept: the BOS and the body's last 7 (TRL: the last 8).
+    prompt = [1, *P[1:]]
+    p, c, r = truncate(prompt, C, R, max_length=14, max_prompt_length=8, lead=1)
+    assert p == [1, *P[-7:]] and len(p) == 8 and (c, r) == (C, R)
+    assert truncate(prompt, C, R, 14, 8, "keep_start", lead=1)[0] == prompt[:8]
+    assert truncate(prompt, C, R, 6, 0, lead=1)[0] == []  # no prompt budget at all
+
+
+def test_truncated_prompts_start_with_bos_on_bos_tokenizers(tokenizer_kinds):
+    """keep_end on a tokenizer that adds BOS (Llama, Mistral, Mixtral): every prompt, cut or
+    not, starts with BOS; a chat template's BOS stays the same way."""
+    from moedpo.data import bos_wanted
+
+    tokenizer = tokenizer_kinds["sentencepiece-bos"]
+    long_prompt = "\n\nHuman: " + " ".join(f"word{i}" for i in range(80)) + "\n\nAssistant:"
+    pairs = [Pair(long_prompt, " Sure thing.", " No.", "t:0"),
+             Pair("\n\nHuman: hi\n\nAssistant:", " Sure.", " No.", "t:1")]
+    out = tokenize_pairs(pairs, tokenizer, 48, 16, "keep_end", SkipLog(),
+                         add_bos=bos_wanted("auto", tokenizer))
+    assert len(out[0].prompt) == 16 and len(out[1].prompt) < 16
+    assert all(p.prompt[0] == tokenizer.bos_token_id for p in out)
+    full = tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
+    assert list(out[0].prompt[1:]) == full[-15:]  # the body's end, after the BOS
+
+
 def test_keep_start_prompt_truncation():
     p, _, _ = truncate(P, C, R, max_length=14, max_prompt_length=8, mode="keep_start")
     assert p == P[:8]
