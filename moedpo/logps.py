@@ -25,6 +25,9 @@ class SequenceLogps:
     # WPO (loss.use_weighting): mean over response tokens of log p_t - log sum_v p_v^2, [2B],
     # without gradient; None unless asked for.
     wpo: torch.Tensor | None = None
+    # With token weights (LD-DPO), the unweighted sums, [2B]: a response's likelihood, for
+    # NLL terms and per-token means; None: `logps` is unweighted.
+    plain: torch.Tensor | None = None
 
     def halves(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         half = values.shape[0] // 2
@@ -60,7 +63,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, label_pad: int = 
         mean_logits = _sums(logits.mean(-1) * mask, segments) / n_tokens.clamp(min=1)
         sum_sq = log_sum_sq_probs(logits) if wpo else None
     return SequenceLogps(_sums(_weighted(token_logps, weights), segments), n_tokens, mean_logits,
-                         _wpo(token_logps, sum_sq, mask, n_tokens, segments))
+                         _wpo(token_logps, sum_sq, mask, n_tokens, segments),
+                         _plain(token_logps, weights, segments))
 
 
 def _wpo(token_logps: torch.Tensor, sum_sq: torch.Tensor | None, mask: torch.Tensor,
@@ -79,6 +83,10 @@ def _weighted(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     return values if weights is None else values * weights[:, 1:].to(values.dtype)
 
 
+def _plain(values: torch.Tensor, weights: torch.Tensor | None, segments) -> torch.Tensor | None:
+    return None if weights is None else _sums(values, segments)
+
+
 def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
                                 label_pad: int = -100,
                                 segments: dict[str, torch.Tensor] | None = None,
@@ -93,4 +101,5 @@ def sequence_logps_from_tokens(token_values: torch.Tensor, labels: torch.Tensor,
         mean_logits = _sums(values[..., 1] * mask, segments) / n_tokens.clamp(min=1)
     sum_sq = values[..., 2] if wpo else None
     return SequenceLogps(_sums(_weighted(values[..., 0], weights), segments), n_tokens,
-                         mean_logits, _wpo(values[..., 0], sum_sq, mask, n_tokens, segments))
+                         mean_logits, _wpo(values[..., 0], sum_sq, mask, n_tokens, segments),
+                         _plain(values[..., 0], weights, segments))

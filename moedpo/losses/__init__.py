@@ -97,6 +97,8 @@ def pair_logps(policy: SequenceLogps, reference: SequenceLogps | None,
         ref_chosen, ref_rejected = reference.halves(reference.logps.to(chosen.dtype))
     tokens_c, tokens_r = policy.halves(policy.n_tokens.to(chosen.dtype))
     p = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens_c, tokens_r, labels=labels)
+    if policy.plain is not None:  # LD-DPO: the unweighted sums beside the weighted ones
+        p.chosen_plain, p.rejected_plain = policy.halves(policy.plain)
     if f_divergence != "reverse_kl":
         p.chosen_scores = divergence.scores(p.chosen_logratios, f_divergence, f_alpha)
         p.rejected_scores = divergence.scores(p.rejected_logratios, f_divergence, f_alpha)

@@ -28,6 +28,18 @@ class PairLogps:
     rejected_scores: torch.Tensor | None = None
     # Unpaired rows (losses/unpaired.py): 1 desirable, 0 undesirable; None for pairs.
     labels: torch.Tensor | None = None
+    # The policy's unweighted sums where `chosen`/`rejected` carry LD-DPO's token weights
+    # (loss.ld_alpha): the responses' likelihoods, which NLL terms and per-token means read
+    # (LD-DPO reweights the preference term only; TRL's NLL ignores ld_alpha too). None: the
+    # same as `chosen`/`rejected`.
+    chosen_plain: torch.Tensor | None = None
+    rejected_plain: torch.Tensor | None = None
+
+    @property
+    def likelihoods(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's summed log-probs of each response, unweighted."""
+        return (self.chosen if self.chosen_plain is None else self.chosen_plain,
+                self.rejected if self.rejected_plain is None else self.rejected_plain)
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -58,9 +70,10 @@ class PairLogps:
         return c / self.chosen_tokens.clamp(min=1), r / self.rejected_tokens.clamp(min=1)
 
     def mean_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy log-probs per response token (SimPO, ORPO, AlphaPO)."""
-        return (self.chosen / self.chosen_tokens.clamp(min=1),
-                self.rejected / self.rejected_tokens.clamp(min=1))
+        """Policy log-probs per response token (SimPO, ORPO, AlphaPO), unweighted."""
+        chosen, rejected = self.likelihoods
+        return (chosen / self.chosen_tokens.clamp(min=1),
+                rejected / self.rejected_tokens.clamp(min=1))
 
 
 @dataclass
@@ -111,7 +124,7 @@ def nll_per_token(p: PairLogps) -> torch.Tensor:
     per batch token (TRL averages over all of a batch's chosen tokens) so that the value does
     not depend on how a step's pairs are split into micro-batches and ranks; the two agree
     when the responses are equally long."""
-    return -p.chosen / p.chosen_tokens.clamp(min=1)
+    return -p.likelihoods[0] / p.chosen_tokens.clamp(min=1)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

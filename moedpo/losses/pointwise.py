@@ -48,6 +48,12 @@ def apo_down(p: PairLogps, o: LossOptions) -> torch.Tensor:
 def cal_dpo(p: PairLogps, o: LossOptions) -> torch.Tensor:
     """Cal-DPO (Xiao et al., arXiv 2412.14516): DPO's contrast on the log-ratios
     plus a calibration of each to the scale of the true rewards, 1/(2 beta) and -1/(2 beta):
-    -log sigma(h_c - h_r) + (h_c - 1/(2 beta))^2 + (h_r + 1/(2 beta))^2."""
+    -log sigma(h_c - h_r) + 1/2 [(h_c - 1/(2 beta))^2 + (h_r + 1/(2 beta))^2].
+
+    The 1/2 is the authors' released trainer's (their `dpo_trainer.py`, loss type "Cal-DPO":
+    `DPO_loss + 0.5 * Cal_loss`, the calibration as batch-mean squared errors, whose mean over
+    the batch is this per-pair form): the implementation behind their reported results. The
+    paper's equation writes the calibration without it; at step 0 with beta 0.1 that would be
+    ln 2 + 50 instead of the authors' ln 2 + 25."""
     c, r = p.chosen_logratios, p.rejected_logratios
-    return -F.logsigmoid(c - r) + (c - 0.5 / o.beta) ** 2 + (r + 0.5 / o.beta) ** 2
+    return -F.logsigmoid(c - r) + 0.5 * ((c - 0.5 / o.beta) ** 2 + (r + 0.5 / o.beta) ** 2)

@@ -46,7 +46,8 @@ def hand_pair(name: str, pc, pr, rc, rr, nc, nr, o: LossOptions) -> float:
         "sppo_hard": lambda: (hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2,
         "apo_zero": lambda: 1 - sig(b * hc) + sig(b * hr),
         "apo_down": lambda: sig(b * hc) + 1 - sig(b * (hc - hr)),
-        "cal_dpo": lambda: -logsig(d) + (hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2,
+        # the authors' released trainer: DPO_loss + 0.5 * (mse(h_c, 1/2b) + mse(h_r, -1/2b))
+        "cal_dpo": lambda: -logsig(d) + 0.5 * ((hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2),
         "simpo": lambda: (-(1 - e) * logsig(b * (mc - mr) - o.simpo_gamma)
                           - e * logsig(-(b * (mc - mr) - o.simpo_gamma))),
         "cpo": lambda: (-(1 - e) * logsig(b * (pc - pr)) - e * logsig(-b * (pc - pr))
@@ -163,7 +164,7 @@ def test_each_loss_equals_its_hand_formula(name, seed):
 AT_START = {"sigmoid": math.log(2), "robust": math.log(2), "sigmoid_norm": math.log(2),
             "dpop": math.log(2), "rdpo": None, "ipo": 25.0, "hinge": 1.0, "apo_zero": 1.0,
             "apo_down": 1.0, "nca_pair": 2 * math.log(2), "sppo_hard": 50.0,
-            "bco_pair": 2 * math.log(2), "cal_dpo": math.log(2) + 50.0,
+            "bco_pair": 2 * math.log(2), "cal_dpo": math.log(2) + 25.0,
             "aot": math.log(2), "aot_unpaired": math.log(2), "discopop": None,
             "exo_pair": None, "kto": 0.5, "apo_zero_unpaired": 0.5, "bco": math.log(2)}
 
@@ -290,3 +291,18 @@ def test_kto_kl_estimate_over_ranks_is_the_global_micro_batchs():
     assert float(global_kl_estimate(alone, lambda x: x)) == 0.0
     assert float(kl_estimate(alone)) == 0.0
     assert float(kl_estimate(alone, LossOptions(kto_kl=torch.tensor(0.25)))) == 0.25
+
+
+def test_cal_dpo_equals_the_authors_batch_form():
+    """Cal-DPO as the authors' released trainer computes a batch: the mean of
+    -log sigma(h_c - h_r) plus 0.5 x (mse(h_c, 1/(2 beta)) + mse(h_r, -1/(2 beta)))."""
+    import torch.nn.functional as F
+
+    pc, pr, rc, rr, nc, nr = random_batch(5)
+    out = preference_loss(seq(pc, pr, nc, nr), seq(rc, rr, nc, nr), ["cal_dpo"], None, OPTS)
+    hc = torch.tensor(pc, dtype=torch.double) - torch.tensor(rc, dtype=torch.double)
+    hr = torch.tensor(pr, dtype=torch.double) - torch.tensor(rr, dtype=torch.double)
+    target = torch.tensor(1 / (2 * OPTS.beta), dtype=torch.double)
+    authors = (-F.logsigmoid(hc - hr) + 0.5 * (F.mse_loss(hc, target.expand_as(hc))
+                                               + F.mse_loss(hr, -target.expand_as(hr)))).mean()
+    assert out.loss.item() == pytest.approx(authors.item(), rel=1e-12)
