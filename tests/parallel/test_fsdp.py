@@ -208,6 +208,34 @@ def test_pretrained_folder_on_two_ranks_equals_one_process(tmp_path, tiny_mixtra
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
+def test_mixture_eval_on_two_ranks_equals_one_process_per_source(tmp_path):
+    """Eval over several ranks: two sources of 13 and 8 eval pairs (21: rank 1's last batch
+    holds one valid pair, and the per-source groups split unevenly across ranks), after 3
+    steps; every eval metric, each source's included, equals one process, and each overall
+    value is the count-weighted mean of the sources' (an identity of the per-pair means)."""
+    from conftest import demo_rows, write_jsonl_gz
+
+    for name, n_eval, skip in (("alpha", 13, 0), ("beta", 8, 100)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = demo_rows("train", 200)
+        write_jsonl_gz(folder / "train.jsonl.gz", rows[skip:skip + 60])
+        write_jsonl_gz(folder / "test.jsonl.gz", demo_rows("test", 40)[skip % 40:][:n_eval])
+    args = [*COMMON, "dry_run=false", "eval_frequency=3",
+            f"datasets=[{tmp_path / 'alpha'},{tmp_path / 'beta'}]", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
+                  "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "per_device_eval_batch_size=4",
+                    "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    last = [r for r in train_rows(tmp_path / "two") if "eval/loss" in r][-1]
+    assert last["step"] == 3
+    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+        mixed = (13 * last[f"eval/alpha/{key}"] + 8 * last[f"eval/beta/{key}"]) / 21
+        assert last[f"eval/{key}"] == pytest.approx(mixed, rel=1e-6, abs=1e-7), key
+    assert last["eval/alpha/loss"] != pytest.approx(last["eval/beta/loss"], abs=1e-4)
+
+
 def test_two_rank_kill_and_resume(tmp_path):
     """With TR-DPO's hard sync every 2 steps: the sharded reference is the policy at each
     checkpoint, and a resumed run reads it back (or it would train against the old one)."""
