@@ -166,15 +166,31 @@ def check_resume_config(saved: dict, now: dict) -> list[str]:
     return [f"{k}: {a} -> {b}" for k, a, b in changes]
 
 
-def saved_config(checkpoint: str) -> dict | None:
-    """The settings a checkpoint was written with (None: unreadable, or an older one)."""
+def resume_settings(checkpointer: Checkpointer, resume: str, auto: bool) -> dict | None:
+    """The settings of the checkpoint a resume starts from, to check the run's against. With
+    resume=auto a newest checkpoint whose trainer_state.json is torn is passed over for the
+    one before it, as loading will pass it over (checkpoint.load_newest): a damaged file never
+    switches the check off. A named checkpoint with no readable state is an error. None: a
+    checkpoint written before moedpo recorded its settings."""
     import fsspec
 
-    try:
-        with fsspec.open(f"{checkpoint.rstrip('/')}/trainer_state.json") as f:
-            return json.load(f).get("config")
-    except (OSError, ValueError):
-        return None
+    paths = ([checkpointer.step_path(s) for s in reversed(checkpointer.complete_steps())]
+             if auto else [resume])
+    for path in paths:
+        try:
+            with fsspec.open(f"{path.rstrip('/')}/trainer_state.json") as f:
+                state = json.load(f)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            if not auto:
+                raise CheckpointError(f"resume={path}: its trainer_state.json is unreadable "
+                                      f"({err}); resume from another checkpoint") from None
+            log.warning("%s: trainer_state.json is unreadable (%s); the settings are checked "
+                        "against the checkpoint before it", path, err)
+            continue
+        return state.get("config")
+    return None
 
 
 def fetch(cfg: DPOConfig) -> None:
@@ -254,7 +270,7 @@ def prepare(cfg: DPOConfig, checkpointer: Checkpointer,
         checkpointer.clean_partial()
     backend.barrier()
     resume = find_resume(cfg, checkpointer)
-    saved = saved_config(resume) if resume else None
+    saved = resume_settings(checkpointer, resume, cfg.resume_mode == "auto") if resume else None
     if saved is not None:  # every rank raises alike: the same files, the same settings
         for change in check_resume_config(saved, OmegaConf.to_container(
                 OmegaConf.structured(cfg))):

@@ -226,6 +226,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
         else:
             state, own = checkpointer.load(resume_from, policy, optimizer, synced)
+        if state.get("config") is not None:  # the checkpoint actually loaded, fallback or not
+            run_dir_lib.check_resume_config(state["config"], OmegaConf.to_container(
+                OmegaConf.structured(cfg)))
         scheduler.load_state_dict(state["scheduler"])
         start_step, nonfinite = state["step"], state["nonfinite"]
         stream_state = state.get("data_stream")

@@ -344,3 +344,26 @@ def test_resume_refuses_changes_that_make_another_run_and_records_safe_ones(make
     assert "resumed with a changed setting: max_steps: 2 -> 3" in caplog.text
     assert "max_steps: 3" in (first.run_dir / "config.yaml").read_text()
     assert [r["step"] for r in train_rows(first.run_dir) if "train/loss" in r] == [0, 1, 2]
+
+
+def test_a_torn_newest_checkpoint_does_not_switch_the_settings_check_off(make_cfg, caplog):
+    """The newest checkpoint's trainer_state.json emptied: resume falls back to the one
+    before, and that one's settings are checked like any other (lr=0.5 was accepted before,
+    and config.yaml recorded it); with the run's own settings it resumes from there."""
+    from moedpo.config import ConfigError
+
+    common = [*tiny_train_overrides(), "max_steps=4", "lr=1e-3", "checkpoint.save_frequency=2",
+              "eval_frequency=50"]
+    first = make_cfg(*common)
+    run(first)
+    (Path(first.checkpoint_dir) / "step_00000004" / "trainer_state.json").write_text("")
+    recorded = (first.run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.001 -> 0.5\)"):
+        run(make_cfg(*common, "lr=0.5", "max_steps=6"))
+    assert (first.run_dir / "config.yaml").read_text() == recorded
+    assert "step_00000004: trainer_state.json is unreadable" in caplog.text
+    with caplog.at_level("INFO", logger="moedpo"):
+        run(make_cfg(*common, "max_steps=6"))
+    assert "step_00000002 at step 2" in caplog.text
+    steps = [r["step"] for r in train_rows(first.run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 5  # no step twice
