@@ -76,7 +76,7 @@ def hydra_main(raw: DictConfig) -> None:
         fail(str(err))
 
 
-def check_override_values(overrides: list[str]) -> None:
+def check_override_values(overrides: list[str]) -> DPOConfig:
     """Compose the config once before Hydra runs it: a value of the wrong type (`lr=abc`) or
     an unknown group option becomes one `moedpo: error:` line, not Hydra's block."""
     from hydra import compose, initialize_config_module
@@ -85,7 +85,7 @@ def check_override_values(overrides: list[str]) -> None:
 
     try:
         with initialize_config_module("moedpo.conf", version_base=None):
-            OmegaConf.to_object(compose("config", overrides=overrides))
+            return OmegaConf.to_object(compose("config", overrides=overrides))
     except (HydraException, OmegaConfBaseException) as err:
         cause = err.__cause__ or err  # Hydra wraps OmegaConf's message, which names the type
         lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
@@ -95,9 +95,14 @@ def check_override_values(overrides: list[str]) -> None:
 
 
 def train(overrides: list[str], prog: str = "moedpo train") -> None:
+    from .validate import check_run_location
+
     check_override_keys(overrides)
     if not any(item.startswith(("hydra.", "hydra/", "--")) for item in overrides):
-        check_override_values(overrides)
+        try:  # Hydra creates the run folder (and writes .hydra/) before the run validates
+            check_run_location(check_override_values(overrides))
+        except ConfigError as err:
+            fail(str(err))
     sys.argv = [prog, *overrides]
     hydra_main()
 
@@ -140,9 +145,7 @@ def data_command(argv: list[str]) -> None:
     check_override_keys(argv[1:])
     from .inspect_data import inspect
 
-    with hydra.initialize_config_module("moedpo.conf", version_base=None):
-        raw = hydra.compose("config", overrides=argv[1:])
-    print(inspect(OmegaConf.to_object(raw)))
+    print(inspect(check_override_values(argv[1:])))
 
 
 def export_command(argv: list[str]) -> None:

@@ -102,7 +102,14 @@ def _writable(path: str) -> bool:
     return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
 
 
-def check_output_dirs(cfg: DPOConfig) -> None:
+def check_run_location(cfg: DPOConfig) -> None:
+    """Where the run writes: a plain exp_name inside a writable output_dir (and checkpoint
+    dir). Checked before Hydra creates the run folder (cli.py), so a refused location is
+    never written to."""
+    name = str(cfg.exp_name)
+    _check(name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+           f"exp_name={cfg.exp_name}: must be a plain folder name (the run lives in "
+           "output_dir/exp_name); put the path in output_dir")
     if not is_url(cfg.output_dir):
         out = Path(str(cfg.output_dir).removeprefix("file://")).expanduser()
         _check(not out.exists() or out.is_dir(),
@@ -117,10 +124,7 @@ def check_output_dirs(cfg: DPOConfig) -> None:
 
 def validate(cfg: DPOConfig) -> None:
     """Raise ConfigError (one line, naming the key) for the first mistake found."""
-    name = str(cfg.exp_name)
-    _check(name not in ("", ".", "..") and "/" not in name and "\\" not in name,
-           f"exp_name={cfg.exp_name}: must be a plain folder name (the run lives in "
-           "output_dir/exp_name); put the path in output_dir")
+    check_run_location(cfg)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                 "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
     for key in positive:
@@ -154,7 +158,6 @@ def validate(cfg: DPOConfig) -> None:
         _check(cfg.tensor_parallelism == 1,
                f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend "
                f"(parallel.backend={cfg.parallel.backend}); set it to 1")
-    check_output_dirs(cfg)
     for name in cfg.loggers:
         _check(name in ("tensorboard", "wandb", "mlflow"),
                f"loggers: '{name}' is not a logger; use tensorboard, wandb or mlflow")

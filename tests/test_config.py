@@ -2,6 +2,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,39 @@ def test_cli_validation_error_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "moedpo: error: optimizer=Nope: not a torch.optim optimizer")
+
+
+@pytest.mark.parametrize("where", ["../escape", "/abs/escape", ".."])
+def test_refused_exp_name_writes_nothing_anywhere(tmp_path, where):
+    """Hydra creates output_dir/exp_name and writes .hydra/ and train.log before the run
+    validates: a refused exp_name must be refused before that, so nothing appears at the
+    traversed path (or anywhere under tmp_path)."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    result = run_cli("+experiment=demo", f"output_dir={out}", f"exp_name={where}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"moedpo: error: exp_name={where}: must be a plain folder "
+                                     "name (the run lives in output_dir/exp_name); put the "
+                                     "path in output_dir")
+    assert [p.name for p in tmp_path.rglob("*")] == ["runs"]
+    assert not Path("/abs").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    result = run_cli("+experiment=demo", f"output_dir={tmp_path / 'a_file'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"moedpo: error: output_dir={tmp_path / 'a_file'}: is a " \
+                                    "file; give a folder"
+
+
+def test_data_inspect_checks_value_types_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "moedpo", "data", "inspect",
+                             "max_length=abc"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moedpo: error: max_length: ")
+    assert "Traceback" not in result.stderr
 
 
 def config_keys(cls, prefix: str = "") -> list[str]:
