@@ -63,6 +63,19 @@ def expert_parameters(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def check_targets(targets: list[str], model: nn.Module) -> None:
+    """Each of model.lora.target_modules names a module of `model` as PEFT matches them (the
+    full name or its last components); else a one-line error listing the linear layers."""
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, nn.Linear)})
+            raise ConfigError(f"model.lora.target_modules: '{target}' names no module of "
+                              f"{type(model).__name__}; its linear layers are "
+                              f"{', '.join(linear)}")
+
+
 def peft_config(cfg: ModelConfig, model: nn.Module):
     """The `peft.LoraConfig` of `model.lora` for this model."""
     from peft import LoraConfig
@@ -70,6 +83,7 @@ def peft_config(cfg: ModelConfig, model: nn.Module):
     lora = cfg.lora
     modules = list(lora.target_modules) if lora.target_modules is not None else \
         default_target_modules(model)
+    check_targets(modules, model)
     experts = expert_parameters(model) if lora.target_experts else []
     if lora.dropout and experts:
         raise ConfigError(f"model.lora.dropout={lora.dropout} with target_experts: PEFT's "

@@ -331,3 +331,16 @@ def test_lora_reads_its_base_from_a_full_models_checkpoint(make_cfg, tmp_path, m
     assert t.equal(copy0, router)
     adapters_a = [p for n, p in policy.named_parameters() if "lora_A" in n]
     assert adapters_a and all(p.abs().sum() > 0 for p in adapters_a)  # initialised, not read
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_target_modules_that_name_nothing_are_one_line(experts):
+    """A typo in target_modules trained the experts alone (or raised PEFT's traceback)."""
+    with pytest.raises(ConfigError, match="model.lora.target_modules: 'nonexistent_proj' names "
+                       "no module of MixtralForCausalLM; its linear layers are .*q_proj"):
+        build_models(lora_model(target_modules=["nonexistent_proj"], target_experts=experts))
+    policy, _ = build_models(lora_model(target_modules=["self_attn.q_proj"],
+                                        target_experts=False), with_reference=False)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in policy.named_parameters()
+               if "lora_" in n}
+    assert adapted == {"q_proj"}
