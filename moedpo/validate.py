@@ -67,12 +67,58 @@ def check_model_json(path: Path) -> None:
     kind = fields.get("model_type")
     _check(kind in CONFIG_MAPPING, f"model.config_path={path}: model_type={kind!r} is not a "
            "transformers model type (e.g. mixtral, qwen3_moe, llama)")
-    experts = next((fields[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if isinstance(fields.get(k), int)), None)
-    top_k = fields.get("num_experts_per_tok")
+    check_model_shapes(fields, f"model.config_path={path}")
+
+
+# Shape fields of transformers' decoder configs that must be whole numbers >= 1 where set
+# (a key a family lacks is not checked): what the model is built from, before it is built.
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "num_local_experts", "num_experts", "n_routed_experts",
+                   "num_experts_per_tok", "moe_intermediate_size")
+
+
+def check_model_shapes(fields: dict, where: str) -> None:
+    """A model config's shapes that would otherwise fail inside the first forward (or build a
+    0-layer model), read from the config transformers builds of `fields` (its defaults
+    included): positive whole numbers, key/value heads dividing the heads, an even head size
+    for rotary embeddings, a top-k within the experts. `where` names the file."""
+    from transformers import CONFIG_MAPPING
+
+    kind = fields.get("model_type")
+    if kind not in CONFIG_MAPPING:
+        return  # remote code: its own config class checks it
+    for key in POSITIVE_FIELDS:  # before transformers sees them: "abc" breaks its defaults
+        value = fields.get(key)
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                 and value >= 1),
+               f"{where}: {key}={value!r} must be a whole number >= 1")
+    try:
+        config = CONFIG_MAPPING[kind](**{k: v for k, v in fields.items() if k != "model_type"})
+    except Exception as err:  # noqa: BLE001  (any failure here is the file's: say which)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"{where}: transformers cannot build a {kind} config from it "
+                          f"({lines[-1] if lines else type(err).__name__})") from None
+    value = {key: getattr(config, key, None) for key in POSITIVE_FIELDS}
+    heads, kv = value["num_attention_heads"], value["num_key_value_heads"]
+    _check(not (heads and kv) or heads % kv == 0,
+           f"{where}: num_key_value_heads={kv} must divide num_attention_heads={heads}")
+    head_dim = value["head_dim"]
+    if head_dim is None and heads and value["hidden_size"]:
+        _check(value["hidden_size"] % heads == 0,
+               f"{where}: hidden_size={value['hidden_size']} must be a multiple of "
+               f"num_attention_heads={heads} (or set head_dim)")
+        head_dim = value["hidden_size"] // heads
+    rotary = any(getattr(config, k, None) is not None
+                 for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+    _check(head_dim is None or not rotary or head_dim % 2 == 0,
+           f"{where}: the head size is {head_dim}; rotary embeddings rotate pairs of "
+           "dimensions, so it must be even")
+    experts = next((value[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if value[k]), None)
+    top_k = value["num_experts_per_tok"]
     _check(experts is None or top_k is None or top_k <= experts,
-           f"model.config_path={path}: num_experts_per_tok={top_k} is above the {experts} "
-           "experts")
+           f"{where}: num_experts_per_tok={top_k} is above the {experts} experts")
 
 
 def check_local_weights(folder: Path) -> None:
@@ -230,6 +276,14 @@ def validate(cfg: DPOConfig) -> None:
         check_model_json(resolve_model_json(m.config_path))
     elif Path(m.name_or_path).is_dir():
         check_local_weights(Path(m.name_or_path))
+        config_json = Path(m.name_or_path) / "config.json"
+        try:
+            fields = json.loads(config_json.read_text()) if config_json.is_file() else None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.name_or_path={m.name_or_path}: config.json is not "
+                              f"readable JSON ({err})") from None
+        if isinstance(fields, dict):
+            check_model_shapes(fields, f"model.name_or_path={m.name_or_path} (config.json)")
 
     datasets = cfg.datasets
     listed = isinstance(datasets, list | tuple) and all(isinstance(d, str) for d in datasets)

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -240,3 +241,54 @@ def test_wrong_types_are_one_moedpo_error_line(capsys):
     assert capsys.readouterr().err.strip() == (
         "moedpo: error: lr: Value 'abc' of type 'str' could not be converted to Float")
     check_override_values(["+experiment=demo", "lr=1e-3"])  # fine values pass
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1 must be a whole number >= 1"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads=3 must divide num_attention_heads=8"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok=0 must be a whole number >= 1"),
+    ({"hidden_size": "abc"}, "hidden_size='abc' must be a whole number >= 1"),
+    ({"head_dim": 7}, "transformers cannot build a mixtral config from it (ValueError: RoPE "
+     "requires an even rotary dimension"),
+    ({"hidden_size": 130, "head_dim": None}, "hidden_size=130 must be a multiple of "
+     "num_attention_heads=8"),
+])
+def test_model_shapes_that_would_fail_in_the_forward_are_one_line(make_cfg, tmp_path, change,
+                                                                   message):
+    """Each was a 0-layer model, a RuntimeError in the first forward or a library
+    traceback; now one line naming the file and the key, for a JSON and a saved folder."""
+    from moedpo.config import MODEL_JSON_DIR
+    from moedpo.validate import validate
+
+    fields = json.loads((MODEL_JSON_DIR / "tiny-mixtral.json").read_text())
+    fields.update(num_attention_heads=8, num_key_value_heads=2, head_dim=16)  # valid as is
+    fields.update(change)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ConfigError, match=re.escape(f"model.config_path={path}: {message}")):
+        validate(make_cfg(f"model.config_path={path}"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ConfigError, match=re.escape(f"(config.json): {message}")):
+        validate(make_cfg("model.config_path=null", f"model.name_or_path={folder}"))
+
+
+def test_every_shipped_and_tested_model_config_passes_the_shape_checks():
+    """No false refusal: the shipped model JSONs and every family the tests build."""
+    from transformers import AutoConfig
+
+    from moedpo.config import MODEL_JSON_DIR
+    from moedpo.validate import check_model_shapes
+
+    for path in sorted(MODEL_JSON_DIR.glob("*.json")):
+        check_model_shapes(json.loads(path.read_text()), str(path))
+    sys.path.insert(0, str(Path(__file__).parent / "models"))
+    from test_families import COMMON, FAMILIES
+
+    for family, extra in FAMILIES.items():
+        fields = AutoConfig.for_model(family, **{**COMMON, **extra}).to_dict()
+        check_model_shapes(fields, family)
+    for family in ("gpt_oss", "deepseek_v3", "qwen3_moe", "mixtral", "llama", "gpt_neox"):
+        check_model_shapes(AutoConfig.for_model(family).to_dict(), family)  # real defaults
