@@ -73,10 +73,12 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
+                holder = self._holder()
+                if holder is None:  # empty or torn (a full disk): it names no live holder
+                    log.warning("taking over the lock %s, which names no holder (left by a "
+                                "run that could not write it)", self.path)
+                    self.path.unlink(missing_ok=True)
+                    continue
                 same_host = holder.get("host") == me["host"]
                 if same_host and isinstance(holder.get("pid"), int) and _gone(holder["pid"]):
                     log.warning("taking over the stale lock %s of process %d, which is gone",
@@ -86,10 +88,33 @@ class RunLock:
                 since = time.strftime("%Y-%m-%d %H:%M:%S",
                                       time.localtime(holder.get("since", 0)))
                 return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}"
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            except OSError as err:
+                raise CheckpointError(f"cannot create the run lock {self.path}: "
+                                      f"{err.strerror or err}") from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as err:  # a full disk: leave no lock that names nobody
+                self.path.unlink(missing_ok=True)
+                raise CheckpointError(f"cannot write the run lock {self.path}: "
+                                      f"{err.strerror or err}; free space there") from None
             return None
         return "a process that keeps taking it"
+
+    def _holder(self, wait: float = 1.0) -> dict | None:
+        """Who the lock file names; None if it names nobody (empty or not a JSON object)
+        for `wait` seconds (a run that has just created it writes it at once)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                holder = json.loads(self.path.read_text())
+                if isinstance(holder, dict):
+                    return holder
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
 
     def __enter__(self) -> RunLock:
         import torch

@@ -367,3 +367,40 @@ def test_a_torn_newest_checkpoint_does_not_switch_the_settings_check_off(make_cf
     assert "step_00000002 at step 2" in caplog.text
     steps = [r["step"] for r in train_rows(first.run_dir) if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 5  # no step twice
+
+
+def test_a_full_disk_at_the_run_lock_is_one_line_and_blocks_no_later_run(make_cfg, monkeypatch,
+                                                                          caplog):
+    """With output_dir full, writing the lock raised OSError and left a 0-byte lock that
+    refused every later run ("? pid ? since 1970"). Now: one line, no lock left; and an empty
+    lock found (left by such a run) names no holder and is taken over."""
+    import errno
+
+    from moedpo import run_dir as run_dir_lib
+    from moedpo.checkpoint import CheckpointError
+    from moedpo.run_dir import LOCK
+
+    cfg = make_cfg(*tiny_train_overrides(), "max_steps=1")
+
+    class Full:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, _):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_dir_lib.os, "fdopen", Full)
+        with pytest.raises(CheckpointError, match=f"cannot write the run lock {cfg.run_dir / LOCK}"
+                           ": No space left on device; free space there"):
+            run(cfg)
+    assert not (cfg.run_dir / LOCK).exists()
+    (cfg.run_dir / LOCK).write_text("")  # as the old code left it
+    run(cfg)
+    assert "names no holder" in caplog.text and not (cfg.run_dir / LOCK).exists()
