@@ -200,4 +200,11 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
                         f"fewer than one step needs ({train_step}){why}; {fix}")
     if not bundle.eval:
         raise DataError(f"datasets={cfg.datasets}: no usable evaluation pairs{why}")
+    if cfg.data.weights is not None and bundle.stream is None:
+        for (name, (n_train, _)), weight in zip(bundle.sources.items(), cfg.data.weights,
+                                                strict=True):
+            if n_train == 0 and weight > 0:
+                raise DataError(f"data.weights: the source {name} has no usable training pairs "
+                                f"but weight {weight}{why}; fix its rows, or drop it from "
+                                "datasets and data.weights")
     return bundle

@@ -128,7 +128,17 @@ def messages(row: dict, key: str) -> Messages:
 
 def template_kwargs(row: dict) -> dict[str, Any] | None:
     """The row's `tools` and `chat_template_kwargs`, for the chat template (TRL's keys)."""
-    kwargs = dict(row.get("chat_template_kwargs") or {})
+    given = row.get("chat_template_kwargs") or {}
+    if isinstance(given, str):  # JSON text, as tables store nested fields
+        try:
+            given = json.loads(given)
+        except json.JSONDecodeError as err:
+            raise RowError(f"field 'chat_template_kwargs' is text but not JSON ({err.msg})"
+                           ) from None
+    if not isinstance(given, dict):
+        raise RowError(f"field 'chat_template_kwargs' is a {type(given).__name__}: give an "
+                       "object of template variables, e.g. {\"enable_thinking\": false}")
+    kwargs = dict(given)
     tools = row.get("tools")
     if isinstance(tools, str):
         try:

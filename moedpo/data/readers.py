@@ -122,8 +122,8 @@ def read_jsonl(path: str, log: SkipLog) -> Rows:
                         return
                     log.skip(origin, f"malformed JSON ({err.msg} at column {err.colno})")
                     continue
-                if isinstance(row, list) and row and all(isinstance(r, dict) for r in row):
-                    yield from _json_array(path, line, log)  # an array on one line
+                if isinstance(row, list):  # an array on one line: its items, as a file's
+                    yield from _json_array(path, line, log)
                     continue
                 if not isinstance(row, dict):
                     log.skip(origin, "line is not a JSON object")
@@ -177,9 +177,25 @@ def table_files(folder: str, split: str) -> tuple[str, list[str]]:
     return "", []
 
 
+@contextlib.contextmanager
+def _damaged(where: str) -> Iterator[None]:
+    """`datasets` and pyarrow reading a damaged file raise what they meet (ArrowInvalid,
+    OSError, JSONDecodeError from a dataset_info.json, ...): one DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001  (any failure reading the files is the files')
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise DataError(f"{where}: cannot be read ({type(err).__name__}: "
+                        f"{lines[0] if lines else 'no message'}); the files may be truncated "
+                        "or damaged: download or write them again") from None
+
+
 def _table_rows(table: Any, where: str) -> Rows:
-    for index, row in enumerate(table):
-        yield row, f"{where} row {index}"
+    with _damaged(where):  # a streamed table reads its files only here
+        for index, row in enumerate(table):
+            yield row, f"{where} row {index}"
 
 
 def _split_error(where: str, split: str, err: Exception) -> DataError:
@@ -197,7 +213,8 @@ def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...]
     if files:
         return json_split(files, log)
     if "://" not in folder and os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-        table = datasets.load_from_disk(folder)  # a DatasetDict written by save_to_disk
+        with _damaged(folder):
+            table = datasets.load_from_disk(folder)  # a DatasetDict written by save_to_disk
         if split not in table:
             raise _split_error(folder, split, KeyError(f"it has {sorted(table)}"))
         rows = table[split].to_iterable_dataset() if streaming else table[split]
@@ -209,10 +226,11 @@ def folder_split(folder: str, split: str, log: SkipLog, aliases: tuple[str, ...]
                         f"another format datasets reads ({', '.join(TABLE_TYPES)}: "
                         f"{split}.parquet, data/{split}-00000-of-00001.parquet, ...); name "
                         "other split names with data.splits={train: NAME, test: NAME}")
-    table = datasets.load_dataset(builder, data_files={split: found}, split=split,
-                                  streaming=streaming,
-                                  **({"num_proc": num_proc} if num_proc > 1 and not streaming
-                                     else {}))
+    with _damaged(f"{folder}[{split}]"):
+        table = datasets.load_dataset(builder, data_files={split: found}, split=split,
+                                      streaming=streaming,
+                                      **({"num_proc": num_proc} if num_proc > 1
+                                         and not streaming else {}))
     return table_split(table, f"{folder}[{split}]")
 
 
