@@ -97,6 +97,14 @@ def _save_planner(xla: bool):
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of what went wrong; for DCP's CheckpointException, which names only
+    the failing ranks, the first rank's own error ("No space left on device")."""
+    failures = getattr(err, "failures", None) if isinstance(err, CheckpointException) else None
+    if failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return _first_line(inner)
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

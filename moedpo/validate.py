@@ -274,6 +274,10 @@ def validate(cfg: DPOConfig) -> None:
     check_lora(cfg)
     if m.config_path is not None:
         check_model_json(resolve_model_json(m.config_path))
+    elif m.name_or_path.startswith(("/", "./", "../", "~")) and not Path(
+            m.name_or_path).expanduser().is_dir():  # a path, never a hub id
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: no such folder; give a "
+                          "folder saved with save_pretrained, or a hub id (org/name)")
     elif Path(m.name_or_path).is_dir():
         check_local_weights(Path(m.name_or_path))
         config_json = Path(m.name_or_path) / "config.json"

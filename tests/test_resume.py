@@ -217,7 +217,8 @@ def test_disk_full_inside_dcp_is_a_clean_error_and_leaves_nothing(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(filesystem, "_write_item", disk_full)
-    with pytest.raises(CheckpointError, match=r"step_00000002.*step_00000001 is untouched"):
+    with pytest.raises(CheckpointError, match=r"step_00000002.*No space left on device.*"
+                       r"step_00000001 is untouched"):
         try:
             ckpt.save(2, model, optimizer, {"step": 2})
         except CheckpointException:  # what escaped before

@@ -195,6 +195,7 @@ def build_data(cfg: DPOConfig, tokenizer, vocab_size: int, world_size: int = 1) 
            + "; ".join(skipped.examples) if skipped.total else "")
     if len(bundle.train) < train_step and bundle.stream is None:
         fix = ("fix the rows (`moedpo data inspect ...` shows them)" if skipped.total
+               else "the train split is empty: give it pairs" if not bundle.train
                else "lower the batch size")
         raise DataError(f"datasets={cfg.datasets}: {len(bundle.train)} usable training pairs, "
                         f"fewer than one step needs ({train_step}){why}; {fix}")

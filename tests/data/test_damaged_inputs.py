@@ -90,3 +90,22 @@ def test_a_one_line_array_skips_only_its_bad_item(make_cfg, tokenizer, tmp_path)
     data = data_of(make_cfg, tokenizer, f"datasets=[{folder}]")
     assert len(data.train) == 30
     assert data.skipped.total == 1 and "train.json[10]" in data.skipped.examples[0]
+
+
+def test_an_empty_train_file_says_so(make_cfg, tokenizer, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    write_jsonl_gz(folder / "train.jsonl.gz", [])
+    write_jsonl_gz(folder / "test.jsonl.gz", demo_rows("test", 8))
+    with pytest.raises(DataError, match="0 usable training pairs.*the train split is empty"):
+        data_of(make_cfg, tokenizer, f"datasets=[{folder}]")
+
+
+def test_a_missing_local_model_folder_is_not_called_a_hub_id(make_cfg, tmp_path):
+    from moedpo.config import ConfigError
+    from moedpo.validate import validate
+
+    missing = tmp_path / "no-model"
+    with pytest.raises(ConfigError, match=f"model.name_or_path={missing}: no such folder"):
+        validate(make_cfg("+experiment=demo", "model.config_path=null",
+                          f"model.name_or_path={missing}"))
