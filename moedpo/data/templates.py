@@ -24,6 +24,13 @@ def load_chat_template(path: str) -> str:
     if "{{" not in template and "{%" not in template:
         raise DataError(f"data.chat_template={path}: not a Jinja template (no '{{{{' or "
                         "'{%' in it)")
+    import jinja2
+
+    try:  # a syntax error is the template's, not each row's: say so once, before any row
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise DataError(f"data.chat_template={path}: a Jinja syntax error at line {err.lineno} "
+                        f"({err.message})") from None
     return template
 
 
@@ -52,6 +59,13 @@ def render(pair: Pair, tokenizer) -> tuple[str, str, str]:
                                                  add_generation_prompt=generation_prompt,
                                                  **kwargs)
         except Exception as err:  # jinja2 raises TemplateError, TypeError, KeyError...
+            import jinja2
+
+            if isinstance(err, jinja2.TemplateSyntaxError):  # every row would fail alike
+                raise DataError(f"the chat template of the tokenizer "
+                                f"({tokenizer.name_or_path or 'embedded'}) has a Jinja syntax "
+                                f"error at line {getattr(err, 'lineno', '?')} ({err}); fix it "
+                                "or give data.chat_template=PATH") from None
             raise RowError(f"the chat template failed on this row ({type(err).__name__}: "
                            f"{err})") from None
     return (apply(pair.prompt, generation_prompt=True), apply(pair.prompt + pair.chosen),

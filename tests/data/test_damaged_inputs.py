@@ -109,3 +109,19 @@ def test_a_missing_local_model_folder_is_not_called_a_hub_id(make_cfg, tmp_path)
     with pytest.raises(ConfigError, match=f"model.name_or_path={missing}: no such folder"):
         validate(make_cfg("+experiment=demo", "model.config_path=null",
                           f"model.name_or_path={missing}"))
+
+
+def test_a_chat_template_with_a_syntax_error_is_reported_once(make_cfg, tokenizer, tmp_path):
+    """Once, naming the template and the line, not as a skipped row for every row."""
+    import copy
+
+    template = tmp_path / "bad.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")
+    with pytest.raises(DataError, match=rf"data.chat_template={template}: a Jinja syntax error "
+                       "at line 1"):
+        data_of(make_cfg, tokenizer, "datasets=[demo_chat]", f"data.chat_template={template}")
+    own = copy.deepcopy(tokenizer)  # the tokenizer's own template broken: also once
+    own.chat_template = template.read_text()
+    with pytest.raises(DataError, match="the chat template of the tokenizer .* has a Jinja "
+                       "syntax error at line 1"):
+        data_of(make_cfg, own, "datasets=[demo_chat]")
