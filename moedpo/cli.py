@@ -159,8 +159,11 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--merge", action="store_true", help=(
         "LoRA runs: fold the adapters into the weights and write a plain HF model (without "
         "it: a PEFT adapter folder for PeftModel.from_pretrained)"))
+    parser.add_argument("--trust", action="store_true", help=(
+        "read the run's checkpoints even if this machine's key did not sign them (their "
+        ".metadata is a pickle: it runs code), and allow its model.trust_remote_code"))
     args = parser.parse_args(argv)
-    used = export(args.source, args.out, args.merge)
+    used = export(args.source, args.out, args.merge, args.trust)
     print(f"exported {used} to {args.out}")
 
 
@@ -178,6 +181,9 @@ def convert_command(argv: list[str]) -> None:
                         "and tokenizer")
     parser.add_argument("--config-path", help="with --to-hf: a model JSON instead of --model")
     parser.add_argument("--dtype", default="float32", help="dtype of the written weights")
+    parser.add_argument("--trust", action="store_true", help=(
+        "with --to-hf: read the DCP folder even if this machine's key did not sign it (its "
+        ".metadata is a pickle: it runs code)"))
     args = parser.parse_args(argv)
     if not args.to_hf:
         hf_to_dcp(args.source, args.out, args.dtype)
@@ -187,7 +193,7 @@ def convert_command(argv: list[str]) -> None:
         model = ModelConfig(name_or_path=args.model or "", config_path=args.config_path,
                             policy_dtype=args.dtype, reference_dtype=args.dtype,
                             mixed_precision=False)
-        dcp_to_hf(args.source, Path(args.out), model)
+        dcp_to_hf(args.source, Path(args.out), model, args.trust)
     print(f"wrote {args.out}")
 
 

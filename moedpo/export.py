@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint import COMPLETE, Checkpointer, CheckpointError, restore_weights, save_weights
 from .config import DTYPES, DPOConfig, ModelConfig
@@ -21,6 +22,7 @@ from .data.templates import use_chat_template
 from .models import lora
 from .models.load import build_models, load_tokenizer
 from .models.precision import cast_parameters
+from .trust import UntrustedCheckpoint
 
 log = logging.getLogger("moedpo")
 
@@ -30,8 +32,22 @@ def load_run_config(run_dir: Path) -> DPOConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml; give a moedpo run directory or one "
                               "of its checkpoints (run_dir/checkpoints/step_...)")
-    merged = OmegaConf.merge(OmegaConf.structured(DPOConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DPOConfig), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as err:  # a hand-edited or crafted file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a moedpo run config ({first})") from None
+
+
+def read_weights(path: str, models: list[torch.nn.Module], trust: bool, **kwargs) -> str:
+    """restore_weights for export and convert. The folder may come from anywhere, and its
+    config.yaml too (so not its checkpoint.trusted_paths): only checkpoints signed by this
+    machine's key are read, unless the user vouches for them (`--trust`)."""
+    try:
+        return restore_weights(path, models, trusted=None if trust else [], **kwargs)
+    except UntrustedCheckpoint as err:
+        raise UntrustedCheckpoint(f"{err}; or pass --trust") from None
 
 
 def find_checkpoint(source: Path) -> tuple[DPOConfig, str]:
@@ -39,9 +55,13 @@ def find_checkpoint(source: Path) -> tuple[DPOConfig, str]:
     if (source / COMPLETE).exists():
         return load_run_config(source.parent.parent), str(source)
     cfg = load_run_config(source)
-    latest = Checkpointer(cfg.checkpoint_dir).latest()
+    # The folder given, wherever it now lies (its config.yaml names where it was written);
+    # a run whose checkpoint.dir was elsewhere keeps them there.
+    root = str(source / "checkpoints") if (source / "checkpoints").is_dir() \
+        else cfg.checkpoint_dir
+    latest = Checkpointer(root).latest()
     if latest is None:
-        raise CheckpointError(f"{source}: no complete checkpoint in {cfg.checkpoint_dir}")
+        raise CheckpointError(f"{source}: no complete checkpoint in {root}")
     return cfg, latest
 
 
@@ -51,12 +71,16 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def export(source: Path, out: Path, merge: bool = False) -> str:
+def export(source: Path, out: Path, merge: bool = False, trust: bool = False) -> str:
     """Write the policy of a run's checkpoint as an HF folder; returns the checkpoint used.
     A LoRA run's checkpoint holds only its adapters: they are put back on the base (the
     run's own starting weights), and written as a PEFT adapter folder, or with `merge`
     folded into the weights as a plain HF model."""
     cfg, checkpoint = find_checkpoint(source)
+    if cfg.model.trust_remote_code and not trust:
+        raise CheckpointError(f"{source}: its config.yaml sets model.trust_remote_code=true, "
+                              "so exporting runs the model's own code; pass --trust if you "
+                              "trust the run folder and that model")
     adapters = lora.is_enabled(cfg.model)
     if merge and not adapters:
         raise CheckpointError(f"{source}: --merge merges LoRA adapters, and this run trained "
@@ -65,10 +89,9 @@ def export(source: Path, out: Path, merge: bool = False) -> str:
     cfg.model.lora.quantize = None
     policy, _ = build_models(cfg.model, cfg.seed, with_reference=False)
     if cfg.checkpoint_manager_path:  # the run's base came from there, not from name_or_path
-        restore_weights(cfg.checkpoint_manager_path, [policy],
-                        trusted=list(cfg.checkpoint.trusted_paths),
-                        key_of=lora.base_key if adapters else None)
-    restore_weights(checkpoint, [policy], trainable_only=adapters)
+        read_weights(cfg.checkpoint_manager_path, [policy], trust,
+                     key_of=lora.base_key if adapters else None)
+    read_weights(checkpoint, [policy], trust, trainable_only=adapters)
     tokenizer = load_tokenizer(cfg.model)
     try:  # the template the run trained with goes with the model
         use_chat_template(tokenizer, cfg.data.chat_template)
@@ -118,7 +141,7 @@ def hf_to_dcp(model_dir: str, out: str, dtype: str = "float32") -> None:
     save_weights(model, out)
 
 
-def dcp_to_hf(checkpoint: str, out: Path, model: ModelConfig) -> None:
+def dcp_to_hf(checkpoint: str, out: Path, model: ModelConfig, trust: bool = False) -> None:
     policy, _ = build_models(model)
-    restore_weights(checkpoint, [policy])
+    read_weights(checkpoint, [policy], trust)
     save_hf(policy, load_tokenizer(model), out)

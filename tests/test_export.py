@@ -154,3 +154,39 @@ def test_pissa_adapters_export_onto_the_original_base(make_cfg, tmp_path, tiny_m
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_crafted_run_folder_is_not_read_without_trust(make_cfg, tmp_path):
+    """A run folder from elsewhere is code: its checkpoint's .metadata is a pickle and its
+    config.yaml may turn trust_remote_code on. Export reads only checkpoints this machine
+    signed (not the folder's own trusted_paths), refuses remote code, and says --trust."""
+    import shutil
+
+    from moedpo.trust import MANIFEST
+
+    result = run(make_cfg(*tiny_train_overrides(), "max_steps=1"))
+    crafted = tmp_path / "crafted"
+    shutil.copytree(result.run_dir, crafted)
+    config = crafted / "config.yaml"
+    config.write_text(config.read_text().replace("trusted_paths: []",
+                                                 f"trusted_paths: ['{crafted}']"))
+    for manifest in crafted.rglob(MANIFEST):
+        manifest.unlink()  # as a folder made elsewhere: not signed by this machine's key
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(crafted),
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not (tmp_path / "o").exists()
+    assert "not read, it has no readable moedpo-manifest.json" in done.stderr
+    assert "or pass --trust" in done.stderr and "Traceback" not in done.stderr
+    run_export(crafted, tmp_path / "trusted", "--trust")
+    assert (tmp_path / "trusted" / "config.json").exists()
+
+    config.write_text(config.read_text().replace("trust_remote_code: false",
+                                                 "trust_remote_code: true"))
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(crafted),
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "model.trust_remote_code=true" in done.stderr
+    config.write_text("lr: [not, a, number]\nno_such_key: 1\n")
+    done = subprocess.run([sys.executable, "-m", "moedpo", "export", str(crafted),
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "config.yaml: not a moedpo run config" in done.stderr
+    assert "Traceback" not in done.stderr
