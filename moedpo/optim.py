@@ -82,6 +82,19 @@ def build_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer,
         optimizer, lambda step: lr_multiplier(step, cfg, total_steps))
 
 
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """After a resume: the learning rate at the checkpoint's step taken from this run's
+    schedule, which spans this run's total steps. Unchanged settings give the checkpoint's
+    own value; a changed max_steps (or n_epochs) stretches the rest of the curve over the new
+    total, from this step on rather than one step late. Returns (lr saved, lr now)."""
+    saved = float(optimizer.param_groups[0]["lr"])
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                               strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    return saved, float(optimizer.param_groups[0]["lr"])
+
+
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """optimizer.step(), kept only where the boolean tensor `finite` is true, decided on the
     device without reading it on the host. Used on XLA, where the selects fuse into the

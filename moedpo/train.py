@@ -50,6 +50,7 @@ from .optim import (
     build_scheduler,
     check_nonfinite,
     clip_grad_norm,
+    continue_schedule,
     step_if_finite,
 )
 from .parallel import spmd
@@ -230,6 +231,10 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             run_dir_lib.check_resume_config(state["config"], OmegaConf.to_container(
                 OmegaConf.structured(cfg)))
         scheduler.load_state_dict(state["scheduler"])
+        saved_lr, lr_now = continue_schedule(scheduler, optimizer)
+        if saved_lr != lr_now:
+            log.info("the learning-rate schedule now spans %d steps: lr %.4g at the checkpoint, "
+                     "%.4g from here on", n_steps, saved_lr, lr_now)
         start_step, nonfinite = state["step"], state["nonfinite"]
         stream_state = state.get("data_stream")
         if shift is not None:
@@ -306,7 +311,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             # ---- one optimizer step over gradient_accumulation_steps micro-batches
             started = time.perf_counter()
             pairs = next(steps)
-            lr = scheduler.get_last_lr()[0]
+            lr = float(optimizer.param_groups[0]["lr"])  # the rate this step applies
             optimizer.zero_grad(set_to_none=True)
             outputs, totals = [], None
             # this rank's share of the step, cut by count or by tokens (data.tokens_per_batch)

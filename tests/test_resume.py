@@ -405,3 +405,25 @@ def test_a_full_disk_at_the_run_lock_is_one_line_and_blocks_no_later_run(make_cf
     (cfg.run_dir / LOCK).write_text("")  # as the old code left it
     run(cfg)
     assert "names no holder" in caplog.text and not (cfg.run_dir / LOCK).exists()
+
+
+def test_max_steps_changed_on_resume_stretches_the_cosine_from_the_resumed_step(make_cfg,
+                                                                                caplog):
+    """A cosine run of 4 steps resumed with max_steps=8: from the resumed step on, the
+    learning rate is the 8-step schedule's (a straight 8-step run's), one info line says
+    so; unchanged settings keep the checkpoint's rate exactly."""
+    common = [*tiny_train_overrides(), "sched=CosineAnnealing", "sched.warmup_steps=1",
+              "sched.min_lr=1e-5", "lr=1e-3", "report_metrics_freq=1", "eval_frequency=50",
+              "checkpoint.save_frequency=2"]
+    run(make_cfg(*common, "max_steps=8", "exp_name=straight"))
+    run(make_cfg(*common, "max_steps=4", "exp_name=resumed"))
+    with caplog.at_level("INFO", logger="moedpo"):
+        resumed = run(make_cfg(*common, "max_steps=8", "exp_name=resumed"))
+    assert "the learning-rate schedule now spans 8 steps" in caplog.text
+    lr = {name: {r["step"]: r["train/lr"] for r in train_rows(path) if "train/lr" in r}
+          for name, path in (("straight", resumed.run_dir.parent / "straight"),
+                             ("resumed", resumed.run_dir))}
+    assert sorted(lr["resumed"]) == list(range(8))
+    for step in range(4, 8):
+        assert lr["resumed"][step] == pytest.approx(lr["straight"][step], rel=1e-12), step
+    assert lr["resumed"][3] != pytest.approx(lr["straight"][3])  # the 4-step curve before
