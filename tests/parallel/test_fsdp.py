@@ -126,6 +126,18 @@ def test_streamed_training_on_two_ranks_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one", tmp_path / "whole", atol=1e-5, rel=1e-5)
 
 
+def test_streamed_two_rank_kill_and_resume_equals_a_straight_run(tmp_path):
+    """data.streaming on 2 ranks, SIGKILLed after step 4's checkpoint: the resumed run reads
+    the stream again up to where the checkpoint says and ends as the straight run."""
+    args = [*(a for a in COMMON if not a.startswith("data.static_shapes")), "max_steps=8",
+            "dry_run=false", "data.streaming=true", "data.shuffle_buffer=64",
+            "per_device_train_batch_size=2", "checkpoint.save_frequency=2",
+            "eval_frequency=4", f"output_dir={tmp_path}"]
+    run_ok(torchrun(*args, "exp_name=straight"))
+    kill_after_checkpoint_and_resume(torchrun(*args, "exp_name=killed"), tmp_path, "killed", 4)
+    assert_same_run(tmp_path / "straight", tmp_path / "killed", atol=1e-6)
+
+
 @pytest.mark.parametrize("start", ["seeded", "checkpoint"])
 def test_lora_on_two_ranks_equals_one_process(tmp_path, start):
     """LoRA under FSDP2: built on the meta device (the default under torchrun), the base
