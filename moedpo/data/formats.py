@@ -175,6 +175,10 @@ def parse_conversation(row: dict, implicit: bool) -> tuple[Messages, Messages, M
         if not any(m.get("content").strip() if isinstance(m.get("content"), str)
                    else m.get("content") or m.get("tool_calls") for m in reply):
             raise RowError(f"empty {which} response")
+        if all(m.get("role") == "user" for m in reply):  # training would write user turns
+            raise RowError(f"the {which} response is in the user role; responses are the "
+                           "model's turns (assistant, or tool calls): put the user's turns in "
+                           "the prompt")
     return prompt, chosen, rejected
 
 

@@ -122,7 +122,8 @@ def read_jsonl(path: str, log: SkipLog) -> Rows:
                         return
                     log.skip(origin, f"malformed JSON ({err.msg} at column {err.colno})")
                     continue
-                if isinstance(row, list):  # an array on one line: its items, as a file's
+                if isinstance(row, list) and any(isinstance(r, dict) for r in row):
+                    # an array of rows on one line: each item read (or skipped) on its own
                     yield from _json_array(path, line, log)
                     continue
                 if not isinstance(row, dict):

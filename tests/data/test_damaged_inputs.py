@@ -125,3 +125,15 @@ def test_a_chat_template_with_a_syntax_error_is_reported_once(make_cfg, tokenize
     with pytest.raises(DataError, match="the chat template of the tokenizer .* has a Jinja "
                        "syntax error at line 1"):
         data_of(make_cfg, own, "datasets=[demo_chat]")
+
+
+def test_a_response_in_the_user_role_skips_the_row():
+    row = chat_rows("train", 1)[0]
+    prompt = [{"role": "user", "content": "hi"}]
+    for which in ("chosen", "rejected"):
+        bad = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "a"}],
+               "rejected": [{"role": "assistant", "content": "b"}]}
+        bad[which] = [{"role": "user", "content": "a question back"}]
+        with pytest.raises(RowError, match=f"the {which} response is in the user role"):
+            parse_row(bad, "t:1")
+    parse_row(row, "t:2")  # the bundled rows are fine
