@@ -216,12 +216,17 @@ def read_rows(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise MetricsError(f"{path}:{number}: not a JSON row; fix or delete the "
                                    "line") from None
             log.warning("%s:%d: dropping a torn last line (an interrupted write)", path, number)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise MetricsError(f"{path}:{number}: a row without its integer \"step\" (every "
+                               "moedpo row has one); fix or delete the line")
+        rows.append(row)
     return rows
 
 

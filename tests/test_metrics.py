@@ -62,4 +62,11 @@ def test_torn_last_line_is_dropped_and_json_is_strict(tmp_path, caplog):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{oops\n{"step": 1}\n')
     with pytest.raises(MetricsError, match=r"metrics.jsonl:2: not a JSON row"):
         read_rows(tmp_path / "metrics.jsonl")
+    # A row without "step" (edited by hand): one line naming it, also from a resume's trim
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"train/loss": 0.6}\n{"step": 1}\n')
+    for read in (lambda: read_rows(tmp_path / "metrics.jsonl"),
+                 lambda: trim_metrics(tmp_path, 1)):
+        with pytest.raises(MetricsError, match=r'metrics.jsonl:2: a row without its integer '
+                           r'"step"'):
+            read()
 
