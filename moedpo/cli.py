@@ -31,11 +31,12 @@ USAGE = """usage: moedpo COMMAND ...
 commands:
   train [KEY=VALUE ...]          train with DPO; every KEY of README's config reference, e.g.
                                  `moedpo train +experiment=demo` (same as run_dpo_no_trainer.py)
-  export RUN_DIR|CHECKPOINT OUT [--merge]
+  export RUN_DIR|CHECKPOINT OUT [--merge] [--trust]
                                  write the trained policy as a Hugging Face folder
-                                 (LoRA runs: a PEFT adapter folder, or merged)
+                                 (LoRA runs: a PEFT adapter folder, or merged); --trust
+                                 reads checkpoints this machine did not sign
   convert HF_DIR OUT             a Hugging Face model -> DCP weights for checkpoint_manager_path
-  convert --to-hf DCP OUT --model NAME_OR_PATH | --config-path JSON
+  convert --to-hf DCP OUT --model NAME_OR_PATH | --config-path JSON [--trust]
                                  DCP weights -> a Hugging Face folder
   plot RUN_DIR [RUN_DIR ...] [-o PNG]
                                  draw a run's metrics (several runs overlaid)
