@@ -26,7 +26,7 @@ from .trust import UntrustedCheckpoint
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError,
                MetricsError, UntrustedCheckpoint)
 GROUPS = ("model", "sched", "experiment")
-USAGE = """usage: moedpo COMMAND ...
+USAGE = """usage: moedpo COMMAND ... | moedpo --version
 
 commands:
   train [KEY=VALUE ...]          train with DPO; every KEY of README's config reference, e.g.
@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"moedpo {__version__}")
         return
     command, rest = argv[0], argv[1:]
     if command == "train":

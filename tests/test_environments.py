@@ -79,3 +79,27 @@ def test_xla_env_offline_reuses_the_newest_cached_venv_with_a_warning(tmp_path):
     assert done.stdout.strip() == str(tmp_path / "moedpo/xla-env-new/bin/python")
     assert "WARNING: cannot resolve today's versions" in done.stderr
     assert "dependencies (" in done.stderr and "transformers " in done.stderr
+
+
+def test_wheel_ships_license_types_and_the_one_version(tmp_path):
+    """The version is written once (moedpo.__version__): the wheel's metadata, `moedpo
+    --version` and the package agree; the wheel carries LICENSE and py.typed."""
+    import importlib.util
+    import zipfile
+
+    import moedpo
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here: no wheel can be built offline")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("moedpo-*.whl")
+    assert wheel.name.startswith(f"moedpo-{moedpo.__version__}-")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "moedpo/py.typed" in names
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    done = subprocess.run([sys.executable, "-m", "moedpo", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == f"moedpo {moedpo.__version__}"
