@@ -4,7 +4,6 @@ kept), the reference is that quantized base with the adapters off, and LoRA DPO 
 
 import math
 
-import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -14,6 +13,13 @@ from moedpo.models.load import build_models
 from moedpo.models.router import router_modules
 from moedpo.train import run
 from moedpo.validate import validate
+
+
+def bitsandbytes():
+    """bitsandbytes, or a skip with the reason: without it the tests that run QLoRA skip
+    and the rest of the suite (and the refusal tests here) still collect and run."""
+    return pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install "
+                               "'moedpo[qlora]'")
 
 
 def qlora_model(folder, **lora_fields) -> ModelConfig:
@@ -26,6 +32,7 @@ def qlora_model(folder, **lora_fields) -> ModelConfig:
 
 
 def test_base_is_nf4_but_head_routers_and_experts_and_the_reference_is_it(tiny_mixtral_dir):
+    bnb = bitsandbytes()
     policy, reference = build_models(qlora_model(tiny_mixtral_dir), seed=0)
     base = policy.base_model.model
     attention = base.model.layers[0].self_attn.q_proj.base_layer
@@ -55,6 +62,7 @@ def test_base_is_nf4_but_head_routers_and_experts_and_the_reference_is_it(tiny_m
 
 
 def test_qlora_dpo_starts_at_ln2_and_learns_the_demo(make_cfg, tiny_mixtral_dir):
+    bitsandbytes()
     result = run(make_cfg(*tiny_train_overrides(), "max_steps=10", "eval_frequency=5",
                           "per_device_train_batch_size=8", "model.lora.r=8",
                           "model.lora.alpha=16", "model.lora.quantize=4bit",
@@ -70,6 +78,7 @@ def test_export_puts_qlora_adapters_on_the_unquantized_base(make_cfg, tiny_mixtr
                                                           tmp_path):
     """`moedpo export --merge` of a QLoRA run: the adapters merged into the bf16 base, a
     plain HF model with no 4-bit layer, equal to PEFT's own adapter-on-base."""
+    bnb = bitsandbytes()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -133,6 +142,7 @@ def test_qlora_reference_equals_the_dequantized_base_computed_by_hand(tiny_mixtr
     """An independent check of the 4-bit reference at run time: each NF4 weight dequantized
     with bitsandbytes' own `dequantize_4bit` and put into a plain bf16 model; its logits are
     the QLoRA reference's."""
+    bnb = bitsandbytes()
     policy, reference = build_models(qlora_model(tiny_mixtral_dir), seed=0)
     plain, _ = build_models(ModelConfig(name_or_path=str(tiny_mixtral_dir),
                                         policy_dtype="bfloat16", mixed_precision=False),
