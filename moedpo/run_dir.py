@@ -239,22 +239,55 @@ def fetch(cfg: DPOConfig) -> None:
         fs.get(remote, str(local))
 
 
-def publish(cfg: DPOConfig) -> None:
+# What each run's local mirror has uploaded: file -> (size, mtime_ns) when it was sent, so a
+# publish sends only what changed since (a long run re-sent every file at every eval).
+_SENT: dict[str, dict[str, tuple[int, int]]] = {}
+
+
+def _upload_file(fs, local: str, target: str) -> None:
+    """One file to the bucket, retried with exponential backoff (0.5, 1, 2, 4 s): a bucket's
+    transient errors (a 503, a reset connection) must not end a long run."""
+    from tenacity import Retrying, stop_after_attempt, wait_exponential
+
+    for attempt in Retrying(stop=stop_after_attempt(5), reraise=True,
+                            wait=wait_exponential(multiplier=0.5, max=8)):
+        with attempt:
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(local, target)
+
+
+def publish(cfg: DPOConfig) -> bool:
     """For a URL output_dir: upload the local mirror's files (metrics, config, TensorBoard,
-    samples, Hydra's record) to output_dir/exp_name. Called after every eval, checkpoint
-    and at the end; checkpoints themselves are written to the URL directly."""
+    samples, Hydra's record) that changed since the last publish to output_dir/exp_name.
+    Called after every eval, checkpoint and at the end; checkpoints themselves are written to
+    the URL directly (a checkpoint that cannot be written stops the run, checkpoint.py). A
+    file whose upload still fails after its retries is a warning and is sent again at the
+    next publish: nothing is lost, the local mirror holds it. Returns whether all went up."""
     url = cfg.run_url
     if url is None:
-        return
+        return True
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
-    files = [p for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != LOCK
-             and not p.name.endswith(".tmp")]
-    for path in files:
-        target = f"{root.rstrip('/')}/{path.relative_to(cfg.run_dir).as_posix()}"
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(path), target)
+    sent = _SENT.setdefault(f"{cfg.run_dir}\0{url}", {})
+    ok = True
+    for path in sorted(cfg.run_dir.rglob("*")):
+        if not path.is_file() or path.name == LOCK or path.name.endswith(".tmp"):
+            continue
+        relative = path.relative_to(cfg.run_dir).as_posix()
+        stat = path.stat()
+        if sent.get(relative) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        try:
+            _upload_file(fs, str(path), f"{root.rstrip('/')}/{relative}")
+        except Exception as err:  # noqa: BLE001  (storage clients raise many types)
+            ok = False
+            log.warning("could not upload %s to %s (%s: %s); it stays in %s and is sent again "
+                        "at the next publish", relative, url, type(err).__name__, err,
+                        cfg.run_dir)
+            continue
+        sent[relative] = (stat.st_size, stat.st_mtime_ns)
+    return ok
 
 
 def set_aside(run_dir: Path) -> None:

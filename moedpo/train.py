@@ -395,7 +395,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             save(n_steps)
         final = eval_row(n_steps)
     writer.close()
-    if backend.is_main:
-        run_dir_lib.publish(cfg)
+    if backend.is_main and not run_dir_lib.publish(cfg):
+        log.warning("the run finished, but some of its files are not at %s yet (see above): "
+                    "they are in %s; run the same command again to upload them",
+                    cfg.run_url, run_dir)
     log.info("run finished; metrics in %s", cfg.run_url or run_dir)
     return RunResult(final, policy, run_dir)
