@@ -220,7 +220,11 @@ def test_truncated_safetensors_and_unwritable_dirs_fail_up_front(make_cfg, tmp_p
     shutil.copytree(tiny_neox_dir, folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ConfigError, match="model.safetensors is truncated"):
+    with pytest.raises(ConfigError, match="model.safetensors is not a complete safetensors "
+                       r"file \(.*not fully covered\); download it again"):
+        validate(make_cfg("model=pythia", f"model.name_or_path={folder}"))
+    weights.write_bytes(b"garbage" * 10)  # no header at all
+    with pytest.raises(ConfigError, match="model.safetensors is not a complete safetensors"):
         validate(make_cfg("model=pythia", f"model.name_or_path={folder}"))
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError, match="output_dir=.*a_file: is a file"):
