@@ -21,116 +21,74 @@ from .parallel.backend import Backend
 log = logging.getLogger("moedpo")
 OUTPUTS = ("metrics.jsonl", "tensorboard")
 LOCK = ".moedpo.lock"
+HOLDER = LOCK + ".holder"
 
 
 class RunLocked(CheckpointError):
     """Another live run holds the run directory."""
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host. A killed process can linger a moment as a
-    zombie (not yet reaped by its parent), which signal 0 still reaches: it counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
-def _gone(pid: int, grace: float = 3.0) -> bool:
-    """Whether `pid` is gone, or goes within `grace` seconds (a run killed just before this
-    one started: its processes may still be exiting)."""
-    deadline = time.monotonic() + grace
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 class RunLock:
-    """An exclusive lock on a run directory for the whole run: a lock file naming the holder
-    (host, pid, start time), created atomically by the main process. A second run of the
-    same directory is refused at once (it would resume from the first one's checkpoints
-    while they are being written, and both would append to metrics.jsonl). A lock whose
-    process is gone (same host, pid not running: a SIGKILL, a crash) is stale and taken
-    over with a warning. Every rank learns the outcome, so none waits on a refused run."""
+    """An exclusive lock on a run directory for the whole run: an OS file lock (filelock:
+    flock on POSIX) on run_dir/.moedpo.lock, held by the main process. The kernel drops it
+    when the process ends, however it ends (SIGKILL, a crash, a full disk), so no lock is
+    ever stale and none has to be taken over; who holds it (host, pid, start time) is written
+    beside it (.moedpo.lock.holder) for the refusal message only. A second run of the same
+    directory is refused at once (it would resume from the first one's checkpoints while
+    they are being written, and both would append to metrics.jsonl). Every rank learns the
+    outcome, so none waits on a refused run."""
 
     def __init__(self, run_dir: Path, backend: Backend) -> None:
-        self.path, self.backend, self.held = run_dir / LOCK, backend, False
+        self.path, self.backend, self.lock = run_dir / LOCK, backend, None
+        self.holder = run_dir / HOLDER
 
     def _take(self) -> str | None:
         """None when taken, else who holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None:  # empty or torn (a full disk): it names no live holder
-                    log.warning("taking over the lock %s, which names no holder (left by a "
-                                "run that could not write it)", self.path)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                same_host = holder.get("host") == me["host"]
-                if same_host and isinstance(holder.get("pid"), int) and _gone(holder["pid"]):
-                    log.warning("taking over the stale lock %s of process %d, which is gone",
-                                self.path, holder["pid"])
-                    self.path.unlink(missing_ok=True)
-                    continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S",
-                                      time.localtime(holder.get("since", 0)))
-                return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}"
-            except OSError as err:
-                raise CheckpointError(f"cannot create the run lock {self.path}: "
-                                      f"{err.strerror or err}") from None
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
-            except OSError as err:  # a full disk: leave no lock that names nobody
-                self.path.unlink(missing_ok=True)
-                raise CheckpointError(f"cannot write the run lock {self.path}: "
-                                      f"{err.strerror or err}; free space there") from None
-            return None
-        return "a process that keeps taking it"
+        from filelock import FileLock, Timeout
 
-    def _holder(self, wait: float = 1.0) -> dict | None:
-        """Who the lock file names; None if it names nobody (empty or not a JSON object)
-        for `wait` seconds (a run that has just created it writes it at once)."""
-        deadline = time.monotonic() + wait
-        while True:
+        lock = FileLock(str(self.path))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=0)
+        except Timeout:
             try:
-                holder = json.loads(self.path.read_text())
-                if isinstance(holder, dict):
-                    return holder
+                holder = json.loads(self.holder.read_text())
             except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.1)
+                holder = {}
+            holder = holder if isinstance(holder, dict) else {}
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}"
+        except OSError as err:
+            raise CheckpointError(f"cannot create the run lock {self.path}: "
+                                  f"{err.strerror or err}") from None
+        self.lock = lock
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        try:  # only for the message a refused run prints: the lock holds without it
+            tmp = self.holder.with_suffix(".tmp")
+            tmp.write_text(json.dumps(me))
+            tmp.replace(self.holder)
+        except OSError as err:
+            log.warning("could not record the holder of %s (%s); the run holds it all the "
+                        "same", self.path, err.strerror or err)
+        return None
 
     def __enter__(self) -> RunLock:
         import torch
 
         holder = self._take() if self.backend.is_main else None
         refused = float(self.backend.all_reduce_sum(torch.tensor([float(holder is not None)]))[0])
-        self.held = self.backend.is_main and holder is None
         if refused:
-            raise RunLocked(
-                f"{self.path.parent} is in use by another run ({holder or 'see rank 0'}); wait "
-                f"for it, or choose another exp_name. If no such run exists, delete {self.path}")
+            self.__exit__()
+            raise RunLocked(f"{self.path.parent} is in use by another run "
+                            f"({holder or 'see rank 0'}); wait for it, or choose another "
+                            "exp_name")
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
+        if self.lock is not None:
+            self.holder.unlink(missing_ok=True)
+            self.lock.release()
+            self.lock = None
 
 
 def find_resume(cfg: DPOConfig, checkpointer: Checkpointer) -> str | None:
@@ -232,7 +190,7 @@ def fetch(cfg: DPOConfig) -> None:
         return
     for remote in fs.find(root):
         relative = remote[len(root.rstrip("/")) + 1:]
-        if relative.startswith("checkpoints/") or relative == LOCK:
+        if relative.startswith("checkpoints/") or relative in (LOCK, HOLDER):
             continue  # checkpoints are read where they are
         local = cfg.run_dir / relative
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +230,7 @@ def publish(cfg: DPOConfig) -> bool:
     sent = _SENT.setdefault(f"{cfg.run_dir}\0{url}", {})
     ok = True
     for path in sorted(cfg.run_dir.rglob("*")):
-        if not path.is_file() or path.name == LOCK or path.name.endswith(".tmp"):
+        if not path.is_file() or path.name in (LOCK, HOLDER) or path.name.endswith(".tmp"):
             continue
         relative = path.relative_to(cfg.run_dir).as_posix()
         stat = path.stat()
