@@ -67,21 +67,12 @@ def test_trl_reads_the_rule_the_same_way():
     """TRL 1.16's DPOTrainer with ld_alpha, fed per-token log-probs, gives the loss of the
     sums weighted as above."""
     pytest.importorskip("trl")
-    from test_trl_parity import B, T, trl_loss
+    from test_trl_parity import B, trl_loss
 
     from moedpo.logps import SequenceLogps
     from moedpo.losses import LossOptions, preference_loss
 
-    g = torch.Generator().manual_seed(9)
-    lengths = torch.randint(2, T - 3, (2 * B,), generator=g)
-    completion = torch.zeros(2 * B, T, dtype=torch.long)
-    for i, n in enumerate(lengths.tolist()):
-        completion[i, T - n:] = 1
-    per_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.double) * completion[:, 1:]
-    ref_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.double) * completion[:, 1:]
-    shorter = torch.minimum(lengths[:B], lengths[B:]).repeat(2)
-    position = completion[:, 1:].cumsum(1)  # 1-based index within the response
-    weights = torch.where(position <= shorter[:, None], 1.0, ALPHA).double()
+    completion, per_token, ref_token, weights, lengths = ld_batch(9)
     sums = (per_token * weights).sum(1)
     ref_sums = (ref_token * weights).sum(1)
 
