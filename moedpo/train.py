@@ -222,14 +222,14 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         log.info("router_aux_loss_scope=global_batch over %d accumulated micro-batches: each "
                  "step first runs the policy once more without gradients to count the expert "
                  "loads of all of them", cfg.gradient_accumulation_steps)
+    settings = OmegaConf.to_container(OmegaConf.structured(cfg))  # what a resume must match
     if resume_from:
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
             resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
         else:
             state, own = checkpointer.load(resume_from, policy, optimizer, synced)
         if state.get("config") is not None:  # the checkpoint actually loaded, fallback or not
-            run_dir_lib.check_resume_config(state["config"], OmegaConf.to_container(
-                OmegaConf.structured(cfg)))
+            run_dir_lib.check_resume_config(state["config"], settings)
         scheduler.load_state_dict(state["scheduler"])
         saved_lr, lr_now = continue_schedule(scheduler, optimizer)
         if saved_lr != lr_now:
@@ -244,7 +244,6 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             run_dir_lib.trim_metrics(run_dir, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     steps = data.train_steps(cfg, step_size, start_step, stream_state)
-    settings = OmegaConf.to_container(OmegaConf.structured(cfg))
     writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main, settings,
                           cfg.exp_name)
 
