@@ -4,14 +4,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moedpo-installed
+# The exact CPU torch the tests run on: the top of the package's range (pyproject.toml), which
+# docker/gpu/Dockerfile installs too (tests/test_deploy.py holds them equal).
+TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-xla lint assets clean
+.PHONY: demo test test-xla test-install lint assets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: pip then never looks for a (CUDA) build of its own.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -26,8 +29,19 @@ test: $(STAMP)
 
 # The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own venv, cached while
 # the requirements resolve to the same releases (scripts/xla_env.sh; ~7 GB, ~3 min to build).
+# The venv is docker/tpu/Dockerfile's RUN steps, so this also checks that the TPU image installs;
+# then the installed package trains from outside the checkout (scripts/install_check.sh tpu).
 test-xla: $(STAMP)
-	MOEDPO_XLA_PYTHON="$$(bash scripts/xla_env.sh)" $(PY) -m pytest -q tests/parallel/test_spmd.py
+	XLA_PY="$$(bash scripts/xla_env.sh)" && \
+	MOEDPO_XLA_PYTHON="$$XLA_PY" $(PY) -m pytest -q tests/parallel/test_spmd.py && \
+	bash scripts/install_check.sh tpu "$$XLA_PY"
+
+# What `pip install moedpo` gives, from outside the checkout, at both ends of the supported
+# range: docker/gpu/Dockerfile's steps (newest torch, today's releases) and the lower bounds of
+# torch and transformers. Fresh venvs each time (~6 GB, ~5 min), removed afterwards.
+test-install:
+	bash scripts/install_check.sh newest
+	bash scripts/install_check.sh oldest
 
 assets: $(STAMP)
 	$(PY) scripts/build_assets.py

@@ -1,3 +1,3 @@
 """moedpo: Direct Preference Optimization for Mixture-of-Experts and dense language models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

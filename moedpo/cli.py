@@ -108,6 +108,12 @@ def train(overrides: list[str], prog: str = "moedpo train") -> None:
     hydra_main()
 
 
+def seed_main() -> None:
+    """`run_dpo_no_trainer KEY=VALUE ...`: the seed's command lines from an installed package
+    (`python run_dpo_no_trainer.py ...` works only inside a checkout)."""
+    train(sys.argv[1:], prog="run_dpo_no_trainer")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -81,7 +81,9 @@ class MLflow:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(f"file:{(run_dir / 'mlruns').resolve()}")
+            # A SQLite store in the run dir: MLflow 3 refuses its old `./mlruns` file store
+            # (maintenance mode); `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`.
+            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         self.mlflow = mlflow
         mlflow.start_run(run_name=name)
         mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})

@@ -6,11 +6,20 @@
                                                    `pip install --dry-run --report` (sorted)
     deps.py show [--add NAME ...]                  the installed version of each direct
                                                    dependency in the running interpreter
+    deps.py lowest NAME ...                        NAME==LOWER for the lower bound pyproject
+                                                   declares for each (the oldest supported end)
+    deps.py steps DOCKERFILE                       the image's RUN commands, one per line
+    deps.py image-reqs DOCKERFILE                  what the image's `pip install`s ask for
+    deps.py context DEST                           copy the checkout's source (git's tracked
+                                                   and unignored files) to DEST, as `COPY . .`
 
 `reqs` keeps one list (pyproject.toml) for the package, the test venv and the torch_xla venv;
 `pins` keys a cached environment on what the declared ranges resolve to today, so a cache
 built from older releases is rebuilt as soon as a new one is published; `show` is the line CI
-prints at the start of each run. Standard library only: it runs before any venv exists.
+prints at the start of each run; `lowest` names the oldest end CI installs; `steps` and
+`image-reqs` let CI build a venv from a Dockerfile's own install steps (scripts/xla_env.sh,
+scripts/install_check.sh), so an image whose steps cannot install fails CI without a Docker
+daemon. Standard library only: it runs before any venv exists.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 import tomllib
 from importlib import metadata
@@ -63,6 +75,60 @@ def installed(names: list[str]) -> list[tuple[str, str]]:
     return rows
 
 
+def lowest(name: str, pyproject: Path = PYPROJECT) -> str:
+    """`name==X` for the `>=X` that pyproject.toml declares for `name`."""
+    wanted = project_name(name)
+    for spec in declared(pyproject):
+        if project_name(spec) == wanted:
+            found = re.search(r">=\s*([0-9][0-9A-Za-z.]*)", spec)
+            if not found:
+                raise SystemExit(f"deps.py: {spec!r} in {pyproject} has no lower bound")
+            return f"{wanted}=={found.group(1)}"
+    raise SystemExit(f"deps.py: {name} is not a dependency in {pyproject}")
+
+
+def dockerfile_steps(dockerfile: Path) -> list[str]:
+    """The RUN commands of a Dockerfile (shell form), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    steps = []
+    for line in text.splitlines():
+        words = line.strip().split(None, 1)
+        if len(words) == 2 and words[0].upper() == "RUN":
+            if words[1].lstrip().startswith("["):
+                raise SystemExit(f"deps.py: {dockerfile}: write RUN in shell form, not exec form")
+            steps.append(" ".join(words[1].split()))
+    return steps
+
+
+def image_requirements(dockerfile: Path) -> list[str]:
+    """Every requirement the image's `pip install` commands name (options dropped), in order:
+    the input of a dry-run that says what the image would install today."""
+    reqs = []
+    for step in dockerfile_steps(dockerfile):
+        for command in re.split(r"&&|;", step):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                args = words[words.index("install") + 1:]
+                reqs += [a for a in args if not a.startswith("-")]
+    return reqs
+
+
+def copy_context(dest: Path, root: Path = PYPROJECT.parent) -> int:
+    """Copy what an image's `COPY . .` takes (.dockerignore keeps the same files out that git
+    ignores) into dest, so the image's steps build the package from a clean tree: pip builds a
+    local folder in place, and a stale build/ there could ship modules deleted since."""
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], check=True, capture_output=True).stdout
+    count = 0
+    for name in filter(None, listed.decode().split("\0")):
+        source = root / name
+        if source.is_file():  # a tracked file deleted in the work tree is skipped
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+            count += 1
+    return count
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deps.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,9 +139,22 @@ def main(argv: list[str] | None = None) -> None:
     pin.add_argument("report", type=Path)
     show = sub.add_parser("show")
     show.add_argument("--add", action="append", default=[])
+    low = sub.add_parser("lowest")
+    low.add_argument("names", nargs="+")
+    for name in ("steps", "image-reqs"):
+        sub.add_parser(name).add_argument("dockerfile", type=Path)
+    sub.add_parser("context").add_argument("dest", type=Path)
     args = parser.parse_args(argv)
     if args.command == "reqs":
         print("\n".join(requirements(args.torch, args.add)))
+    elif args.command == "lowest":
+        print("\n".join(lowest(name) for name in args.names))
+    elif args.command == "steps":
+        print("\n".join(dockerfile_steps(args.dockerfile)))
+    elif args.command == "image-reqs":
+        print("\n".join(image_requirements(args.dockerfile)))
+    elif args.command == "context":
+        print(f"deps.py: copied {copy_context(args.dest)} files to {args.dest}", file=sys.stderr)
     elif args.command == "pins":
         print("\n".join(pins(json.loads(args.report.read_text()))))
     else:

@@ -91,15 +91,47 @@ def test_wheel_ships_license_types_and_the_one_version(tmp_path):
 
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed here: no wheel can be built offline")
+    source = tmp_path / "source"  # a clean copy: pip builds in place, leaving build/ behind
+    deps.copy_context(source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True,
+                    "--no-build-isolation", "-w", str(tmp_path), str(source)], check=True,
                    capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("moedpo-*.whl")
     assert wheel.name.startswith(f"moedpo-{moedpo.__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
     assert "moedpo/py.typed" in names
+    # Both entry points, so the seed's lines run from an installed package too.
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "moedpo = moedpo.cli:main" in scripts
+    assert "run_dpo_no_trainer = moedpo.cli:seed_main" in scripts
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     done = subprocess.run([sys.executable, "-m", "moedpo", "--version"], capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == f"moedpo {moedpo.__version__}"
+
+
+def test_context_copies_the_source_an_image_copies_and_no_leftovers(tmp_path):
+    """CI's venvs build the package from this copy (the image's `COPY . .`): the sources and
+    a new file not yet committed are there; the venv, build leftovers and caches are not."""
+    import shutil
+
+    had_build = (ROOT / "build").exists()
+    (ROOT / "build" / "lib" / "moedpo").mkdir(parents=True, exist_ok=True)
+    stale = ROOT / "build" / "lib" / "moedpo" / "deleted_module.py"
+    stale.write_text("")
+    untracked = ROOT / "scripts" / "_context_probe.txt"
+    untracked.write_text("new")
+    try:
+        count = deps.copy_context(tmp_path)
+    finally:
+        stale.unlink()
+        untracked.unlink()
+        if not had_build:
+            shutil.rmtree(ROOT / "build")
+    assert (tmp_path / "pyproject.toml").is_file() and (tmp_path / "moedpo/__init__.py").is_file()
+    assert (tmp_path / "scripts/_context_probe.txt").read_text() == "new"
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / "build").exists()
+    assert not list(tmp_path.rglob("__pycache__"))
+    assert count == sum(1 for p in tmp_path.rglob("*") if p.is_file())

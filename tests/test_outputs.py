@@ -85,7 +85,33 @@ def test_unknown_or_missing_logger_is_a_config_error(make_cfg):
             run(make_cfg(*tiny_train_overrides(), "loggers=[tensorboard,mlflow]"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed")
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                    reason="mlflow not installed (pip install -e '.[dev]' installs it)")
+def test_mlflow_local_store_gets_metrics_jsonl_values_and_the_config(make_cfg, monkeypatch):
+    """MLflow with its local store in the run dir (SQLite: MLflow 3 refuses the old file
+    store), read back through its own client: every metric of metrics.jsonl at the same steps
+    with the same values, and the config as params."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run(make_cfg(*tiny_train_overrides(), "loggers=[tensorboard,mlflow]"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{(result.run_dir / 'mlflow.db').resolve()}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "Default"]
+    (logged,) = client.search_runs([experiment.experiment_id])
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
+    expected = {(k, r["step"]): v for r in rows for k, v in r.items()
+                if k not in ("step", "examples") and isinstance(v, int | float)}
+    names = {k for k, _ in expected}
+    assert {"train/loss", "eval/loss", "train/lr"} <= names
+    got = {(m.key, m.step): m.value for name in names
+           for m in client.get_metric_history(logged.info.run_id, name)}
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-12) for k, v in expected.items())
+    assert logged.data.params["beta"] == "0.1" and logged.data.params["max_steps"] == "3"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb not installed (pip install -e '.[dev]' installs it)")
 def test_wandb_offline_gets_the_same_metric_names(make_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     result = run(make_cfg(*tiny_train_overrides(), "loggers=[tensorboard,wandb]"))
