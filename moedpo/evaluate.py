@@ -4,7 +4,6 @@ the evaluation pass."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from .losses.unpaired import RewardShift, global_kl_estimate
 from .metrics import MeanMetrics
 from .models import block_attention, chunked_head
 from .models.drift import routing_drift
+from .models.families import takes_mask_per_layer_type
 from .models.moe import moe_top_k
 from .models.router import RouterRecord, record_router_logits, router_losses
 
@@ -108,11 +108,6 @@ def sliding_window(config) -> tuple[int | None, bool]:
     if not window or (types and "sliding_attention" not in types):
         return None, False
     return window, bool(types - {"sliding_attention"})
-
-
-def takes_mask_per_layer_type(model: torch.nn.Module) -> bool:
-    return "causal_mask_mapping := attention_mask, dict" in inspect.getsource(
-        type(model.base_model).forward)
 
 
 def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,

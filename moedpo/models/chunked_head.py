@@ -22,9 +22,7 @@ log-prob is worse than a slower one.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .families import head_logits_known
+
 log = logging.getLogger(__name__)
 # The transforms applied here, by the config key (or model attribute) the model's forward
 # reads, with the value that makes the forward's own transform do nothing: while the head
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 # head that touches `logits` and names none of these (nor is a tanh or a float cast) is an
 # unknown transform.
 NEUTRAL = {"logits_scaling": 1.0, "logit_scale": 1.0, "final_logit_softcapping": None}
-KNOWN_KEYS = tuple(NEUTRAL)
-_LOGITS_LINE = re.compile(r"^\s*logits\s*(=|\*=|/=)")
-_PLAIN = re.compile(r"torch\.tanh\(logits\)|logits\.float\(\)|logits\.to\(torch\.float32\)")
 
 
 @dataclass(frozen=True)
@@ -67,23 +64,6 @@ class LogitTransform:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-
-def unknown_transform(model: nn.Module) -> str | None:
-    """The first line of the model's forward after its output head that changes the logits
-    in a way LogitTransform does not know; None if there is none (or no source to read)."""
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return None
-    parts = re.split(r"logits\s*=\s*self\.\w+\(", source, maxsplit=1)
-    if len(parts) < 2:
-        return None
-    for line in parts[1].split("loss", 1)[0].splitlines()[1:]:
-        if _LOGITS_LINE.match(line) and not _PLAIN.search(line) and not any(
-                key in line for key in KNOWN_KEYS):
-            return line.strip()
-    return None
 
 
 def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -135,10 +115,7 @@ def _checkpointed(*args) -> torch.Tensor:
 def enable(model: nn.Module, chunk: int) -> bool:
     """Wrap the output head of `model` (idempotent); False (and full logits) for a model
     whose logits are transformed in a way the chunks cannot reproduce."""
-    unknown = unknown_transform(model)
-    if unknown is not None:
-        log.info("%s transforms its logits after the head (`%s`); log-probs from full logits "
-                 "(model.logps_chunk_size has no effect)", type(model).__name__, unknown)
+    if not head_logits_known(model):  # the info line says why
         return False
     head = model.get_output_embeddings()
     head.moedpo_transform = LogitTransform.of(model.config)

@@ -8,14 +8,13 @@ so it serves every MoE implementation alike. Padding tokens never count.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .drift import RoutingDrift
+from .families import router_score
 from .moe import capacity, kept_slots
 
 
@@ -28,7 +27,8 @@ class RouterRecord:
 
     logits: list[torch.Tensor] = field(default_factory=list)
     choices: list[torch.Tensor | None] = field(default_factory=list)
-    scores: list[str] = field(default_factory=list)  # each router's score_function
+    # each router's score function (families.ROUTER_SCORES)
+    scores: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -54,22 +54,6 @@ def _chosen_experts(output) -> torch.Tensor | None:
     return None
 
 
-@functools.cache
-def _class_score_function(router_class: type) -> str:
-    try:
-        source = inspect.getsource(router_class.forward)
-    except (OSError, TypeError):
-        return "softmax"
-    return "sigmoid" if "sigmoid(" in source and "softmax(" not in source else "softmax"
-
-
-def score_function(router: torch.nn.Module) -> str:
-    """How a router turns its logits into expert scores: `sigmoid` (DeepSeek-V3, GLM-4-MoE,
-    and the other sigmoid routers) or `softmax` (Mixtral, Qwen-MoE, OLMoE, gpt-oss ...).
-    transformers records no such flag, so it is read from the router's forward."""
-    return _class_score_function(type(router))
-
-
 def _router_sink(model: torch.nn.Module) -> dict:
     """Forward hooks on the router modules, registered once per model, appending to
     `sink["record"]` while a recording is open. Registered once (not per forward) and run
@@ -91,10 +75,12 @@ def _router_sink(model: torch.nn.Module) -> dict:
         if record is not None:
             record.logits.append(output[index] if isinstance(output, tuple) else output)
             record.choices.append(_chosen_experts(output))
-            record.scores.append(score_function(module))
+            record.scores.append(module._moedpo_router_score)
 
+    score = router_score(model)
     for module in router_modules(model):
         module._moedpo_router_sink = sink
+        module._moedpo_router_score = score
         module.register_forward_hook(keep)
     return sink
 

@@ -113,7 +113,9 @@ def test_chunked_applies_the_models_logit_transform(name):
                                    msg=key)
 
 
-def test_an_unknown_logit_transform_keeps_full_logits(caplog):
+def test_a_forward_not_transformers_own_keeps_full_logits(caplog):
+    """A user's subclass (or remote code) of a known family may transform its logits in any
+    way: the table is keyed by transformers' own forward, so it gets full logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class Tempered(LlamaForCausalLM):
@@ -129,5 +131,16 @@ def test_an_unknown_logit_transform_keeps_full_logits(caplog):
     with caplog.at_level("INFO"):
         assert not chunked_head.enable(model, 7)
     assert not chunked_head.is_enabled(model)
-    assert "logits * 3.0 + 1.0" in caplog.text
-    assert chunked_head.unknown_transform(family("gemma2")) is None
+    assert "a model whose forward is not transformers' own" in caplog.text
+    assert "logps_chunk_size has no effect" in caplog.text
+    # Its own transform is what the log-probs see: the head alone (what chunks would compute)
+    # gives other values.
+    plain = LlamaForCausalLM(model.config)
+    plain.load_state_dict(model.state_dict())
+    batch = collate(random_pairs(2, seed=4), pad_id=0)
+    with torch.no_grad():
+        tempered, _ = batch_logps(model, batch, -100)
+        head_only, _ = batch_logps(plain, batch, -100)
+        logits = model(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(tempered.logps, head_only.logps, atol=1e-3)
+    torch.testing.assert_close(logits, plain(input_ids=batch["input_ids"]).logits * 3.0 + 1.0)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moedpo.data.collate import collate, collate_shared
 from moedpo.evaluate import batch_logps
+from moedpo.models import families
 from moedpo.models.moe import apply_moe_implementation, experts_modules
 
 COMMON = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -202,3 +203,127 @@ def test_load_turns_off_train_noise_only_and_keeps_the_eval_forward(family, tmp_
         reference.load_state_dict(hf.state_dict())
         torch.testing.assert_close(policy(input_ids=ids).logits,
                                    reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# The tables of moedpo/models/families.py, each entry checked against the family's behaviour
+# on a tiny model built from its config class (beyond COMMON, what each family needs for that).
+TINY = {**FAMILIES,
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "minimax": dict(num_local_experts=4, num_experts_per_tok=2),
+        "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+        "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2),
+        "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2),
+        "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
+        "dots1": DEEPSEEK_STYLE,
+        "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                            v_head_dim=8, num_key_value_heads=4),
+        "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16),
+        "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0),
+        "phi3": dict(pad_token_id=0), "smollm3": dict(pad_token_id=0)}
+
+
+def tiny(family: str, **extra) -> torch.nn.Module:
+    config = AutoConfig.for_model(family, **{**COMMON, **TINY.get(family, {}), **extra})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                            attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", sorted(families.HEAD_LOGITS))
+def test_head_logits_table_entry_gives_the_full_logits_log_probs(family):
+    """Log-probs from the head in chunks (with the family's LogitTransform) equal the ones
+    from the family's own full logits."""
+    from conftest import random_pairs
+    from moedpo.models import chunked_head
+
+    model = tiny(family)
+    batch = collate(random_pairs(3, seed=1), pad_id=0)
+    chunked = copy.deepcopy(model)
+    assert chunked_head.enable(chunked, 7)
+    with torch.no_grad():
+        want, _ = batch_logps(model, batch, -100)
+        got, _ = batch_logps(chunked, batch, -100)
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-4)
+
+
+def layer_masks(length: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive causal 4-D masks for a batch of 2: full, and sliding over `window` tokens."""
+    i = torch.arange(length)
+    causal = i[:, None] >= i[None, :]
+    slide = causal & (i[:, None] - i[None, :] < window)
+    blocked = torch.finfo(torch.float32).min
+    return tuple(torch.zeros(length, length).masked_fill(~a, blocked)[None, None].expand(
+        2, 1, length, length) for a in (causal, slide))
+
+
+@pytest.mark.parametrize("family", sorted(families.MASK_PER_LAYER_TYPE))
+def test_mask_per_layer_type_table_entry_takes_the_mapping_per_layer(family):
+    """Given {layer type: mask}, the model equals its own causal/sliding masking, and swapping
+    the two masks changes it: each layer reads the mask of its own type."""
+    config = AutoConfig.for_model(family, **COMMON)
+    extra = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    if hasattr(config, "use_sliding_window"):  # Qwen2-style: windows only where switched on
+        extra.update(use_sliding_window=True, max_window_layers=1)
+    model = tiny(family, **extra)
+    ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    full, sliding = layer_masks(10, 3)
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        mapped = model(input_ids=ids, attention_mask={"full_attention": full,
+                                                      "sliding_attention": sliding}).logits
+        swapped = model(input_ids=ids, attention_mask={"full_attention": sliding,
+                                                       "sliding_attention": full}).logits
+    torch.testing.assert_close(mapped, own, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(swapped, own, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", sorted(families.ROUTER_SCORES))
+def test_router_scores_table_entry_is_how_the_router_weighs_experts(family):
+    """The ratio of a token's two chosen experts' weights is exp(l1 - l2) for a softmax
+    router and sigmoid(l1) / sigmoid(l2) for a sigmoid one (normalising and scaling the top-k
+    keep ratios), from the router's own (logits, weights, indices) output."""
+    from moedpo.models.router import record_router_logits, router_modules
+
+    model = tiny(family)
+    if family in families.SAMPLED_ROUTERS:  # its sparsemixer masks a softmax per choice
+        assert families.ROUTER_SCORES[family] == "softmax"
+        return
+    outputs = []
+    router_modules(model)[0].register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.no_grad(), record_router_logits(model) as record:
+        model(input_ids=torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1)))
+    assert record.scores and set(record.scores) == {families.ROUTER_SCORES[family]}
+    logits, weights, chosen = outputs[0][:3]
+    logits = logits.reshape(-1, logits.shape[-1])
+    weights, chosen = weights.reshape(logits.shape[0], -1), chosen.reshape(logits.shape[0], -1)
+    if weights.shape[-1] == logits.shape[-1]:  # scores over all experts: take the chosen
+        weights = weights.gather(-1, chosen)
+    picked = logits.gather(-1, chosen)
+    score = torch.exp if families.ROUTER_SCORES[family] == "softmax" else torch.sigmoid
+    ratio = score(picked[:, 0] - picked[:, 1]) if score is torch.exp else \
+        score(picked[:, 0]) / score(picked[:, 1])
+    torch.testing.assert_close(weights[:, 0] / weights[:, 1], ratio, rtol=1e-4, atol=1e-6)
+    other = torch.sigmoid(picked[:, 0]) / torch.sigmoid(picked[:, 1]) if score is torch.exp \
+        else torch.exp(picked[:, 0] - picked[:, 1])
+    assert not torch.allclose(weights[:, 0] / weights[:, 1], other, rtol=1e-3)
+
+
+def test_a_family_missing_from_the_tables_gets_the_safe_path_and_says_so(caplog):
+    """Remote code or a user's subclass is not in any table, whatever its model_type."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    class Custom(MixtralForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = Custom(MixtralConfig(**{**COMMON, **TINY["mixtral"]}))
+    assert families.family(tiny("mixtral")) == "mixtral" and families.family(model) is None
+    with caplog.at_level("INFO"):
+        assert families.router_score(model) == "softmax"
+        assert not families.takes_mask_per_layer_type(model)
+        assert not families.head_logits_known(model)
+    assert caplog.text.count("is not in moedpo's table") == 3
+    model.config.scoring_func = "sigmoid"  # a config that says so publicly is believed
+    assert families.router_score(model) == "sigmoid"
