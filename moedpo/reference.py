@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 from .config import DPOConfig, is_url
 from .data import DataBundle, TokenizedPair, eval_indices
 from .data.collate import PadTo
-from .evaluate import batch_logps
 from .models import lora
+from .step import batch_logps
 
 log = logging.getLogger("moedpo")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", ".gguf")

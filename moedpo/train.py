@@ -30,15 +30,8 @@ from .data import build_data, collate, collate_shared, eval_indices
 from .data.collate import HOST_KEYS
 from .data.micro_batches import micro_batches, row_tokens
 from .data.micro_batches import weights as micro_weights
-from .evaluate import (
-    batch_loss,
-    evaluate,
-    generate,
-    global_routing,
-    packing_budget,
-    pools_accumulation,
-    use_shared_prompt,
-)
+from .evaluate import evaluate, generate
+from .layout import packing_budget, use_shared_prompt
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
@@ -60,6 +53,7 @@ from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 from .reference_sync import sync_reference
 from .startup import log_startup
+from .step import batch_loss, global_routing, pools_accumulation
 from .validate import check_rows_fit_losses, validate
 
 log = logging.getLogger("moedpo")

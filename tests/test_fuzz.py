@@ -15,8 +15,8 @@ from moedpo.config import ConfigError, ModelConfig, schema_keys
 from moedpo.data.collate import collate
 from moedpo.data.sources import DataError, SkipLog, load_pairs
 from moedpo.data.tokenize import tokenize_pairs
-from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
+from moedpo.step import batch_loss
 from moedpo.validate import validate
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=60)

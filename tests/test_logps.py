@@ -6,9 +6,9 @@ import torch
 from conftest import random_pairs
 from moedpo.config import ModelConfig
 from moedpo.data.collate import collate
-from moedpo.evaluate import batch_logps, batch_loss
 from moedpo.logps import sequence_logps
 from moedpo.models.load import build_models
+from moedpo.step import batch_logps, batch_loss
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from moedpo.config import ConfigError
 from moedpo.data import collate, collate_shared
 from moedpo.data.collate import SEGMENT_CHOSEN, SEGMENT_PROMPT, SEGMENT_REJECTED, pack_rows
 from moedpo.data.tokenize import TokenizedPair
-from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
+from moedpo.layout import attention_blocks, shared_prompt_mask
+from moedpo.step import batch_logps
 
 
 def test_first_fit_decreasing_by_hand():
@@ -75,7 +76,7 @@ def test_packing_auto_packs_where_attention_runs_per_pair(make_cfg, caplog):
 
     from test_shared_prompt import windowed_model
 
-    from moedpo.evaluate import packing_budget
+    from moedpo.layout import packing_budget
 
     per_pair, eager = tiny_policy(), tiny_policy(sdpa=False)
     cfg = make_cfg()
@@ -98,7 +99,7 @@ def test_packing_auto_packs_where_attention_runs_per_pair(make_cfg, caplog):
 def test_default_batches_are_one_packed_row(make_cfg):
     """What the trainer builds by default for the tiny Mixtral: one row per micro-batch."""
 
-    from moedpo.evaluate import packing_budget, use_shared_prompt
+    from moedpo.layout import packing_budget, use_shared_prompt
     from moedpo.parallel.backend import Backend
     from moedpo.train import batch_maker
 

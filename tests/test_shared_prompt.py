@@ -7,8 +7,9 @@ import torch
 from conftest import assert_same_run, random_pairs, tiny_train_overrides
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.data import collate, collate_shared
-from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
+from moedpo.layout import attention_blocks, shared_prompt_mask
 from moedpo.models.load import build_models
+from moedpo.step import batch_logps
 from moedpo.train import run
 from moedpo.validate import validate
 
@@ -79,7 +80,7 @@ def test_training_with_shared_prompt_equals_plain(make_cfg, tmp_path, caplog):
 @pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
 def test_router_losses_and_loads_of_shared_rows_equal_unshared(scope):
     """Also the sequence-wise loss: a shared row's prompt is part of both its sequences."""
-    from moedpo.evaluate import batch_loss
+    from moedpo.step import batch_loss
 
     cfg = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
                       reference_dtype="float32")
@@ -118,7 +119,7 @@ def test_explicit_shared_prompt_refuses_dropped_moe_and_static_shapes(make_cfg, 
     (["model.flash_attention=false"], False, None),  # eager takes the 4-D mask too
 ])
 def test_auto_turns_itself_off_where_it_is_not_exact(make_cfg, extra, static, why, caplog):
-    from moedpo.evaluate import use_shared_prompt
+    from moedpo.layout import use_shared_prompt
 
     cfg = make_cfg("model=tiny", *extra)
     assert cfg.data.share_prompt == "auto"
@@ -129,7 +130,7 @@ def test_auto_turns_itself_off_where_it_is_not_exact(make_cfg, extra, static, wh
 
 
 def test_auto_is_off_for_an_attention_without_4d_masks(make_cfg, caplog):
-    from moedpo.evaluate import use_shared_prompt
+    from moedpo.layout import use_shared_prompt
 
     cfg = make_cfg("model=tiny")
     policy, _ = build_models(cfg.model, seed=0)
@@ -161,7 +162,7 @@ def windowed_model(name: str):
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
 def test_shared_prompt_keeps_the_models_sliding_window(name):
-    from moedpo.evaluate import sliding_window
+    from moedpo.layout import sliding_window
 
     model = windowed_model(name)
     window, mixed = sliding_window(model.config)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import random_pairs, tiny_train_overrides
 from moedpo.data.collate import collate
-from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
+from moedpo.step import batch_loss
 from moedpo.train import run
 
 

@@ -116,7 +116,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, label_pad: int = -10
     one pair per row, or with `max_tokens` (data.packing) as many as fit in that many tokens.
     Each token keeps the position id it has in its own unshared sequence; `segments` and
     `pair_ids` (the token's pair, -1 on padding) give the model's attention mask
-    (evaluate.shared_prompt_mask: a token sees its own pair's prompt and its own segment)
+    (layout.shared_prompt_mask: a token sees its own pair's prompt and its own segment)
     and the log-prob sums of each pair (`pair_rows`: [pairs], each pair's row). A response's
     first token is predicted from its own copy of the last prompt token, so every position
     predicts at most one label, and the log-probs equal the unshared ones. `blocks` [pairs, 5]

@@ -54,7 +54,7 @@ HEAD_LOGITS: frozenset[str] = frozenset({
 
 # Families whose decoder takes, in place of one attention mask, a mapping from layer type
 # ("full_attention", "sliding_attention") to a 4-D mask: the shared-prompt layout of a model
-# that mixes sliding and full attention layers needs it (evaluate.shared_prompt_attention).
+# that mixes sliding and full attention layers needs it (layout.shared_prompt_attention).
 MASK_PER_LAYER_TYPE: frozenset[str] = frozenset({
     "beam", "cohere2", "cohere2_moe", "cwm", "exaone4", "flint", "gemma2", "gemma3_text",
     "gemma4_unified_text", "gpt_oss", "granite_swa", "granitemoe_swa", "minimax_m3_vl_text",

@@ -7,8 +7,8 @@ import torch
 from conftest import random_pairs
 from moedpo.config import ModelConfig
 from moedpo.data.collate import collate, collate_shared
-from moedpo.evaluate import batch_logps
 from moedpo.models.load import build_models
+from moedpo.step import batch_logps
 
 ALPHA = 0.3
 

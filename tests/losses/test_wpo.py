@@ -7,11 +7,11 @@ import torch
 from conftest import random_pairs
 from moedpo.config import ModelConfig
 from moedpo.data.collate import collate, collate_shared
-from moedpo.evaluate import batch_logps
 from moedpo.logps import SequenceLogps
 from moedpo.losses import LossOptions, preference_loss
 from moedpo.models import chunked_head
 from moedpo.models.load import build_models
+from moedpo.step import batch_logps
 
 
 def build(chunk: int = 0):

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import random_pairs, tiny_policy
 from moedpo.data import collate, collate_shared
 from moedpo.data.tokenize import TokenizedPair
-from moedpo.evaluate import attention_blocks, batch_logps, shared_prompt_mask
+from moedpo.layout import attention_blocks, shared_prompt_mask
 from moedpo.models import block_attention
+from moedpo.step import batch_logps
 
 
 def ragged_pairs(n: int, seed: int) -> list[TokenizedPair]:

@@ -9,9 +9,9 @@ import torch
 from conftest import random_pairs
 from moedpo.config import ModelConfig
 from moedpo.data import collate
-from moedpo.evaluate import batch_logps
 from moedpo.models import chunked_head
 from moedpo.models.load import build_models
+from moedpo.step import batch_logps
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moedpo.data.collate import collate, collate_shared
-from moedpo.evaluate import batch_logps
 from moedpo.models import families
 from moedpo.models.moe import apply_moe_implementation, experts_modules
+from moedpo.step import batch_logps
 
 COMMON = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8,

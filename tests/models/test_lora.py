@@ -12,10 +12,10 @@ from peft.tuners.lora import LoraLayer
 from conftest import compose_cfg, final_weights, random_pairs, tiny_train_overrides, train_rows
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.data.collate import collate
-from moedpo.evaluate import batch_loss
 from moedpo.models import lora
 from moedpo.models.load import build_models
 from moedpo.models.router import router_modules
+from moedpo.step import batch_loss
 from moedpo.train import run
 from moedpo.validate import validate
 

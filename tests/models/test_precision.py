@@ -10,10 +10,10 @@ import torch
 
 from conftest import tiny_train_overrides
 from moedpo.config import ModelConfig
-from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
 from moedpo.models.precision import cast_parameters, compute_copies
 from moedpo.parallel.layers import checkpoint_decoder_layers
+from moedpo.step import batch_loss
 from moedpo.train import run
 
 BF16 = ["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"]

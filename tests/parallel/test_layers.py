@@ -9,10 +9,10 @@ from torch._dynamo.utils import counters
 from conftest import random_pairs
 from moedpo.config import ConfigError
 from moedpo.data import collate
-from moedpo.evaluate import batch_loss
 from moedpo.models.load import build_models
 from moedpo.parallel.backend import Backend
 from moedpo.placement import place_models
+from moedpo.step import batch_loss
 from moedpo.validate import validate
 
 CPU = Backend("cpu", torch.device("cpu"))

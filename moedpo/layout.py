@@ -1,0 +1,151 @@
+"""How a batch's pairs become rows and attention, decided once per run and applied per batch:
+whether prompts are shared (one row per pair, the prompt once), whether rows are packed (and
+how many tokens a row takes), and the attention each layout needs (per-pair blocks, a 4-D
+mask, or a mask per layer type). Each decision is exact or off: where a layout would change
+the numbers, `auto` leaves it off with one info line and `true` is a config error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from .config import ConfigError, DPOConfig
+from .data.collate import SEGMENT_PROMPT
+from .models import block_attention
+from .models.families import takes_mask_per_layer_type
+
+
+def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
+                         model: torch.nn.Module) -> str | None:
+    """Why one row per pair (shared prompt) would not give the same result here; None when
+    it does."""
+    m = cfg.model
+    if static_shapes and str(cfg.data.packing).lower() != "true":
+        return ("static shapes (rows padded to a fixed length; data.packing=true bin-packs "
+                "shared rows into them)")
+    if m.capacity_factor > 0 or m.moe_implementation == "dropped":
+        return "the dropped MoE (its capacity is per sequence)"
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attention not in ("sdpa", "eager", block_attention.NAME):
+        return f"attn_implementation={attention}, which takes no 4-D attention mask"
+    _, mixed = sliding_window(model.config)
+    if mixed and not takes_mask_per_layer_type(model):
+        return (f"{type(model).__name__} mixes sliding and full attention layers and takes no "
+                "mask per layer type")
+    return None
+
+
+def use_shared_prompt(cfg: DPOConfig, static_shapes: bool, model: torch.nn.Module) -> bool:
+    """data.share_prompt resolved for this run: auto is on wherever it is exact."""
+    setting = str(cfg.data.share_prompt).lower()
+    if setting == "false":
+        return False
+    why = share_prompt_blocker(cfg, static_shapes, model)
+    if why is None:
+        return True
+    if setting == "true":
+        raise ConfigError(f"data.share_prompt=true is not exact with {why}; set "
+                          "data.share_prompt=auto or false")
+    logging.getLogger("moedpo").info("shared prompt off (data.share_prompt=auto): %s", why)
+    return False
+
+
+def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module,
+                   static: bool = False) -> int:
+    """data.packing resolved for this run: the most tokens a row takes (0: one pair per row).
+    auto packs wherever attention runs per pair (models.block_attention), where a row's
+    length costs nothing: the whole micro-batch then goes in one row unless
+    data.max_tokens_per_row says otherwise. Under a dense mask a packed row costs attention
+    over all of it (it lost on long prompts), so auto leaves packing off there. With `static`
+    shapes (only data.packing=true gets here) rows are exactly the budget long: bin packing
+    into fixed rows, data.max_tokens_per_row or 2 x max_length (a pair's block fits)."""
+    setting, d = str(cfg.data.packing).lower(), cfg.data
+    if setting == "false":
+        return 0
+    if not shared:
+        if setting == "true":
+            raise ConfigError("data.packing=true packs shared-prompt rows, which are off for "
+                              "this run (see the line above, or data.share_prompt=false); set "
+                              "data.packing=false")
+        return 0
+    if static:
+        return d.max_tokens_per_row or 2 * cfg.max_length
+    window, _ = sliding_window(model.config)
+    per_pair = block_attention.uses_blocks(model) and (window is None or window >= cfg.max_length)
+    if setting == "auto" and not per_pair:
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        why = (f"attn_implementation={attention}" if not block_attention.uses_blocks(model)
+               else f"a sliding window of {window} < max_length")
+        logging.getLogger("moedpo").info("packing off (data.packing=auto): %s computes a "
+                                         "dense mask over a whole packed row", why)
+        return 0
+    if d.max_tokens_per_row:
+        return d.max_tokens_per_row
+    return sys.maxsize if per_pair else 2 * cfg.max_length
+
+
+def attention_blocks(model: torch.nn.Module,
+                     batch: dict[str, torch.Tensor]) -> tuple | None:
+    """The pairs' layout for models.block_attention, as Python ints; None where the dense
+    mask is needed: another attention implementation, no `blocks` in the batch, or a sliding
+    window shorter than a sequence of the batch (the blocks know no window)."""
+    if not block_attention.uses_blocks(model) or "blocks" not in batch:
+        return None
+    blocks = tuple(tuple(b) for b in batch["blocks"].tolist())  # a host tensor: no sync
+    window, _ = sliding_window(model.config)
+    longest = max((b[2] + max(b[3], b[4]) for b in blocks), default=0)
+    return blocks if window is None or longest <= window else None
+
+
+def shared_prompt_attention(model: torch.nn.Module, segments: torch.Tensor,
+                            positions: torch.Tensor, dtype: torch.dtype,
+                            pair_ids: torch.Tensor | None = None):
+    """The shared-prompt mask as the model takes it: one 4-D mask, windowed where every layer
+    slides (Mistral), or for models whose layers mix full and sliding attention the mapping
+    of both by layer type that their forward accepts in place of a mask."""
+    window, mixed = sliding_window(model.config)
+    full = shared_prompt_mask(segments, dtype, pair_ids=pair_ids)
+    if window is None:
+        return full
+    windowed = shared_prompt_mask(segments, dtype, positions, window, pair_ids)
+    if not mixed:
+        return windowed
+    if not takes_mask_per_layer_type(model):
+        raise ConfigError(f"data.share_prompt=true: {type(model).__name__} mixes sliding and "
+                          "full attention layers and takes no mask per layer type; set "
+                          "data.share_prompt=false")
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype,
+                       positions: torch.Tensor | None = None,
+                       window: int | None = None,
+                       pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, T] segments -> [rows, 1, T, T] additive attention mask: causal, and a position
+    sees its own pair's prompt and its own segment only (a response never sees the other one
+    nor, in packed rows (`pair_ids`), another pair; padding sees itself, so no row of the
+    softmax is empty). Transformers takes a 4-D mask as given. With a sliding `window`, a
+    query also sees only keys whose position (`positions`, the unshared sequence's) is less
+    than `window` before its own, as transformers' sliding mask does."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((key == SEGMENT_PROMPT) | (key == query))
+    if pair_ids is not None:
+        allowed &= pair_ids[:, :, None] == pair_ids[:, None, :]
+    if window is not None:
+        allowed &= (positions[:, :, None] - positions[:, None, :]) < window
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sliding_window(config) -> tuple[int | None, bool]:
+    """(window, mixed): the sliding window of a model's attention layers (None: none), and
+    whether only some layers use it (`layer_types`, as Gemma 2/3, Qwen2 and gpt-oss have)."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or [])
+    if not window or (types and "sliding_attention" not in types):
+        return None, False
+    return window, bool(types - {"sliding_attention"})
