@@ -11,7 +11,7 @@ import logging
 import torch
 
 from .checkpoint import restore_weights
-from .config import ConfigError, DPOConfig
+from .config import DPOConfig
 from .losses import loss_names, needs_reference
 from .models import lora
 from .models.load import (
@@ -25,23 +25,11 @@ from .models.load import (
 from .parallel import expert, fsdp, spmd
 from .parallel.backend import Backend
 from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
+from .validate import use_meta_init
 
 log = logging.getLogger("moedpo")
 
 
-def use_meta_init(cfg: DPOConfig, backend: Backend) -> bool:
-    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
-    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
-    xla_without_weights = backend.kind == "xla" and not cfg.checkpoint_manager_path
-    if cfg.model.meta_init and xla_without_weights:
-        raise ConfigError("model.meta_init=true on XLA reads the weights shard by shard from "
-                          "checkpoint_manager_path; set it (`moedpo convert` makes one from a "
-                          "Hugging Face folder) or set model.meta_init=false")
-    if cfg.model.meta_init is not None:
-        return cfg.model.meta_init
-    if lora.is_quantized(cfg.model):  # quantized by from_pretrained as it loads
-        return False
-    return backend.distributed or (backend.kind == "xla" and not xla_without_weights)
 
 
 def load_models(cfg: DPOConfig, backend: Backend):
@@ -49,17 +37,7 @@ def load_models(cfg: DPOConfig, backend: Backend):
     is None for reference-free DPO. With meta init the models are sharded while still
     weightless, then each process fills only its own shards (README "Loading at scale")."""
     tokenizer = load_tokenizer(cfg.model)
-    if lora.is_quantized(cfg.model) and backend.distributed:
-        raise ConfigError("model.lora.quantize=4bit under torchrun: FSDP2 cannot shard "
-                          "bitsandbytes' 4-bit weights; run QLoRA as one process (one GPU), "
-                          "or plain LoRA (model.lora.quantize=null) on several")
-    meta = use_meta_init(cfg, backend)
-    if meta and cfg.checkpoint_manager_path and lora.is_enabled(cfg.model) \
-            and cfg.model.lora.init not in lora.SHAPE_ONLY_INITS:
-        raise ConfigError(f"model.lora.init={cfg.model.lora.init} computes the adapters from "
-                          "the base weights, which meta init reads shard by shard from "
-                          "checkpoint_manager_path; set model.meta_init=false (or "
-                          "model.lora.init=true)")
+    meta = use_meta_init(cfg, backend.kind, backend.distributed)
     # No loss reads the reference (SimPO, ORPO, reference-free DPO...): none is built.
     with_reference = needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)
     policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta,
@@ -97,18 +75,7 @@ def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
         checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
                              and (backend.kind == "xla" or backend.distributed))
     ep = cfg.parallel.expert_parallel
-    if ep > 1 and not backend.distributed and backend.kind != "xla":
-        raise ConfigError(f"parallel.expert_parallel={ep} spreads the experts over torchrun's "
-                          f"processes; this run has one ({backend.kind}). Launch with "
-                          f"`torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
     if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
-        if lora.is_enabled(cfg.model):
-            raise ConfigError("model.lora.r > 0 on XLA: PEFT's adapters (and its expert "
-                              "parametrizations) have no SPMD sharding annotations here yet; "
-                              "set model.lora.r=0, or train LoRA on CPU/CUDA")
-        if cfg.model.compile:
-            raise ConfigError("model.compile=true: on XLA every step is compiled whole "
-                              "already; set model.compile=false")
         if ep > 1:
             expert.check_expert_count(policy, ep)
         classes = layer_classes(policy, cfg)

@@ -4,15 +4,18 @@ data sources, what tokenisation truncated or skipped, and the step plan."""
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .config import DPOConfig
+from .config import DPOConfig, LossConfig
+from .losses import LOSSES, describe, unread_options
 from .models import lora
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import is_mixed
 from .parallel.backend import Backend
+from .step import loss_terms
 
 log = logging.getLogger("moedpo")
 
@@ -64,6 +67,13 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
         log.warning("identical responses: %d pairs have the same chosen and rejected tokens%s",
                     stats.identical, " (skipped: data.skip_identical=true)"
                     if cfg.data.skip_identical else "; data.skip_identical=true leaves them out")
+    names, weights = loss_terms(cfg)
+    log.info("loss: %s", describe(names, weights))
+    defaults = {f.name: f.default for f in fields(LossConfig)}
+    for key in unread_options(names, vars(cfg.loss), defaults):
+        readers = ", ".join(n for n, spec in LOSSES.items() if key in spec.options)
+        log.warning("loss.%s=%s has no effect: loss.name=%s does not read it (%s do)", key,
+                    getattr(cfg.loss, key), ",".join(names), readers)
     devices = backend.total_devices
     log.info("%d steps of %d pairs (batch %d x %d devices x accumulation %d); writing to %s",
              n_steps, cfg.per_device_train_batch_size * devices * cfg.gradient_accumulation_steps,

@@ -25,13 +25,13 @@ from omegaconf import OmegaConf
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
 from .checkpoint import Checkpointer
-from .config import ConfigError, DPOConfig
+from .config import DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
 from .data.collate import HOST_KEYS
 from .data.micro_batches import micro_batches, row_tokens
 from .data.micro_batches import weights as micro_weights
 from .evaluate import evaluate, generate
-from .layout import packing_budget, use_shared_prompt
+from .layout import packing_budget, static_shapes, use_shared_prompt
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
@@ -82,8 +82,7 @@ class RunResult:
 def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
     """With static shapes (by default on XLA): max_length, or the length buckets up to it;
     else None: each batch's longest."""
-    static = cfg.data.static_shapes
-    if not (static if static is not None else backend.kind == "xla"):
+    if not static_shapes(cfg, backend.kind):
         return None
     if cfg.data.length_buckets:
         return sorted({*cfg.data.length_buckets, cfg.max_length})
@@ -178,10 +177,6 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
     static = padded_length(cfg, backend) is not None
     shared = use_shared_prompt(cfg, static, policy)
     max_tokens = packing_budget(cfg, shared, policy, static)
-    if cfg.data.tokens_per_batch and static:
-        raise ConfigError("data.tokens_per_batch cuts steps into forwards of varying pair "
-                          "counts, one compiled graph each under static shapes (on by default "
-                          "on XLA); set data.static_shapes=false or data.tokens_per_batch=null")
     to_batch = batch_maker(cfg, tokenizer, backend, shared, max_tokens)
     cut = partial(micro_batches, budget=cfg.data.tokens_per_batch, cost=row_tokens(shared),
                   packed=max_tokens > 0)

@@ -9,6 +9,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from .config import (
     ATTENTION_IMPLEMENTATIONS,
     DATASET_NAMES,
@@ -23,12 +25,13 @@ from .config import (
     resolve_model_json,
     resolve_optimizer,
 )
-from .data.checks import check_rows
 from .data.sources import is_hub_id
+from .layout import check_rows
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .losses.divergence import F_DIVERGENCES
+from .models import lora
 from .models.lora import check_init, rewrites_base
-from .parallel.backend import choose_kind
+from .parallel.backend import choose_kind, launched_processes
 
 
 def _check(ok: bool, message: str) -> None:
@@ -268,7 +271,11 @@ def validate(cfg: DPOConfig) -> None:
            f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
+    _check(m.fsdp_config.xla_fsdp_v2, "model.fsdp_config.xla_fsdp_v2=false: torch_xla's FSDP "
+           "v1 wrapper is not supported; on XLA moedpo shards through SPMD (FSDP v2, the "
+           "seed's default): remove the override")
     check_lora(cfg)
+    check_placement(cfg)
     if m.config_path is not None:
         check_model_json(resolve_model_json(m.config_path))
     elif m.name_or_path.startswith(("/", "./", "../", "~")) and not Path(
@@ -332,6 +339,48 @@ def validate(cfg: DPOConfig) -> None:
                f"dataset_dir.{name}: unknown dataset; use dataset_dir.hh, .shp or .os")
         _check(folder is None or Path(folder).expanduser().is_dir(),
                f"dataset_dir.{name}={folder}: no such folder")
+
+
+def use_meta_init(cfg: DPOConfig, kind: str, distributed: bool) -> bool:
+    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
+    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
+    if cfg.model.meta_init is not None:
+        return cfg.model.meta_init
+    if lora.is_quantized(cfg.model):  # quantized by from_pretrained as it loads
+        return False
+    return distributed or (kind == "xla" and bool(cfg.checkpoint_manager_path))
+
+
+def check_placement(cfg: DPOConfig) -> None:
+    """What the backend the run goes to (`parallel.backend=auto` resolved as the run will
+    resolve it) and torchrun's process count cannot run, before any model loads."""
+    kind, world = choose_kind(cfg.parallel.backend), launched_processes()
+    distributed, m, ep = kind != "xla" and world > 1, cfg.model, cfg.parallel.expert_parallel
+    _check(cfg.tensor_parallelism == 1 or kind == "xla",
+           f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend (this run is on "
+           f"{kind}); torch.distributed runs shard with FSDP2 only: set it to 1")
+    _check(kind != "cuda" or torch.cuda.is_available(), "parallel.backend=cuda but no CUDA "
+           "device is visible; use parallel.backend=auto or cpu")
+    _check(not (m.meta_init and kind == "xla" and not cfg.checkpoint_manager_path),
+           "model.meta_init=true on XLA reads the weights shard by shard from "
+           "checkpoint_manager_path; set it (`moedpo convert` makes one from a Hugging Face "
+           "folder) or set model.meta_init=false")
+    _check(not (lora.is_quantized(m) and distributed), "model.lora.quantize=4bit under "
+           "torchrun: FSDP2 cannot shard bitsandbytes' 4-bit weights; run QLoRA as one process "
+           "(one GPU), or plain LoRA (model.lora.quantize=null) on several")
+    _check(not (use_meta_init(cfg, kind, distributed) and cfg.checkpoint_manager_path
+                and lora.is_enabled(m) and m.lora.init not in lora.SHAPE_ONLY_INITS),
+           f"model.lora.init={m.lora.init} computes the adapters from the base weights, which "
+           "meta init reads shard by shard from checkpoint_manager_path; set "
+           "model.meta_init=false (or model.lora.init=true)")
+    _check(not (ep > 1 and kind != "xla" and world == 1), f"parallel.expert_parallel={ep} "
+           f"spreads the experts over torchrun's processes; this run has one ({kind}). Launch "
+           f"with `torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
+    _check(not (kind == "xla" and lora.is_enabled(m)), "model.lora.r > 0 on XLA: PEFT's "
+           "adapters (and its expert parametrizations) have no SPMD sharding annotations here "
+           "yet; set model.lora.r=0, or train LoRA on CPU/CUDA")
+    _check(not (kind == "xla" and m.compile), "model.compile=true: on XLA every step is "
+           "compiled whole already; set model.compile=false")
 
 
 def check_lora(cfg: DPOConfig) -> None:

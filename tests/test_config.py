@@ -59,6 +59,8 @@ def test_cosine_schedule_group(make_cfg):
     ("data.columns={answer:x}", "data.columns.answer: unknown key; use prompt, chosen"),
     ("data.chat_template=/no/t.jinja", "data.chat_template=/no/t.jinja: no such file"),
     ("model.attn_implementation=flash", "model.attn_implementation=flash: use one of auto, sdpa"),
+    ("model.fsdp_config.xla_fsdp_v2=false", "xla_fsdp_v2=false: torch_xla's FSDP v1 wrapper is "
+     "not supported"),
     ("model.attn_implementation=sdpa model.flash_attention=false",
      "model.flash_attention=false (eager attention) contradicts model.attn_implementation=sdpa"),
 ])
@@ -296,3 +298,44 @@ def test_every_shipped_and_tested_model_config_passes_the_shape_checks():
         check_model_shapes(fields, family)
     for family in ("gpt_oss", "deepseek_v3", "qwen3_moe", "mixtral", "llama", "gpt_neox"):
         check_model_shapes(AutoConfig.for_model(family).to_dict(), family)  # real defaults
+
+
+@pytest.mark.parametrize("kind, world, overrides, message", [
+    ("cpu", 1, "tensor_parallelism=2", "tensor_parallelism=2 needs the xla backend (this run "
+     "is on cpu)"),
+    ("xla", 1, "model.meta_init=true", "model.meta_init=true on XLA reads the weights shard "
+     "by shard from checkpoint_manager_path"),
+    ("cuda", 2, "model.lora.r=8 model.lora.quantize=4bit model.config_path=null "
+     "model.name_or_path=org/model", "model.lora.quantize=4bit under torchrun"),
+    ("cpu", 2, "model.lora.r=8 model.lora.init=pissa checkpoint_manager_path=/tmp/ckpt",
+     "model.lora.init=pissa computes the adapters from the base weights"),
+    ("cpu", 1, "parallel.expert_parallel=2", "parallel.expert_parallel=2 spreads the experts "
+     "over torchrun's processes; this run has one (cpu)"),
+    ("xla", 1, "model.lora.r=8", "model.lora.r > 0 on XLA"),
+    ("xla", 1, "model.compile=true", "model.compile=true: on XLA every step is compiled whole"),
+])
+def test_placement_refusals_come_before_anything_loads(make_cfg, monkeypatch, kind, world,
+                                                       overrides, message):
+    """Each refusal that depends on the backend `auto` resolves to or on torchrun's process
+    count is one line from validate (they came only after the model had loaded)."""
+    import moedpo.validate as validate_module
+
+    monkeypatch.setattr(validate_module, "choose_kind", lambda requested: kind)
+    monkeypatch.setattr(validate_module, "launched_processes", lambda: world)
+    monkeypatch.setattr(validate_module.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError) as err:
+        validate_module.check_placement(make_cfg(*overrides.split()))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # The same config where it can run: no refusal from this check.
+    runs_here = {"tensor_parallelism=2": ("xla", 1), "parallel.expert_parallel=2": ("cpu", 2)}
+    if overrides in runs_here:
+        kind, world = runs_here[overrides]
+        validate_module.check_placement(make_cfg(*overrides.split()))
+
+
+def test_cuda_requested_without_a_device_is_refused_up_front(make_cfg, monkeypatch):
+    import moedpo.validate as validate_module
+
+    monkeypatch.setattr(validate_module.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="parallel.backend=cuda but no CUDA device is visible"):
+        validate(make_cfg("parallel.backend=cuda"))

@@ -70,6 +70,25 @@ def loss_names(name: Any) -> list[str]:
                       "or [sigmoid,sft])")
 
 
+def describe(names: Sequence[str], weights: Sequence[float]) -> str:
+    """`sigmoid (arXiv 2305.18290) + 0.2 x sft (arXiv 2404.19733)`: the startup log's loss."""
+    return " + ".join(f"{'' if w == 1 else f'{w:g} x '}{n} (arXiv {LOSSES[n].paper})"
+                      if LOSSES[n].paper != "-" else n for n, w in zip(names, weights, strict=True))
+
+
+# LossConfig fields read by every loss (or by the step around it), never "unread".
+ALWAYS_READ = frozenset({"use_weighting"})
+
+
+def unread_options(names: Sequence[str], given: dict[str, Any],
+                   defaults: dict[str, Any]) -> list[str]:
+    """The loss options in `given` that differ from `defaults` though none of the losses
+    `names` reads them (each a loss's `options`): a setting with no effect on this run."""
+    read = {option for n in names for option in LOSSES[n].options} | ALWAYS_READ
+    known = {option for spec in LOSSES.values() for option in spec.options}
+    return [k for k in sorted(known - read) if given.get(k, defaults[k]) != defaults[k]]
+
+
 def needs_reference(names: Sequence[str], reference_free: bool = False) -> bool:
     """Whether any of the losses reads the reference (else no reference model is built)."""
     return not reference_free and any(LOSSES[n].reference for n in names)

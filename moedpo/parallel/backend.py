@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
 from .host_memory import huge_pages_for_large_tensors, keep_freed_host_memory
 
 log = logging.getLogger("moedpo")
@@ -105,6 +104,11 @@ def choose_kind(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launched_processes() -> int:
+    """How many processes torchrun launched this run with (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
              full_precision: bool = False, expert_parallel: int = 1) -> Backend:
     import torch_xla
@@ -134,17 +138,11 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
 def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
                  compile_cache: str | None = None, full_precision: bool = False,
                  expert_parallel: int = 1) -> Backend:
+    """The run's backend (validate.check_placement has refused what it cannot run)."""
     kind = choose_kind(requested)
     if kind == "xla":
         return init_xla(tensor_parallelism, compile_cache, full_precision, expert_parallel)
-    if tensor_parallelism != 1:
-        raise ConfigError(f"tensor_parallelism={tensor_parallelism} needs the xla backend "
-                          f"(this run is on {kind}); torch.distributed runs shard with FSDP2 "
-                          "only: set it to 1")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("parallel.backend=cuda but no CUDA device is visible; use "
-                          "parallel.backend=auto or cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
         torch.cuda.set_device(local_rank)

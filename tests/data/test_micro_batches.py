@@ -87,12 +87,21 @@ def test_training_by_tokens_equals_by_count(make_cfg, tmp_path, monkeypatch):
                     ignore=("aux_loss", "z_loss"))
 
 
-def test_tokens_per_batch_refused_with_static_shapes(make_cfg):
+def test_tokens_per_batch_refused_with_static_shapes(make_cfg, monkeypatch):
     from moedpo.config import ConfigError
     from moedpo.validate import validate
 
     with pytest.raises(ConfigError, match="data.tokens_per_batch cuts steps"):
         validate(make_cfg("data.tokens_per_batch=512", "data.static_shapes=true"))
+    # Static by default on XLA, also where parallel.backend=auto resolves to it: refused
+    # before anything loads (it was a second check in train.py after the model loaded).
+    import moedpo.layout as layout
+
+    monkeypatch.setattr(layout, "choose_kind", lambda requested: "xla")
+    with pytest.raises(ConfigError, match="data.tokens_per_batch cuts steps"):
+        validate(make_cfg("data.tokens_per_batch=512", "parallel.backend=auto"))
+    monkeypatch.setattr(layout, "choose_kind", lambda requested: "cpu")
+    validate(make_cfg("data.tokens_per_batch=512", "parallel.backend=auto"))
     with pytest.raises(ConfigError, match="router_aux_loss_scope=global_batch: the pooled"):
         validate(make_cfg("data.tokens_per_batch=512",
                           "model.router_aux_loss_scope=global_batch"))

@@ -41,9 +41,16 @@ def test_precompute_refused_when_no_loss_reads_the_reference(make_cfg):
         validate(make_cfg("loss.name=orpo", "reference.precompute=true"))
 
 
-def test_weighted_losses_log_each_term(make_cfg):
-    result = run(make_cfg(*tiny_train_overrides(), "loss.name=[sigmoid,sft]",
-                          "loss.weights=[1.0,0.2]"))
+def test_weighted_losses_log_each_term(make_cfg, caplog):
+    with caplog.at_level("INFO", logger="moedpo"):
+        result = run(make_cfg(*tiny_train_overrides(), "loss.name=[sigmoid,sft]",
+                              "loss.weights=[1.0,0.2]", "loss.simpo_gamma=2.0",
+                              "loss.label_smoothing=0.1"))
+    # The startup log names each term with its paper, and a knob no term reads.
+    assert "loss: sigmoid (arXiv 2305.18290) + 0.2 x sft (arXiv 2404.19733)" in caplog.text
+    assert "loss.simpo_gamma=2.0 has no effect: loss.name=sigmoid,sft does not read it " \
+        "(simpo, alphapo do)" in caplog.text
+    assert "loss.label_smoothing" not in caplog.text  # sigmoid reads it (cDPO)
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train = next(r for r in rows if "train/loss/sft" in r)
     expected = train["train/loss/sigmoid"] + 0.2 * train["train/loss/sft"]
