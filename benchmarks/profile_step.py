@@ -57,7 +57,7 @@ def main() -> None:
     from moedpo.parallel.backend import init_backend
     from moedpo.placement import load_models
     from moedpo.step import batch_loss
-    from moedpo.train import batch_maker
+    from moedpo.trainer import batch_maker
 
     register_schema()
     with tempfile.TemporaryDirectory() as tmp:

@@ -123,7 +123,7 @@ def run_moedpo(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from moedpo.config import register_schema
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     register_schema()
     # Gone once read: a small-model run leaves a ~5 GB final checkpoint behind.

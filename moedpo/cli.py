@@ -65,7 +65,7 @@ def check_override_keys(overrides: list[str]) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://moedpo.conf", config_name="config")
 def hydra_main(raw: DictConfig) -> None:
-    from .train import run
+    from .trainer import run
 
     try:
         cfg: DPOConfig = OmegaConf.to_object(raw)

@@ -9,7 +9,7 @@ from conftest import tiny_train_overrides
 from moedpo.checkpoint import restore_weights, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
-from moedpo.train import run
+from moedpo.trainer import run
 
 
 def test_export_round_trips_through_from_pretrained(make_cfg, tmp_path):

@@ -13,7 +13,7 @@ from moedpo.config import ConfigError
 from moedpo.inspect_data import inspect
 from moedpo.plot import plot_runs
 from moedpo.progress import Progress
-from moedpo.train import run
+from moedpo.trainer import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -53,7 +53,7 @@ def test_packing_keeps_the_models_sliding_window(name):
 
 
 def test_training_with_packing_equals_plain(make_cfg, tmp_path):
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true",
               "model.router_aux_loss_coef=0.05"]
@@ -101,7 +101,7 @@ def test_default_batches_are_one_packed_row(make_cfg):
 
     from moedpo.layout import packing_budget, use_shared_prompt
     from moedpo.parallel.backend import Backend
-    from moedpo.train import batch_maker
+    from moedpo.trainer import batch_maker
 
     cfg, policy = make_cfg("per_device_train_batch_size=4"), tiny_policy()
     shared = use_shared_prompt(cfg, False, policy)
@@ -119,7 +119,7 @@ def test_static_shapes_bin_pack_into_fixed_rows(make_cfg, tmp_path):
     """data.packing=true under static shapes: shared-prompt blocks bin-packed into rows of
     exactly 2 x max_length tokens, the row count rounded up to a multiple of the devices;
     the run equals the plain static layout (what XLA runs without packing)."""
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     common = [*tiny_train_overrides(), "max_steps=4", "shuffle=true", "max_length=64",
               "max_prompt_length=32", "data.static_shapes=true",
@@ -142,7 +142,7 @@ def test_static_shapes_bin_pack_into_fixed_rows(make_cfg, tmp_path):
      "of at most 400 tokens"),
 ])
 def test_startup_names_the_row_layout(make_cfg, caplog, overrides, line):
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     with caplog.at_level("INFO", logger="moedpo"):
         run(make_cfg(*tiny_train_overrides(), "max_steps=1", "do_first_eval=false",

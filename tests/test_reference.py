@@ -11,7 +11,7 @@ from conftest import assert_same_run, random_pairs, tiny_train_overrides
 from moedpo import reference as reference_lib
 from moedpo.config import ConfigError
 from moedpo.data import collate
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

@@ -10,7 +10,7 @@ from conftest import final_weights, tiny_train_overrides, train_rows
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models.load import build_models
 from moedpo.reference_sync import sync_reference
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

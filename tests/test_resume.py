@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import moedpo.train as train_module
+import moedpo.trainer as train_module
 from conftest import ROOT, final_weights, tiny_train_overrides, train_rows, wait_for
 from moedpo.checkpoint import COMPLETE, Checkpointer, CheckpointError
 from moedpo.optim import NonFiniteError
-from moedpo.train import run
+from moedpo.trainer import run
 
 
 def cli(*args: str, out: Path) -> list[str]:

@@ -10,7 +10,7 @@ from moedpo.data import collate, collate_shared
 from moedpo.layout import attention_blocks, shared_prompt_mask
 from moedpo.models.load import build_models
 from moedpo.step import batch_logps
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, tiny_train_overrides
-from moedpo.train import run
+from moedpo.trainer import run
 
 TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
               "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",

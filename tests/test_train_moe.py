@@ -10,7 +10,7 @@ from conftest import random_pairs, tiny_train_overrides
 from moedpo.data.collate import collate
 from moedpo.models.load import build_models
 from moedpo.step import batch_loss
-from moedpo.train import run
+from moedpo.trainer import run
 
 
 def test_routing_metrics_reach_metrics_jsonl_and_tensorboard(make_cfg):

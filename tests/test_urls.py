@@ -11,7 +11,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from conftest import tiny_train_overrides
-from moedpo.train import run
+from moedpo.trainer import run
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def test_ranks_with_fewer_cuts_split_their_largest():
 def test_training_by_tokens_equals_by_count(make_cfg, tmp_path, monkeypatch):
     """8 pairs a step cut by a 300-token budget into several forwards: the same losses,
     metrics and weights as one forward of 8 (router losses off: they are per forward)."""
-    import moedpo.train as train
+    import moedpo.trainer as train
 
     forwards = []
 

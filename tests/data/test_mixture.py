@@ -108,7 +108,7 @@ def test_mixed_run_of_text_and_chat_sources_reports_each_source(make_cfg):
     import json
 
     from conftest import tiny_train_overrides
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     cfg = make_cfg(*tiny_train_overrides(), "datasets=[demo,demo_chat]", "dry_run=false",
                    "data.weights=[0.75,0.25]", "max_steps=2", "eval_frequency=100",

@@ -63,7 +63,7 @@ def test_a_stream_without_usable_rows_stops_with_the_reasons(tokenizer):
 
 
 def test_streamed_run_resumes_exactly(make_cfg):
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     common = [*tiny_train_overrides(), "dry_run=false", "data.streaming=true",
               "data.shuffle_buffer=64", "do_first_eval=false", "eval_frequency=100",

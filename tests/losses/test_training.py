@@ -11,7 +11,7 @@ from moedpo.config import ConfigError
 from moedpo.losses import LOSSES
 from moedpo.parallel.backend import init_backend
 from moedpo.placement import load_models
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

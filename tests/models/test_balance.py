@@ -50,7 +50,7 @@ def test_bias_moves_by_the_sign_of_the_load_error_and_balances_a_skewed_router()
 
 
 def test_training_moves_the_policys_biases_and_resumes_them(make_cfg, tmp_path):
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     path = write_tiny_deepseek(tmp_path / "tiny-deepseek.json")
     common = [*tiny_train_overrides(), f"model.config_path={path}", "dry_run=false",
@@ -74,7 +74,7 @@ def test_training_moves_the_policys_biases_and_resumes_them(make_cfg, tmp_path):
 
 
 def test_a_model_without_correction_bias_is_refused(make_cfg):
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     with pytest.raises(ModelLoadError, match="MixtralForCausalLM has no router with a "
                        "correction bias"):

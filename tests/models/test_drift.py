@@ -43,7 +43,7 @@ def test_identical_routers_agree_fully_with_zero_kl():
 
 def test_drift_starts_at_one_and_falls_as_the_router_trains(make_cfg):
     from conftest import tiny_train_overrides
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     result = run(make_cfg(*tiny_train_overrides(), "max_steps=16", "eval_frequency=8",
                           "sched.warmup_steps=0", "lr=3e-3"))

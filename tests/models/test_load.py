@@ -170,7 +170,7 @@ def test_gpt_oss_trains_from_the_embedded_config(tmp_path, caplog):
     """The whole run on gpt-oss (biased, transposed experts; sinks; sliding and full
     layers): auto attention is eager, the prompt is shared, step 0 is ln 2, and it learns."""
     from conftest import compose_cfg
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     cfg = compose_cfg("+experiment=demo", "model.config_path=tiny-gpt-oss.json", "max_steps=12",
                       "eval_frequency=12", "per_device_train_batch_size=8",

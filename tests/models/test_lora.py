@@ -16,7 +16,7 @@ from moedpo.models import lora
 from moedpo.models.load import build_models
 from moedpo.models.router import router_modules
 from moedpo.step import batch_loss
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

@@ -14,7 +14,7 @@ from conftest import tiny_train_overrides, train_rows
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models import lora
 from moedpo.models.load import build_models
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

@@ -14,7 +14,7 @@ from moedpo.models.load import build_models
 from moedpo.models.precision import cast_parameters, compute_copies
 from moedpo.parallel.layers import checkpoint_decoder_layers
 from moedpo.step import batch_loss
-from moedpo.train import run
+from moedpo.trainer import run
 
 BF16 = ["model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"]
 FP32 = ["model.policy_dtype=float32", "model.reference_dtype=float32"]
@@ -69,7 +69,7 @@ def test_master_gradients_equal_the_bf16_models(make_cfg, tokenizer, checkpointe
     same bf16 weights."""
     from moedpo.data import build_data
     from moedpo.parallel.backend import Backend
-    from moedpo.train import batch_maker
+    from moedpo.trainer import batch_maker
 
     cfg = make_cfg(*tiny_train_overrides(), *BF16)
     policy, reference = tiny("bfloat16")

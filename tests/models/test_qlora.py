@@ -11,7 +11,7 @@ from conftest import tiny_train_overrides, train_rows
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models.load import build_models
 from moedpo.models.router import router_modules
-from moedpo.train import run
+from moedpo.trainer import run
 from moedpo.validate import validate
 
 

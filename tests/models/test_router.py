@@ -124,7 +124,7 @@ def test_freeze_router_leaves_routers_bit_identical_and_without_optimizer_state(
     from conftest import tiny_train_overrides
     from moedpo.models.load import build_models
     from moedpo.models.router import router_modules
-    from moedpo.train import run
+    from moedpo.trainer import run
 
     common = [*tiny_train_overrides(), "dry_run=false", "max_steps=2"]
     frozen_cfg = make_cfg(*common, "model.freeze_router=true", "exp_name=frozen")

@@ -13,7 +13,7 @@ from conftest import ROOT, assert_same_run, final_weights, run_ok
 from moedpo.checkpoint import save_weights
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models.load import build_models
-from moedpo.train import run
+from moedpo.trainer import run
 
 
 def exchange(*args: str) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from . import reference as reference_lib
 from . import run_dir as run_dir_lib
+from .callbacks import Callback, fire
 from .checkpoint import Checkpointer
 from .config import DPOConfig
 from .data import build_data, collate, collate_shared, eval_indices
@@ -142,16 +143,16 @@ def reward_shift(cfg: DPOConfig, backend: Backend) -> RewardShift | None:
                        / backend.world_size)
 
 
-def run(cfg: DPOConfig) -> RunResult:
+def run(cfg: DPOConfig, callbacks: list[Callback] | None = None) -> RunResult:
     """Train as configured (continuing from a checkpoint when there is one); returns the final
-    eval metrics and the trained policy."""
+    eval metrics and the trained policy. `callbacks` get the run's events (callbacks.py)."""
     validate(cfg)
     backend = init_backend(cfg.parallel.backend, cfg.tensor_parallelism,
                            cfg.local_compile_cache_dir, cfg.full_precision,
                            cfg.parallel.expert_parallel)
     try:
         with run_dir_lib.RunLock(cfg.run_dir, backend):
-            result = train(cfg, backend)
+            result = train(cfg, backend, callbacks or [])
         # Ranks leave together: none tears its process group down while another may still
         # be exchanging with it (a gloo peer gone mid-exchange aborts the other process).
         backend.barrier()
@@ -160,7 +161,7 @@ def run(cfg: DPOConfig) -> RunResult:
         shutdown(backend)
 
 
-def train(cfg: DPOConfig, backend: Backend) -> RunResult:
+def train(cfg: DPOConfig, backend: Backend, callbacks: list[Callback]) -> RunResult:
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
     if not backend.is_main:
@@ -248,6 +249,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
         log.info("checkpoint written: %s", path)
         if backend.is_main:  # the metrics that go with it, where output_dir is a URL
             run_dir_lib.publish(cfg)
+        fire(callbacks, "on_save", step, path)
         return path
 
     progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
@@ -273,6 +275,7 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
             write_samples(step)
         if backend.is_main:
             run_dir_lib.publish(cfg)
+        fire(callbacks, "on_evaluate", step, values)
         return values
 
     sample_prompts = [list(p.prompt) for p in data.eval[:cfg.n_eval_model_samples]]
@@ -337,6 +340,8 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                     window.add_scalars({"forwards": len(chunks)})
             else:  # skip the update, keep the schedule in step
                 check_nonfinite(nonfinite, step, step_loss, grad_norm, cfg)
+            fire(callbacks, "on_step_end", step,
+                 {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
             with warnings.catch_warnings():  # torch warns when a skipped update precedes it
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
@@ -374,7 +379,9 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                     run_dir_lib.publish(cfg)
                 log.warning("stopped by %s after step %d; run the same command again to "
                             "resume (resume=auto)", stop.name, step)
-                return RunResult({}, policy, run_dir, preempted=True)
+                result = RunResult({}, policy, run_dir, preempted=True)
+                fire(callbacks, "on_train_end", result)
+                return result
 
         # ---- the end: the last step's checkpoint before the final eval, still under the
         # signal guard, so a stop or an error in that eval loses nothing trained (a rerun
@@ -388,4 +395,6 @@ def train(cfg: DPOConfig, backend: Backend) -> RunResult:
                     "they are in %s; run the same command again to upload them",
                     cfg.run_url, run_dir)
     log.info("run finished; metrics in %s", cfg.run_url or run_dir)
-    return RunResult(final, policy, run_dir)
+    result = RunResult(final, policy, run_dir)
+    fire(callbacks, "on_train_end", result)
+    return result
