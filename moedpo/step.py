@@ -1,11 +1,15 @@
-"""One micro-batch, top to bottom: the reference's log-probs (or the precomputed ones), the
-policy's, the configured preference losses, and for MoE models the router losses and routing
-drift. `batch_loss` is what a training step backpropagates and what evaluation averages."""
+"""One training step, top to bottom: `optimizer_step` runs a step's micro-batches (each
+`batch_loss`: the reference's log-probs or the precomputed ones, the policy's, the configured
+preference losses, and for MoE models the router losses and routing drift), backpropagates
+each scaled by its share of the step's pairs, clips, and steps the optimizer where the step is
+finite. Evaluation averages the same `batch_loss`."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +27,61 @@ from .losses import (
 )
 from .losses.unpaired import RewardShift, global_kl_estimate
 from .models import block_attention, chunked_head
+from .models.balance import update_correction_biases
 from .models.drift import routing_drift
 from .models.moe import moe_top_k
 from .models.router import RouterRecord, record_router_logits, router_losses
+from .optim import clip_grad_norm, step_if_finite
+from .parallel.backend import Backend
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # the step's loss: the mean over all ranks' pairs
+    grad_norm: float  # the global norm before clipping
+    outputs: list[DPOOutput]  # this rank's micro-batches
+    applied: bool  # loss and norm finite: the optimizer stepped
+
+
+def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
+                   batches: list[dict[str, torch.Tensor]], weights: list[float],
+                   cfg: DPOConfig, optimizer: torch.optim.Optimizer,
+                   params: list[torch.nn.Parameter], backend: Backend,
+                   shift: RewardShift | None = None,
+                   computing: Callable[[], contextlib.AbstractContextManager] =
+                   contextlib.nullcontext, pooled_routing: bool = False) -> StepOutcome:
+    """One optimizer step over this rank's micro-batches (`weights`: each one's share of the
+    step's pairs, so the gradient is the step's mean). A non-finite loss or norm skips the
+    update (decided on the device on XLA, without a host read inside the step's graph);
+    `computing` is the precision context (a bf16 compute copy of float32 masters)."""
+    optimizer.zero_grad(set_to_none=True)
+    totals = None
+    if pooled_routing:  # the step's expert loads, before the first backward
+        with computing():
+            totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
+    outputs = []
+    for batch, weight in zip(batches, weights, strict=True):
+        with computing():
+            out = batch_loss(policy, reference, batch, cfg, shift, backend.sum_over_ranks,
+                             router_totals=totals)
+            (out.loss * weight).backward()
+        outputs.append(out)
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    norm = clip_grad_norm(params, clip)  # global norm
+    losses = torch.stack([out.loss.detach() for out in outputs]).sum()
+    if cfg.model.router_bias_update_rate > 0:  # aux-loss-free balancing
+        counts = torch.stack([out.router.expert_counts for out in outputs]).sum(0)
+        update_correction_biases(policy, backend.sum_over_ranks(counts),
+                                 cfg.model.router_bias_update_rate)
+    if backend.kind == "xla":  # decided on the device: no host read inside the step
+        step_if_finite(optimizer, torch.isfinite(losses) & torch.isfinite(norm))
+        backend.sync()  # runs the step's one graph; the reads below only copy
+    step_loss = float(backend.all_reduce_sum(losses.reshape(1).cpu().double())[0])
+    grad_norm = float(norm)
+    applied = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if applied and backend.kind != "xla":
+        optimizer.step()
+    return StepOutcome(step_loss, grad_norm, outputs, applied)
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,

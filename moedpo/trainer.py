@@ -1,6 +1,7 @@
-"""The training loop. One step, top to bottom: take the step's pairs, split them into
+"""The run: `Trainer`'s phases, top to bottom (setup, train_step, report, evaluate, save,
+finish); the step itself is step.optimizer_step: take the step's pairs, split them into
 micro-batches, run policy and reference on chosen+rejected together, backward the DPO loss
-scaled by 1/accumulation, clip, step the optimizer and the schedule, log.
+scaled by each micro-batch's share, clip, step the optimizer and the schedule, log.
 
 Eval rows at step s are computed before the update of step s (step 0 is the untouched model);
 a final eval runs after the last update.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import sys
 import time
 import warnings
@@ -37,15 +37,12 @@ from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
 from .models import block_attention, lora
-from .models.balance import update_correction_biases
 from .models.precision import compute_copies, policy_compute_dtype
 from .optim import (
     build_optimizer,
     build_scheduler,
     check_nonfinite,
-    clip_grad_norm,
     continue_schedule,
-    step_if_finite,
 )
 from .parallel import spmd
 from .parallel.backend import Backend, init_backend, shutdown
@@ -54,7 +51,7 @@ from .preemption import StopSignal
 from .progress import Progress, batch_bar, interactive
 from .reference_sync import sync_reference
 from .startup import log_startup
-from .step import batch_loss, global_routing, pools_accumulation
+from .step import optimizer_step, pools_accumulation
 from .validate import check_rows_fit_losses, validate
 
 log = logging.getLogger("moedpo")
@@ -162,239 +159,261 @@ def run(cfg: DPOConfig, callbacks: list[Callback] | None = None) -> RunResult:
 
 
 def train(cfg: DPOConfig, backend: Backend, callbacks: list[Callback]) -> RunResult:
-    torch.manual_seed(cfg.seed)
-    torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
-    if not backend.is_main:
-        logging.getLogger("moedpo").setLevel(logging.WARNING)
-    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process,
-                                backend.barrier, xla=backend.kind == "xla",
-                                trusted=list(cfg.checkpoint.trusted_paths),
-                                trainable_only=lora.is_enabled(cfg.model))
-    run_dir, resume_from = run_dir_lib.prepare(cfg, checkpointer, backend)
-    tokenizer, policy, reference = load_models(cfg, backend)
-    data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings,
-                      backend.total_devices)
-    check_rows_fit_losses(cfg, data.unpaired)
-    static = padded_length(cfg, backend) is not None
-    shared = use_shared_prompt(cfg, static, policy)
-    max_tokens = packing_budget(cfg, shared, policy, static)
-    to_batch = batch_maker(cfg, tokenizer, backend, shared, max_tokens)
-    cut = partial(micro_batches, budget=cfg.data.tokens_per_batch, cost=row_tokens(shared),
-                  packed=max_tokens > 0)
-    # One forward's pairs: SPMD splits one batch over all devices of the mesh.
-    micro, world = cfg.per_device_train_batch_size * backend.devices, backend.world_size
-    step_size = micro * world * cfg.gradient_accumulation_steps  # pairs per optimizer step
-    n_steps = total_steps(cfg, len(data.train), step_size)
-    log_startup(cfg, policy, data, n_steps, backend, run_dir)
-    log.info("rows: %s", row_layout(shared, max_tokens, static, policy, cfg))
-    if cfg.reference.precompute:  # from here on the reference lives in the data
-        bar = partial(batch_bar, desc="reference", enabled=backend.is_main and interactive())
-        data = reference_lib.precompute(cfg, data, reference, to_batch,
-                                        padded_length(cfg, backend), backend, bar)
-        reference = None
-        gc.collect()
+    return Trainer(cfg, backend, callbacks).fit()
 
-    # Mixed precision on one process and XLA: forward and backward on a bf16 copy of the
-    # float32 masters (FSDP2 casts in its own hooks).
-    computing = partial(compute_copies, policy,
-                        policy_compute_dtype(cfg.model, backend.distributed))
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer, n_steps)
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    window, nonfinite, start_step = MeanMetrics(), {"total": 0, "in_a_row": 0}, 0
-    stream_state = None
-    # TR-DPO's reference changes in training: its weights go into checkpoints too.
-    synced = {"reference": reference} if cfg.reference.sync_every else {}
-    shift = reward_shift(cfg, backend)  # BCO's running reward mean, None for other losses
-    pooled_routing = pools_accumulation(cfg, policy)
-    if pooled_routing:
-        log.info("router_aux_loss_scope=global_batch over %d accumulated micro-batches: each "
-                 "step first runs the policy once more without gradients to count the expert "
-                 "loads of all of them", cfg.gradient_accumulation_steps)
-    settings = OmegaConf.to_container(OmegaConf.structured(cfg))  # what a resume must match
-    if resume_from:
+
+class Trainer:
+    """One run. `fit` reads top to bottom: `setup` (run dir, models, data, optimizer, a
+    resumed state), then per step an eval when due, `train_step`, `report` and a checkpoint
+    when due or asked to stop, then the last checkpoint, the final eval and `finish`."""
+
+    def __init__(self, cfg: DPOConfig, backend: Backend, callbacks: list[Callback]) -> None:
+        self.cfg, self.backend, self.callbacks = cfg, backend, callbacks
+
+    def fit(self) -> RunResult:
+        self.setup()
+        saved_at = self.start_step if self.resumed_from else None
+        with StopSignal(self.backend) as stop, self.progress:
+            for step in range(self.start_step, self.n_steps):
+                if should_eval(step, self.cfg):
+                    self.evaluate(step)
+                self.train_step(step)
+                self.report(step)
+                # Every save_frequency steps, and when asked to stop (every rank agrees
+                # on the step first).
+                every = self.cfg.checkpoint.save_frequency
+                stop.agree()
+                if stop.received or stop.save_requested or (every and (step + 1) % every == 0):
+                    self.save(step + 1)
+                    saved_at, stop.save_requested = step + 1, False
+                if stop.received:
+                    return self.stopped(step, stop.name)
+            # The last step's checkpoint before the final eval, still under the signal guard,
+            # so a stop or an error in that eval loses nothing trained (a rerun resumes at the
+            # end and only evaluates again).
+            if saved_at != self.n_steps:
+                self.save(self.n_steps)
+            final = self.evaluate(self.n_steps)
+        return self.finish(final)
+
+    # ---- setup: everything a step needs, decided once
+    def setup(self) -> None:
+        cfg, backend = self.cfg, self.backend
+        torch.manual_seed(cfg.seed)
+        torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
+        if not backend.is_main:
+            logging.getLogger("moedpo").setLevel(logging.WARNING)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process, backend.barrier,
+            xla=backend.kind == "xla", trusted=list(cfg.checkpoint.trusted_paths),
+            trainable_only=lora.is_enabled(cfg.model))
+        self.run_dir, self.resumed_from = run_dir_lib.prepare(cfg, self.checkpointer, backend)
+        self.tokenizer, self.policy, self.reference = load_models(cfg, backend)
+        self.data = build_data(cfg, self.tokenizer,
+                               self.policy.get_input_embeddings().num_embeddings,
+                               backend.total_devices)
+        check_rows_fit_losses(cfg, self.data.unpaired)
+        static = padded_length(cfg, backend) is not None
+        shared = use_shared_prompt(cfg, static, self.policy)
+        max_tokens = packing_budget(cfg, shared, self.policy, static)
+        self.to_batch = batch_maker(cfg, self.tokenizer, backend, shared, max_tokens)
+        self.cut = partial(micro_batches, budget=cfg.data.tokens_per_batch,
+                           cost=row_tokens(shared), packed=max_tokens > 0)
+        # One forward's pairs: SPMD splits one batch over all devices of the mesh.
+        self.micro = cfg.per_device_train_batch_size * backend.devices
+        self.step_size = self.micro * backend.world_size * cfg.gradient_accumulation_steps
+        self.n_steps = total_steps(cfg, len(self.data.train), self.step_size)
+        log_startup(cfg, self.policy, self.data, self.n_steps, backend, self.run_dir)
+        log.info("rows: %s", row_layout(shared, max_tokens, static, self.policy, cfg))
+        if cfg.reference.precompute:  # from here on the reference lives in the data
+            bar = partial(batch_bar, desc="reference", enabled=backend.is_main and interactive())
+            self.data = reference_lib.precompute(cfg, self.data, self.reference, self.to_batch,
+                                                 padded_length(cfg, backend), backend, bar)
+            self.reference = None
+            gc.collect()
+        # Mixed precision on one process and XLA: forward and backward on a bf16 copy of the
+        # float32 masters (FSDP2 casts in its own hooks).
+        self.computing = partial(compute_copies, self.policy,
+                                 policy_compute_dtype(cfg.model, backend.distributed))
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, self.params)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.n_steps)
+        self.window, self.nonfinite = MeanMetrics(), {"total": 0, "in_a_row": 0}
+        # TR-DPO's reference changes in training: its weights go into checkpoints too.
+        self.synced = {"reference": self.reference} if cfg.reference.sync_every else {}
+        self.shift = reward_shift(cfg, backend)  # BCO's running reward mean, else None
+        self.pooled_routing = pools_accumulation(cfg, self.policy)
+        if self.pooled_routing:
+            log.info("router_aux_loss_scope=global_batch over %d accumulated micro-batches: "
+                     "each step first runs the policy once more without gradients to count "
+                     "the expert loads of all of them", cfg.gradient_accumulation_steps)
+        self.settings = OmegaConf.to_container(OmegaConf.structured(cfg))  # a resume matches
+        self.start_step, stream_state = 0, None
+        if self.resumed_from:
+            stream_state = self.resume()
+        self.steps = self.data.train_steps(cfg, self.step_size, self.start_step, stream_state)
+        self.writer = MetricWriter(self.run_dir, cfg.loggers, self.start_step, backend.is_main,
+                                   self.settings, cfg.exp_name)
+        self.progress = Progress(self.n_steps, self.start_step,
+                                 enabled=backend.is_main and interactive())
+        # Several sources: eval metrics of each too (eval/<source>/rewards/accuracies ...).
+        self.eval_labels = self.data.eval_labels()
+        self.groups = self.data.labels() if len(self.data.sources) > 1 else None
+        self.sample_prompts = [list(p.prompt)
+                               for p in self.data.eval[:cfg.n_eval_model_samples]]
+
+    def resume(self) -> dict | None:
+        """The newest (or given) checkpoint's weights, optimizer, schedule and counters;
+        returns where a streamed dataset was."""
+        cfg, checkpointer = self.cfg, self.checkpointer
         if cfg.resume_mode == "auto":  # a torn newest checkpoint falls back to the one before
-            resume_from, state, own = checkpointer.load_newest(policy, optimizer, synced)
+            self.resumed_from, state, own = checkpointer.load_newest(
+                self.policy, self.optimizer, self.synced)
         else:
-            state, own = checkpointer.load(resume_from, policy, optimizer, synced)
+            state, own = checkpointer.load(self.resumed_from, self.policy, self.optimizer,
+                                           self.synced)
         if state.get("config") is not None:  # the checkpoint actually loaded, fallback or not
-            run_dir_lib.check_resume_config(state["config"], settings)
-        scheduler.load_state_dict(state["scheduler"])
-        saved_lr, lr_now = continue_schedule(scheduler, optimizer)
+            run_dir_lib.check_resume_config(state["config"], self.settings)
+        self.scheduler.load_state_dict(state["scheduler"])
+        saved_lr, lr_now = continue_schedule(self.scheduler, self.optimizer)
         if saved_lr != lr_now:
             log.info("the learning-rate schedule now spans %d steps: lr %.4g at the checkpoint, "
-                     "%.4g from here on", n_steps, saved_lr, lr_now)
-        start_step, nonfinite = state["step"], state["nonfinite"]
-        stream_state = state.get("data_stream")
-        if shift is not None:
-            shift.restore(state["bco_shift"])
-        window = MeanMetrics.from_state(own["window"])
-        if backend.is_main:  # one writer: ranks racing on the same file tear it
-            run_dir_lib.trim_metrics(run_dir, start_step)
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    steps = data.train_steps(cfg, step_size, start_step, stream_state)
-    writer = MetricWriter(run_dir, cfg.loggers, start_step, backend.is_main, settings,
-                          cfg.exp_name)
+                     "%.4g from here on", self.n_steps, saved_lr, lr_now)
+        self.start_step, self.nonfinite = state["step"], state["nonfinite"]
+        if self.shift is not None:
+            self.shift.restore(state["bco_shift"])
+        self.window = MeanMetrics.from_state(own["window"])
+        if self.backend.is_main:  # one writer: ranks racing on the same file tear it
+            run_dir_lib.trim_metrics(self.run_dir, self.start_step)
+        log.info("resumed from %s at step %d", self.resumed_from, self.start_step)
+        return state.get("data_stream")
 
-    def save(step: int) -> str:
-        state = {"step": step, "examples": step * step_size, "scheduler": scheduler.state_dict(),
-                 "nonfinite": nonfinite, "config": settings}  # what a resume must match
-        if data.stream is not None:  # where the streamed data is: read again up to there
-            state["data_stream"] = data.stream.state()
-        if shift is not None:
-            state["bco_shift"] = shift.state()
-        path = checkpointer.save(step, policy, optimizer, state, {"window": window.state()},
-                                 synced)
-        log.info("checkpoint written: %s", path)
-        if backend.is_main:  # the metrics that go with it, where output_dir is a URL
-            run_dir_lib.publish(cfg)
-        fire(callbacks, "on_save", step, path)
-        return path
+    # ---- one optimizer step over gradient_accumulation_steps micro-batches (step.py)
+    def train_step(self, step: int) -> None:
+        cfg, backend, window = self.cfg, self.backend, self.window
+        started = time.perf_counter()
+        pairs = next(self.steps)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
+        # this rank's share of the step, cut by count or by tokens (data.tokens_per_batch)
+        chunks = self.cut(pairs, backend.rank, backend.world_size, self.micro)
+        batches = [self.to_batch(chunk) for chunk in chunks]
+        outcome = optimizer_step(self.policy, self.reference, batches, micro_weights(chunks),
+                                 cfg, self.optimizer, self.params, backend, self.shift,
+                                 self.computing, self.pooled_routing)
+        window.tokens += sum(p.n_tokens for chunk in chunks for p in chunk)
+        if outcome.applied:
+            self.nonfinite["in_a_row"] = 0
+            for out in outcome.outputs:
+                window.add_output(out)
+            window.add_scalars({"grad_norm": outcome.grad_norm, "lr": lr})
+            if cfg.data.tokens_per_batch:  # how many forwards the budget made
+                window.add_scalars({"forwards": len(chunks)})
+        else:  # skip the update, keep the schedule in step
+            check_nonfinite(self.nonfinite, step, outcome.loss, outcome.grad_norm, cfg)
+        with warnings.catch_warnings():  # torch warns when a skipped update precedes it
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        if self.synced and (step + 1) % cfg.reference.sync_every == 0:  # TR-DPO
+            sync_reference(self.reference, self.policy, cfg.reference.sync_alpha)
+        window.seconds += time.perf_counter() - started
+        if self.progress.enabled:  # this rank's window so far, no collective needed
+            self.progress.step({
+                **window.means(),
+                "examples_per_second": window.count / max(window.seconds, 1e-9),
+                "tokens_per_second": window.tokens / max(window.seconds, 1e-9)})
+        fire(self.callbacks, "on_step_end", step,
+             {"loss": outcome.loss, "grad_norm": outcome.grad_norm, "lr": lr})
 
-    progress = Progress(n_steps, start_step, enabled=backend.is_main and interactive())
+    # ---- report: means since the last report; throughput excludes eval time
+    def report(self, step: int) -> None:
+        cfg, backend, window = self.cfg, self.backend, self.window
+        if not (step % cfg.report_metrics_freq == 0 or step == self.n_steps - 1):
+            return
+        reduced = window.reduced(backend)
+        tokens = float(backend.all_reduce_sum(torch.tensor([float(window.tokens)]))[0])
+        extra = {"examples_per_second": reduced.count / max(window.seconds, 1e-9),
+                 "tokens_per_second": tokens / max(window.seconds, 1e-9),
+                 "nonfinite_steps": self.nonfinite["total"]}
+        if backend.kind == "xla":  # flat after warm-up: one graph per step shape
+            extra["xla_compiles"] = spmd.compile_count()
+        row = self.writer.write(step, (step + 1) * self.step_size, "train", reduced, extra)
+        log.info(console_line(step, self.n_steps, "train",
+                              {k.removeprefix("train/"): v for k, v in row.items()}))
+        self.window = MeanMetrics()
 
-    # Several sources: eval metrics of each too (eval/<source>/rewards/accuracies ...).
-    eval_labels = data.eval_labels()
-    groups = data.labels() if len(data.sources) > 1 else None
-
-    def eval_row(step: int) -> dict[str, float]:
+    # ---- evaluate: this rank's share of the eval pairs, reduced over ranks; samples
+    def evaluate(self, step: int) -> dict[str, float]:
+        cfg, backend, data = self.cfg, self.backend, self.data
+        world = backend.world_size
         eval_batch = cfg.eval_batch_size * backend.devices
-        batches = ((to_batch([data.eval[i] for i in idx]), valid,
-                    [eval_labels[i] for i in idx]) for idx, valid in
+        batches = ((self.to_batch([data.eval[i] for i in idx]), valid,
+                    [self.eval_labels[i] for i in idx]) for idx, valid in
                    eval_indices(len(data.eval), eval_batch, backend.rank, world))
         n_batches = -(-len(data.eval) // (eval_batch * world))
-        with computing():
-            metrics = evaluate(policy, reference, progress.eval(batches, n_batches), cfg,
-                               backend.sync, groups, shift, backend.sum_over_ranks)
-        metrics = metrics.reduced(backend)
-        row = writer.write(step, step * step_size, "eval", metrics)
+        with self.computing():
+            metrics = evaluate(self.policy, self.reference, self.progress.eval(batches, n_batches),
+                               cfg, backend.sync, self.groups, self.shift,
+                               backend.sum_over_ranks)
+        row = self.writer.write(step, step * self.step_size, "eval", metrics.reduced(backend))
         values = {k.removeprefix("eval/"): v for k, v in row.items()}
-        log.info(console_line(step, n_steps, "eval", values))
+        log.info(console_line(step, self.n_steps, "eval", values))
         if cfg.sample_during_eval:
-            write_samples(step)
+            self.write_samples(step)
         if backend.is_main:
             run_dir_lib.publish(cfg)
-        fire(callbacks, "on_evaluate", step, values)
+        fire(self.callbacks, "on_evaluate", step, values)
         return values
 
-    sample_prompts = [list(p.prompt) for p in data.eval[:cfg.n_eval_model_samples]]
-
-    def write_samples(step: int) -> None:
+    def write_samples(self, step: int) -> None:
         """Greedy samples for fixed eval prompts: run_dir/samples.jsonl and TensorBoard."""
-        with computing():
-            answers = {"policy": generate(policy, tokenizer, sample_prompts,
+        cfg, prompts = self.cfg, self.sample_prompts
+        with self.computing():
+            answers = {"policy": generate(self.policy, self.tokenizer, prompts,
                                           cfg.sample_max_new_tokens)}
-        if cfg.sample_reference and reference is not None:
-            answers["reference"] = generate(reference, tokenizer, sample_prompts,
+        if cfg.sample_reference and self.reference is not None:
+            answers["reference"] = generate(self.reference, self.tokenizer, prompts,
                                             cfg.sample_max_new_tokens)
-        rows = [{"step": step, "prompt": tokenizer.decode(prompt),
+        rows = [{"step": step, "prompt": self.tokenizer.decode(prompt),
                  **{name: texts[i] for name, texts in answers.items()}}
-                for i, prompt in enumerate(sample_prompts)]
-        writer.write_samples(step, rows)
+                for i, prompt in enumerate(prompts)]
+        self.writer.write_samples(step, rows)
 
-    saved_at = start_step if resume_from else None
-    with StopSignal(backend) as stop, progress:
-        for step in range(start_step, n_steps):
-            if should_eval(step, cfg):
-                eval_row(step)
+    # ---- save: a checkpoint of `step` steps, and the run dir mirrored where it is a URL
+    def save(self, step: int) -> str:
+        state = {"step": step, "examples": step * self.step_size,
+                 "scheduler": self.scheduler.state_dict(), "nonfinite": self.nonfinite,
+                 "config": self.settings}  # what a resume must match
+        if self.data.stream is not None:  # where the streamed data is: read again up to there
+            state["data_stream"] = self.data.stream.state()
+        if self.shift is not None:
+            state["bco_shift"] = self.shift.state()
+        path = self.checkpointer.save(step, self.policy, self.optimizer, state,
+                                      {"window": self.window.state()}, self.synced)
+        log.info("checkpoint written: %s", path)
+        if self.backend.is_main:  # the metrics that go with it, where output_dir is a URL
+            run_dir_lib.publish(self.cfg)
+        fire(self.callbacks, "on_save", step, path)
+        return path
 
-            # ---- one optimizer step over gradient_accumulation_steps micro-batches
-            started = time.perf_counter()
-            pairs = next(steps)
-            lr = float(optimizer.param_groups[0]["lr"])  # the rate this step applies
-            optimizer.zero_grad(set_to_none=True)
-            outputs, totals = [], None
-            # this rank's share of the step, cut by count or by tokens (data.tokens_per_batch)
-            chunks = cut(pairs, backend.rank, world, micro)
-            batches = [to_batch(chunk) for chunk in chunks]
-            if pooled_routing:  # the step's expert loads, before the first backward
-                with computing():
-                    totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
-            for chunk, batch, weight in zip(chunks, batches, micro_weights(chunks), strict=True):
-                with computing():
-                    out = batch_loss(policy, reference, batch, cfg, shift,
-                                     backend.sum_over_ranks, router_totals=totals)
-                    (out.loss * weight).backward()  # the step's loss: a mean over its pairs
-                outputs.append(out)
-                window.tokens += sum(p.n_tokens for p in chunk)
-            norm = clip_grad_norm(params, clip)  # global norm
-            losses = torch.stack([out.loss.detach() for out in outputs]).sum()
-            if cfg.model.router_bias_update_rate > 0:  # aux-loss-free balancing
-                counts = torch.stack([out.router.expert_counts for out in outputs]).sum(0)
-                update_correction_biases(policy, backend.sum_over_ranks(counts),
-                                         cfg.model.router_bias_update_rate)
-            if backend.kind == "xla":  # decided on the device: no host read inside the step
-                step_if_finite(optimizer, torch.isfinite(losses) & torch.isfinite(norm))
-                backend.sync()  # runs the step's one graph; the reads below only copy
-            step_loss = float(backend.all_reduce_sum(losses.reshape(1).cpu().double())[0])
-            grad_norm = float(norm)
-            if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                if backend.kind != "xla":
-                    optimizer.step()
-                nonfinite["in_a_row"] = 0
-                for out in outputs:
-                    window.add_output(out)
-                window.add_scalars({"grad_norm": grad_norm, "lr": lr})
-                if cfg.data.tokens_per_batch:  # how many forwards the budget made
-                    window.add_scalars({"forwards": len(chunks)})
-            else:  # skip the update, keep the schedule in step
-                check_nonfinite(nonfinite, step, step_loss, grad_norm, cfg)
-            fire(callbacks, "on_step_end", step,
-                 {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
-            with warnings.catch_warnings():  # torch warns when a skipped update precedes it
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-            if synced and (step + 1) % cfg.reference.sync_every == 0:  # TR-DPO
-                sync_reference(reference, policy, cfg.reference.sync_alpha)
-            window.seconds += time.perf_counter() - started
-            if progress.enabled:  # this rank's window so far, no collective needed
-                progress.step({**window.means(),
-                               "examples_per_second": window.count / max(window.seconds, 1e-9),
-                               "tokens_per_second": window.tokens / max(window.seconds, 1e-9)})
+    # ---- the end: finished, or stopped by a signal after a checkpoint
+    def stopped(self, step: int, signal_name: str) -> RunResult:
+        self.writer.close()
+        if self.backend.is_main:
+            run_dir_lib.publish(self.cfg)
+        log.warning("stopped by %s after step %d; run the same command again to resume "
+                    "(resume=auto)", signal_name, step)
+        result = RunResult({}, self.policy, self.run_dir, preempted=True)
+        fire(self.callbacks, "on_train_end", result)
+        return result
 
-            # ---- report: means since the last report; throughput excludes eval time
-            if step % cfg.report_metrics_freq == 0 or step == n_steps - 1:
-                reduced = window.reduced(backend)
-                tokens = float(backend.all_reduce_sum(torch.tensor([float(window.tokens)]))[0])
-                extra = {"examples_per_second": reduced.count / max(window.seconds, 1e-9),
-                         "tokens_per_second": tokens / max(window.seconds, 1e-9),
-                         "nonfinite_steps": nonfinite["total"]}
-                if backend.kind == "xla":  # flat after warm-up: one graph per step shape
-                    extra["xla_compiles"] = spmd.compile_count()
-                row = writer.write(step, (step + 1) * step_size, "train", reduced, extra)
-                log.info(console_line(step, n_steps, "train",
-                                      {k.removeprefix("train/"): v for k, v in row.items()}))
-                window = MeanMetrics()
-
-            # ---- checkpoint: every save_frequency steps, and when asked to stop
-            every = cfg.checkpoint.save_frequency
-            stop.agree()  # every rank stops at the same step
-            if stop.received or stop.save_requested or (every and (step + 1) % every == 0):
-                save(step + 1)
-                saved_at, stop.save_requested = step + 1, False
-            if stop.received:
-                writer.close()
-                if backend.is_main:
-                    run_dir_lib.publish(cfg)
-                log.warning("stopped by %s after step %d; run the same command again to "
-                            "resume (resume=auto)", stop.name, step)
-                result = RunResult({}, policy, run_dir, preempted=True)
-                fire(callbacks, "on_train_end", result)
-                return result
-
-        # ---- the end: the last step's checkpoint before the final eval, still under the
-        # signal guard, so a stop or an error in that eval loses nothing trained (a rerun
-        # resumes at the end and only evaluates again)
-        if saved_at != n_steps:
-            save(n_steps)
-        final = eval_row(n_steps)
-    writer.close()
-    if backend.is_main and not run_dir_lib.publish(cfg):
-        log.warning("the run finished, but some of its files are not at %s yet (see above): "
-                    "they are in %s; run the same command again to upload them",
-                    cfg.run_url, run_dir)
-    log.info("run finished; metrics in %s", cfg.run_url or run_dir)
-    result = RunResult(final, policy, run_dir)
-    fire(callbacks, "on_train_end", result)
-    return result
+    def finish(self, final: dict[str, float]) -> RunResult:
+        cfg = self.cfg
+        self.writer.close()
+        if self.backend.is_main and not run_dir_lib.publish(cfg):
+            log.warning("the run finished, but some of its files are not at %s yet (see "
+                        "above): they are in %s; run the same command again to upload them",
+                        cfg.run_url, self.run_dir)
+        log.info("run finished; metrics in %s", cfg.run_url or self.run_dir)
+        result = RunResult(final, self.policy, self.run_dir)
+        fire(self.callbacks, "on_train_end", result)
+        return result

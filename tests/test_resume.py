@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moedpo.step as step_module
 import moedpo.trainer as train_module
 from conftest import ROOT, final_weights, tiny_train_overrides, train_rows, wait_for
 from moedpo.checkpoint import COMPLETE, Checkpointer, CheckpointError
@@ -157,7 +158,7 @@ def test_max_to_keep(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
-    real = train_module.batch_loss
+    real = step_module.batch_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, poison=lambda n: n in (2, 3), **kwargs):
@@ -167,7 +168,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
+    monkeypatch.setattr(step_module, "batch_loss", sometimes_nan)
     cfg = make_cfg(*tiny_train_overrides(), "max_steps=4", "do_first_eval=false",
                    "eval_frequency=100", "report_metrics_freq=1")
     result = run(cfg)
@@ -176,7 +177,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(make_cfg, monkeypatch):
     assert [r["step"] for r in rows if "train/loss" in r] == [0, 3]  # skipped steps log no loss
     assert all(r["train/loss"] == r["train/loss"] for r in rows if "train/loss" in r)
 
-    monkeypatch.setattr(train_module, "batch_loss",
+    monkeypatch.setattr(step_module, "batch_loss",
                         lambda *a, **k: sometimes_nan(*a, poison=lambda n: True, **k))
     with pytest.raises(NonFiniteError, match="5 steps in a row"):
         run(make_cfg(*tiny_train_overrides(), "max_steps=8", "exp_name=nan", "resume=false"))
