@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) scripts/deps.py show --add kernels --add trl --add pytest
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 # The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own venv, cached while
 # the requirements resolve to the same releases (scripts/xla_env.sh; ~7 GB, ~3 min to build).

@@ -92,27 +92,29 @@ def _unknown(kind: str, model_type: str | None, consequence: str) -> None:
              model_type or "a model whose forward is not transformers' own", kind, consequence)
 
 
+def _in_table(model: torch.nn.Module, table: frozenset[str], kind: str,
+              consequence: str) -> bool:
+    known = family(model) in table
+    if not known:
+        _unknown(kind, family(model), consequence)
+    return known
+
+
 def head_logits_known(model: torch.nn.Module) -> bool:
     """Whether the model's logits are its output head's as chunked_head reproduces them."""
-    known = family(model) in HEAD_LOGITS
-    if not known:
-        _unknown("families whose logits are the output head's", family(model),
-                 "log-probs from full logits (model.logps_chunk_size has no effect)")
-    return known
+    return _in_table(model, HEAD_LOGITS, "families whose logits are the output head's",
+                     "log-probs from full logits (model.logps_chunk_size has no effect)")
 
 
 def takes_mask_per_layer_type(model: torch.nn.Module) -> bool:
     """Whether the model takes a mask per layer type (MASK_PER_LAYER_TYPE)."""
-    known = family(model) in MASK_PER_LAYER_TYPE
-    if not known:
-        _unknown("families that take a mask per layer type", family(model),
-                 "shared prompts stay off where its layers mix sliding and full attention")
-    return known
+    return _in_table(model, MASK_PER_LAYER_TYPE, "families that take a mask per layer type",
+                     "shared prompts stay off where its layers mix sliding and full attention")
 
 
 def router_score(model: torch.nn.Module) -> str:
     """`softmax` or `sigmoid`: ROUTER_SCORES, else the config's public `scoring_func` (as
-    DeepSeek-style configs name it), else softmax, said once."""
+    DeepSeek-style configs name it), else softmax, with an info line."""
     name = family(model)
     if name in ROUTER_SCORES:
         return ROUTER_SCORES[name]
