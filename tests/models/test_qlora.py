@@ -128,14 +128,18 @@ def test_qlora_without_bitsandbytes_says_how_to_install(make_cfg, tiny_mixtral_d
 
 
 
-def test_qlora_under_torchrun_is_refused_before_loading(make_cfg, tiny_mixtral_dir):
-    from moedpo.parallel.backend import Backend
-    from moedpo.placement import load_models
+def test_qlora_under_torchrun_is_refused_before_loading(make_cfg, tiny_mixtral_dir,
+                                                        monkeypatch):
+    """validate refuses it where torchrun launched several processes, before any model
+    loads; one process is fine."""
+    import moedpo.validate as validate_module
 
     cfg = make_cfg("+experiment=demo", "model.lora.r=4", "model.lora.quantize=4bit",
                    f"model.name_or_path={tiny_mixtral_dir}", "model.config_path=null")
+    validate_module.check_placement(cfg)
+    monkeypatch.setattr(validate_module, "launched_processes", lambda: 2)
     with pytest.raises(ConfigError, match="FSDP2 cannot shard bitsandbytes' 4-bit weights"):
-        load_models(cfg, Backend("cpu", torch.device("cpu"), rank=0, world_size=2))
+        validate_module.validate(cfg)
 
 
 def test_qlora_reference_equals_the_dequantized_base_computed_by_hand(tiny_mixtral_dir):

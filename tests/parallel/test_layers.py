@@ -81,8 +81,11 @@ def test_compiled_layers_equal_eager(make_cfg):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_compile_refused_on_xla(make_cfg):
-    policy, reference = build_models(make_cfg("model.config_path=tiny-mixtral.json").model)
-    with pytest.raises(ConfigError, match="model.compile=true"):
-        place_models(make_cfg("model.compile=true"), Backend("xla", torch.device("cpu")),
-                     policy, reference)
+def test_compile_refused_on_xla(make_cfg, monkeypatch):
+    """Refused by validate wherever the run goes to XLA (`auto` included), before loading."""
+    import moedpo.validate as validate_module
+
+    validate_module.check_placement(make_cfg("model.compile=true"))  # fine on the CPU
+    monkeypatch.setattr(validate_module, "choose_kind", lambda requested: "xla")
+    with pytest.raises(ConfigError, match="model.compile=true: on XLA every step is compiled"):
+        validate_module.validate(make_cfg("model.compile=true"))
