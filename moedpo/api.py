@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks import Callback
-from .config import ConfigError, DPOConfig, register_schema, suggest_key
-
-GROUPS = ("model", "sched", "experiment")
+from .config import GROUPS, ConfigError, DPOConfig, register_schema, suggest_key
 
 
 def _is_group(override: str) -> bool:

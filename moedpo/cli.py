@@ -16,7 +16,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, DPOConfig, register_schema, schema_keys, suggest_key
+from .config import (
+    GROUPS,
+    ConfigError,
+    DPOConfig,
+    register_schema,
+    schema_keys,
+    suggest_key,
+)
 from .data import DataError
 from .metrics import MetricsError
 from .models.load import ModelLoadError
@@ -25,7 +32,6 @@ from .trust import UntrustedCheckpoint
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError,
                MetricsError, UntrustedCheckpoint)
-GROUPS = ("model", "sched", "experiment")
 USAGE = """usage: moedpo COMMAND ... | moedpo --version
 
 commands:

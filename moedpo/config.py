@@ -30,6 +30,10 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 
 
+# The config tree's groups (moedpo/conf/<group>/): chosen by name, not set key by key.
+GROUPS = ("model", "sched", "experiment")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is one line naming the key."""
 
