@@ -1,5 +1,5 @@
-# Two entry points: `make demo` trains the embedded tiny Mixtral, `make test` runs the suite.
-# Both create (or reuse) .venv themselves.
+# Two entry points: `make demo` trains the embedded tiny Mixtral, `make test` runs the fast tier
+# of the suite. Both create (or reuse) .venv themselves. `make test-all` runs every test.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.moedpo-installed
 # docker/gpu/Dockerfile installs too (tests/test_deploy.py holds them equal).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-xla test-install lint assets clean
+.PHONY: demo test test-slow test-all docs test-xla test-install assets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,24 @@ demo: $(STAMP)
 	$(VENV)/bin/moedpo train +experiment=demo resume=false overwrite=true
 	$(VENV)/bin/moedpo plot runs/demo
 
+# The fast tier: unit tests and short in-process runs (~8 min on 2 cores). A test is marked
+# `slow` (multi-process torchrun runs, kill-and-resume, demo-length training) only where a
+# faster test here covers the same behaviour in one process.
 test: $(STAMP)
 	$(PY) scripts/deps.py show --add kernels --add trl --add pytest
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=40
+	$(PY) -m pytest -q -m "not slow" --durations=25
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --durations=25
+
+test-all: test test-slow docs
+
+# The documentation site: the config reference regenerated from the schema, then mkdocs
+# --strict (a broken link or anchor fails) into site/.
+docs: $(STAMP)
+	$(PY) scripts/config_reference.py --write
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # The TPU path on the CPU: torch_xla SPMD on 4 virtual devices, in its own venv, cached while
 # the requirements resolve to the same releases (scripts/xla_env.sh; ~7 GB, ~3 min to build).

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import trust
+from .private_api import fsspec_storage
 
 log = logging.getLogger("moedpo")
 # DCP's own failure (a full disk, a torn file) is a BaseException, not an Exception: every
@@ -64,18 +65,13 @@ def _is_url(path: str) -> bool:
 
 def _reader(path: str) -> dcp.StorageReader:
     if _is_url(path):
-        # torch 2.13 exports its fsspec storage only from this module.
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        return FsspecReader(path)
+        return fsspec_storage(path, write=False)
     return dcp.FileSystemReader(path.removeprefix("file://"))
 
 
 def _writer(path: str) -> dcp.StorageWriter:
     if _is_url(path):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
-        return FsspecWriter(path)
+        return fsspec_storage(path, write=True)
     return dcp.FileSystemWriter(path.removeprefix("file://"))
 
 

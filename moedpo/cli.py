@@ -35,7 +35,7 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFinit
 USAGE = """usage: moedpo COMMAND ... | moedpo --version
 
 commands:
-  train [KEY=VALUE ...]          train with DPO; every KEY of README's config reference, e.g.
+  train [KEY=VALUE ...]          train with DPO; every KEY of docs/reference/config.md, e.g.
                                  `moedpo train +experiment=demo` (same as run_dpo_no_trainer.py)
   export RUN_DIR|CHECKPOINT OUT [--merge] [--trust]
                                  write the trained policy as a Hugging Face folder
@@ -66,7 +66,7 @@ def check_override_keys(overrides: list[str]) -> None:
         if key in GROUPS or key.startswith("dataset_dir."):
             continue
         if key not in known:
-            fail(f"unknown config key '{key}'{suggest_key(key)}; see README 'Config reference'")
+            fail(f"unknown config key '{key}'{suggest_key(key)}; see docs/reference/config.md")
 
 
 @hydra.main(version_base=None, config_path="pkg://moedpo.conf", config_name="config")

@@ -16,6 +16,7 @@ from .data.collate import SEGMENT_PROMPT
 from .models import block_attention
 from .models.families import takes_mask_per_layer_type
 from .parallel.backend import choose_kind
+from .private_api import attention_implementation
 
 
 def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
@@ -28,7 +29,7 @@ def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
                 "shared rows into them)")
     if m.capacity_factor > 0 or m.moe_implementation == "dropped":
         return "the dropped MoE (its capacity is per sequence)"
-    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    attention = attention_implementation(model) or "eager"
     if attention not in ("sdpa", "eager", block_attention.NAME):
         return f"attn_implementation={attention}, which takes no 4-D attention mask"
     _, mixed = sliding_window(model.config)
@@ -76,7 +77,7 @@ def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module,
     window, _ = sliding_window(model.config)
     per_pair = block_attention.uses_blocks(model) and (window is None or window >= cfg.max_length)
     if setting == "auto" and not per_pair:
-        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        attention = attention_implementation(model) or "eager"
         why = (f"attn_implementation={attention}" if not block_attention.uses_blocks(model)
                else f"a sliding window of {window} < max_length")
         logging.getLogger("moedpo").info("packing off (data.packing=auto): %s computes a "
@@ -187,9 +188,6 @@ def check_rows(cfg: DPOConfig) -> None:
            f"data.packing={d.packing}: use auto, true or false")
     _check(packing != "true" or share != "false",
            "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
-    _check(d.tokens_per_batch is None or d.tokens_per_batch > 0,
-           f"data.tokens_per_batch={d.tokens_per_batch}: must be > 0, or null (forwards "
-           "of per_device_train_batch_size pairs)")
     static = static_shapes(cfg, choose_kind(cfg.parallel.backend))
     _check(d.tokens_per_batch is None or not static,
            "data.tokens_per_batch cuts steps into forwards of varying pair counts, one compiled "
@@ -202,7 +200,7 @@ def check_rows(cfg: DPOConfig) -> None:
            "data.tokens_per_batch=null")
     _check(d.max_tokens_per_row is None or d.max_tokens_per_row >= cfg.max_length,
            f"data.max_tokens_per_row={d.max_tokens_per_row}: must be >= max_length "
-           f"({cfg.max_length}), or null (see README: data.max_tokens_per_row)")
+           f"({cfg.max_length}), or null (see data.max_tokens_per_row in docs/reference/config.md)")
     _check(not (share == "true" and d.static_shapes) or packing == "true",
            "data.share_prompt=true needs dynamic padding (rows are up to prompt + both "
            "responses long) or data.packing=true (bin packing into fixed rows); set "

@@ -35,7 +35,8 @@ log = logging.getLogger("moedpo")
 def load_models(cfg: DPOConfig, backend: Backend):
     """(tokenizer, policy, reference) placed for `backend` (FSDP2- or SPMD-sharded); reference
     is None for reference-free DPO. With meta init the models are sharded while still
-    weightless, then each process fills only its own shards (README "Loading at scale")."""
+    weightless, then each process fills only its own shards (docs/scaling.md, "Loading at
+    scale")."""
     tokenizer = load_tokenizer(cfg.model)
     meta = use_meta_init(cfg, backend.kind, backend.distributed)
     # No loss reads the reference (SimPO, ORPO, reference-free DPO...): none is built.

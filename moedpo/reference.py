@@ -39,6 +39,7 @@ from .config import DPOConfig, is_url
 from .data import DataBundle, TokenizedPair, eval_indices
 from .data.collate import PadTo
 from .models import lora
+from .private_api import attention_implementation, experts_implementation
 from .step import batch_logps
 
 log = logging.getLogger("moedpo")
@@ -125,8 +126,8 @@ def reference_identity(reference: torch.nn.Module) -> dict:
                 for name, m in model.named_modules()}
     return {
         "class": type(model).__name__, "adapters_off": adapters_off, "config": config,
-        "attention": getattr(model.config, "_attn_implementation", None),
-        "experts": getattr(model.config, "_experts_implementation", None),
+        "attention": attention_implementation(model),
+        "experts": experts_implementation(model),
         "hub_kernels": bool(getattr(model, "use_kernels", False)),
         "quantization": str(getattr(model.config, "quantization_config", None)),
         "tensors": tensors, "modules": {k: v for k, v in settings.items() if v},

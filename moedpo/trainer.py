@@ -48,6 +48,7 @@ from .parallel import spmd
 from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
 from .preemption import StopSignal
+from .private_api import attention_implementation
 from .progress import Progress, batch_bar, interactive
 from .reference_sync import sync_reference
 from .startup import log_startup
@@ -124,7 +125,7 @@ def row_layout(shared: bool, max_tokens: int, static: bool, policy: torch.nn.Mod
     else:
         layout = (f"prompts shared, pairs packed into rows of {'exactly' if static else 'up to'} "
                   f"{max_tokens} tokens")
-    attention = getattr(policy.config, "_attn_implementation", None) or "eager"
+    attention = attention_implementation(policy) or "eager"
     if shared and block_attention.uses_blocks(policy):
         attention += ", per pair"
     budget = (f"; forwards of at most {cfg.data.tokens_per_batch} tokens"

@@ -12,15 +12,11 @@ from pathlib import Path
 import torch
 
 from .config import (
-    ATTENTION_IMPLEMENTATIONS,
     DATASET_NAMES,
-    DTYPES,
-    MOE_IMPLEMENTATIONS,
     OPTIMIZER_ALIASES,
-    SCHEDULES,
-    TRUNCATION_MODES,
     ConfigError,
     DPOConfig,
+    check_settings,
     is_url,
     resolve_model_json,
     resolve_optimizer,
@@ -28,7 +24,6 @@ from .config import (
 from .data.sources import is_hub_id
 from .layout import check_rows
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
-from .losses.divergence import F_DIVERGENCES
 from .models import lora
 from .models.lora import check_init, rewrites_base
 from .parallel.backend import choose_kind, launched_processes
@@ -47,8 +42,6 @@ UNUSABLE_OPTIMIZERS = {"LBFGS": "LBFGS needs a closure that recomputes the loss 
 
 def check_expert_parallel(cfg: DPOConfig) -> None:
     ep = cfg.parallel.expert_parallel
-    _check(isinstance(ep, int) and ep >= 1,
-           f"parallel.expert_parallel={ep}: must be a whole number >= 1 (1 = off)")
     if ep == 1:
         return
     _check(not cfg.model.lora.r, f"parallel.expert_parallel={ep} with model.lora.r="
@@ -171,31 +164,12 @@ def check_run_location(cfg: DPOConfig) -> None:
 def validate(cfg: DPOConfig) -> None:
     """Raise ConfigError (one line, naming the key) for the first mistake found."""
     check_run_location(cfg)
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                "eval_frequency", "report_metrics_freq", "num_proc", "tensor_parallelism"]
-    for key in positive:
-        _check(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)}: must be >= 1")
-    _check(cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1,
-           f"per_device_eval_batch_size={cfg.per_device_eval_batch_size}: must be >= 1 (or null "
-           "for the train batch size)")
+    check_settings(cfg)
     _check(cfg.max_steps is not None or cfg.n_epochs is not None,
            "max_steps=null: set max_steps or n_epochs so the run has an end")
-    _check(cfg.max_steps is None or cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0")
-    _check(cfg.n_epochs is None or cfg.n_epochs >= 1, f"n_epochs={cfg.n_epochs}: must be >= 1")
     _check(cfg.use_synthetic_data or 0 <= cfg.max_prompt_length < cfg.max_length,
            f"max_prompt_length={cfg.max_prompt_length}: must be >= 0 and below "
            f"max_length={cfg.max_length}, or responses would be cut to nothing")
-    _check(cfg.truncation_mode in TRUNCATION_MODES,
-           f"truncation_mode={cfg.truncation_mode}: use one of {', '.join(TRUNCATION_MODES)}")
-    _check(0 < cfg.lr < math.inf, f"lr={cfg.lr}: must be a finite number > 0")
-    _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay}: must be >= 0")
-    _check(cfg.beta > 0, f"beta={cfg.beta}: must be > 0")
-    _check(cfg.max_grad_norm >= 0, f"max_grad_norm={cfg.max_grad_norm}: must be >= 0 (0 = off)")
-    _check(cfg.aux_nll_loss_coef >= 0,
-           f"aux_nll_loss_coef={cfg.aux_nll_loss_coef}: must be >= 0")
-    _check(cfg.label_pad_token_id < 0,
-           f"label_pad_token_id={cfg.label_pad_token_id}: must be negative (it marks "
-           "positions that are not scored; -100 is what torch's losses ignore)")
     _check(OPTIMIZER_ALIASES.get(cfg.optimizer, cfg.optimizer) not in UNUSABLE_OPTIMIZERS,
            f"optimizer={cfg.optimizer}: {UNUSABLE_OPTIMIZERS.get(cfg.optimizer, '')}; use AdamW "
            "(the default) or another optimizer that steps without help")
@@ -204,73 +178,27 @@ def validate(cfg: DPOConfig) -> None:
         _check(cfg.tensor_parallelism == 1,
                f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend "
                f"(parallel.backend={cfg.parallel.backend}); set it to 1")
-    for name in cfg.loggers:
-        _check(name in ("tensorboard", "wandb", "mlflow"),
-               f"loggers: '{name}' is not a logger; use tensorboard, wandb or mlflow")
-    _check(cfg.n_eval_model_samples >= 1 and cfg.sample_max_new_tokens >= 1,
-           f"n_eval_model_samples={cfg.n_eval_model_samples}, sample_max_new_tokens="
-           f"{cfg.sample_max_new_tokens}: both must be >= 1")
-    _check(cfg.parallel.backend in ("auto", "cpu", "cuda", "xla"),
-           f"parallel.backend={cfg.parallel.backend}: use auto, cpu, cuda or xla")
     check_expert_parallel(cfg)
     _check(not (cfg.model.hub_kernels and choose_kind(cfg.parallel.backend) == "xla"),
            "model.hub_kernels=true: the Hub's kernels package has no XLA kernels (transformers "
            "would fail at the first train()/eval()); set model.hub_kernels=false on TPUs")
-    _check(cfg.max_consecutive_nonfinite >= 1,
-           f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}: must be >= 1")
-    _check(cfg.checkpoint.save_frequency >= 0,
-           f"checkpoint.save_frequency={cfg.checkpoint.save_frequency}: must be >= 0 (0 = at "
-           "the end only)")
-    _check(cfg.checkpoint.max_to_keep is None or cfg.checkpoint.max_to_keep >= 1,
-           f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep}: must be >= 1 or null")
 
     check_loss(cfg)
-    _check(cfg.sched.name in SCHEDULES,
-           f"sched.name={cfg.sched.name}: use one of {', '.join(SCHEDULES)} (or sched=NAME)")
-    _check(cfg.sched.warmup_steps >= 0,
-           f"sched.warmup_steps={cfg.sched.warmup_steps}: must be >= 0")
-    _check(0 <= cfg.sched.min_lr, f"sched.min_lr={cfg.sched.min_lr}: must be >= 0")
 
     m = cfg.model
-    for key in ("policy_dtype", "reference_dtype"):
-        value = getattr(m, key)
-        _check(value in DTYPES, f"model.{key}={value}: use one of {', '.join(DTYPES)}")
     if cfg.full_precision:
         _check(m.policy_dtype == "float32" and m.reference_dtype == "float32",
                f"full_precision=true needs float32 models, got model.policy_dtype="
                f"{m.policy_dtype} model.reference_dtype={m.reference_dtype}")
-    _check(m.activation_checkpointing_every >= 1,
-           f"model.activation_checkpointing_every={m.activation_checkpointing_every}: must be "
-           ">= 1 (1 checkpoints every decoder layer)")
-    _check(m.capacity_factor >= 0,
-           f"model.capacity_factor={m.capacity_factor}: must be >= 0 (0 = dropless)")
-    _check(m.moe_implementation in MOE_IMPLEMENTATIONS,
-           f"model.moe_implementation={m.moe_implementation}: use one of "
-           f"{', '.join(MOE_IMPLEMENTATIONS)}")
-    _check(m.router_aux_loss_scope in ("micro_batch", "global_batch", "sequence"),
-           f"model.router_aux_loss_scope={m.router_aux_loss_scope}: use micro_batch, "
-           "global_batch or sequence")
-    _check(m.router_bias_update_rate >= 0,
-           f"model.router_bias_update_rate={m.router_bias_update_rate}: must be >= 0 "
-           "(DeepSeek-V3 used 0.001; 0 = off)")
-    _check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
-           f"model.attn_implementation={m.attn_implementation}: use one of "
-           f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     _check(m.attn_implementation in ("auto", "eager") or m.flash_attention,
            f"model.flash_attention=false (eager attention) contradicts "
            f"model.attn_implementation={m.attn_implementation}; set only one of them")
-    _check(m.capacity_rounding in ("floor", "ceil"),
-           f"model.capacity_rounding={m.capacity_rounding}: use floor or ceil")
     _check(m.moe_implementation in ("auto", "dropped") or m.capacity_factor == 0,
            f"model.capacity_factor={m.capacity_factor} drops tokens, which only "
            f"model.moe_implementation=dropped (or auto) does; it is {m.moe_implementation}")
     _check(m.moe_implementation != "dropped" or m.capacity_factor > 0,
            "model.moe_implementation=dropped needs model.capacity_factor > 0 (e.g. 1.25)")
     check_rows(cfg)
-    _check(m.logps_chunk_size >= 0,
-           f"model.logps_chunk_size={m.logps_chunk_size}: must be >= 0 (0 = full logits)")
-    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
-        _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0")
     _check(m.fsdp_config.xla_fsdp_v2, "model.fsdp_config.xla_fsdp_v2=false: torch_xla's FSDP "
            "v1 wrapper is not supported; on XLA moedpo shards through SPMD (FSDP v2, the "
            "seed's default): remove the override")
@@ -314,8 +242,6 @@ def validate(cfg: DPOConfig) -> None:
                         (cfg.data.weights is not None, "data.weights")):
             _check(not on, f"data.streaming=true with {key}: that needs the whole training set "
                            "up front; drop one of the two")
-        _check(cfg.data.shuffle_buffer >= 1,
-               f"data.shuffle_buffer={cfg.data.shuffle_buffer}: must be >= 1 (1: no shuffling)")
     weights = cfg.data.weights
     if weights is not None:
         _check(len(weights) == len(cfg.dataset_list) and all(w >= 0 for w in weights)
@@ -386,13 +312,8 @@ def check_placement(cfg: DPOConfig) -> None:
 def check_lora(cfg: DPOConfig) -> None:
     """model.lora: ranges, and what a run with one copy of the weights cannot do."""
     lora, m = cfg.model.lora, cfg.model
-    _check(lora.r >= 0, f"model.lora.r={lora.r}: must be >= 0 (0 = off, e.g. 16)")
     if lora.r == 0:
         return
-    _check(lora.alpha > 0, f"model.lora.alpha={lora.alpha}: must be > 0 (e.g. 2 x r)")
-    _check(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
-    _check(lora.quantize in (None, "4bit"),
-           f"model.lora.quantize={lora.quantize}: use 4bit or null")
     check_init(m)
     _check(not (rewrites_base(m) and cfg.checkpoint_manager_path),
            f"model.lora.init={lora.init} rewrites the base it computes from model.name_or_path, "
@@ -421,7 +342,7 @@ def check_lora(cfg: DPOConfig) -> None:
 
 def check_loss(cfg: DPOConfig) -> None:
     """loss.*: names in the registry, weights that match them, options in range, and the
-    combinations that cannot work (README "Losses")."""
+    combinations that cannot work (docs/losses/)."""
     loss = cfg.loss
     names = loss_names(loss.name)
     _check(bool(names), "loss.name is empty: give one loss name or a list of them")
@@ -438,13 +359,9 @@ def check_loss(cfg: DPOConfig) -> None:
     _check(not (cfg.aux_nll_loss_coef > 0 and "sft" in names),
            f"aux_nll_loss_coef={cfg.aux_nll_loss_coef} with sft in loss.name: both add the "
            "NLL term; keep one (loss.weights sets the sft weight)")
-    _check(0 <= loss.label_smoothing < 0.5,
-           f"loss.label_smoothing={loss.label_smoothing}: must be in [0, 0.5)")
     _check("exo_pair" not in names or loss.label_smoothing > 0,
            "loss.name=exo_pair needs loss.label_smoothing > 0 (its target is (1 - e, e); "
            "the EXO paper uses 1e-3)")
-    _check(loss.f_divergence in F_DIVERGENCES,
-           f"loss.f_divergence={loss.f_divergence}: use one of {', '.join(F_DIVERGENCES)}")
     off = [n for n in names if n not in F_DIVERGENCE_LOSSES]
     _check(loss.f_divergence == "reverse_kl" or not off,
            f"loss.f_divergence={loss.f_divergence} does not apply to {', '.join(off)}: it "
@@ -461,16 +378,8 @@ def check_loss(cfg: DPOConfig) -> None:
     _check(not (loss.use_weighting and batchwise),
            f"loss.use_weighting=true with {', '.join(batchwise)}: AOT matches pairs by rank "
            "across the batch, so there is no per-pair loss to weight (TRL refuses it too)")
-    _check(loss.ld_alpha is None or 0 <= loss.ld_alpha <= 1,
-           f"loss.ld_alpha={loss.ld_alpha}: must be in [0, 1] (1: plain DPO) or null")
-    _check(loss.discopop_tau > 0, f"loss.discopop_tau={loss.discopop_tau}: must be > 0")
-    for key in ("cpo_alpha", "dpop_lambda"):
-        _check(getattr(loss, key) >= 0, f"loss.{key}={getattr(loss, key)}: must be >= 0")
     reference = needs_reference(names, loss.reference_free)
     sync = cfg.reference.sync_every
-    _check(sync >= 0, f"reference.sync_every={sync}: must be >= 0 (0: never)")
-    _check(0 < cfg.reference.sync_alpha <= 1,
-           f"reference.sync_alpha={cfg.reference.sync_alpha}: must be in (0, 1]")
     _check(not (sync and cfg.reference.precompute),
            f"reference.sync_every={sync} with reference.precompute=true: precomputed "
            "log-probs are of the starting reference; drop one of the two")

@@ -113,6 +113,19 @@ CHAT_TEMPLATES = {
 }
 
 
+def offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 as a user sets it before starting: huggingface_hub and datasets read
+    the variable once, at import, so the tests set their copies too (else each Hub call
+    waits for its network timeout)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 def compose_cfg(*overrides: str) -> DPOConfig:
     with initialize_config_module("moedpo.conf", version_base=None):
         raw = compose("config", overrides=list(overrides))

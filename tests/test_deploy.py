@@ -1,5 +1,6 @@
 """The deployment files: shell that parses, Dockerfiles that keep the image's torch, and every
-moedpo command line in them and in the README's deployment docs a valid configuration."""
+moedpo command line in them, in the README's recipes and in the deployment docs a valid
+configuration."""
 
 import json
 import re
@@ -97,25 +98,34 @@ def test_dockerfile_steps_join_continuations_and_keep_order(tmp_path):
         deps.dockerfile_steps(dockerfile)
 
 
-def documented_commands() -> list[list[str]]:
-    """Overrides of every `run_dpo_no_trainer.py` line of the deployment docs and files."""
+def documented_commands() -> list[tuple[int, list[str]]]:
+    """(processes, overrides) of every training command line of the README's recipes, the
+    deployment docs and the images: `run_dpo_no_trainer.py` and `moedpo train` lines, with
+    torchrun's --nproc_per_node as the process count."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Deployment"):readme.index("## Benchmarks")]
-    section = section.replace("\\\n", " ")
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    text = "\n".join(re.findall(r"^```bash\n(.*?)^```", readme
+                                 + scaling[scaling.index("## Deployment"):], re.M | re.S))
     found = []
-    for match in re.finditer(r"run_dpo_no_trainer\.py([^\"\n]*)", section):
-        found.append(shlex.split(match.group(1)))
+    for match in re.finditer(r"(?:run_dpo_no_trainer\.py|moedpo train)((?:\\\n|[^\"\n])*)",
+                             text):
+        line = text[text.rfind("\n", 0, match.start()) + 1:match.start()]
+        nproc = re.search(r"--nproc_per_node (\d+)", line)
+        found.append((int(nproc.group(1)) if nproc else 1,
+                      shlex.split(match.group(1).replace("\\\n", " "))))
     for path in DOCKERFILES:
         for name, arg in dockerfile_instructions(path):
             if name == "CMD":
                 words = json.loads(arg)  # exec form: a JSON list
                 (entry,) = [w for w in words if w.startswith("run_dpo_no_trainer")]
-                found.append(words[words.index(entry) + 1:])
+                found.append((1, words[words.index(entry) + 1:]))
     return found
 
 
 def test_documented_command_lines_are_valid_configs():
     commands = documented_commands()
-    assert len(commands) >= 4
-    for overrides in commands:
-        validate(compose_cfg(*overrides))
+    assert len(commands) >= 7
+    for processes, overrides in commands:
+        with pytest.MonkeyPatch.context() as env:  # validate reads torchrun's WORLD_SIZE
+            env.setenv("WORLD_SIZE", str(processes))
+            validate(compose_cfg(*overrides))

@@ -78,7 +78,8 @@ def test_bar_shows_metrics_when_enabled(monkeypatch):
 
 
 def test_unknown_or_missing_logger_is_a_config_error(make_cfg):
-    with pytest.raises(ConfigError, match="loggers: 'neptune' is not a logger"):
+    with pytest.raises(ConfigError,
+                       match="loggers: 'neptune' is not one of tensorboard, wandb, mlflow"):
         run(make_cfg(*tiny_train_overrides(), "loggers=[neptune]"))
     if importlib.util.find_spec("mlflow") is None:
         with pytest.raises(ConfigError, match="pip install mlflow"):

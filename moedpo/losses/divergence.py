@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from ..config import F_DIVERGENCES
 
 
 def scores(logratio: torch.Tensor, kind: str, alpha: float = 0.5) -> torch.Tensor:

@@ -30,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from ..private_api import attention_implementation
+
 NAME = "moedpo_sdpa"
 KEYWORD = "moedpo_blocks"
 # (row, start, prompt tokens, chosen segment tokens, rejected segment tokens) of one pair.
@@ -112,7 +114,7 @@ def placeholder_mask(rows: int, length: int, dtype: torch.dtype,
 
 
 def uses_blocks(model: torch.nn.Module) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    return attention_implementation(model) == NAME
 
 
 AttentionInterface.register(NAME, block_attention_forward)

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..private_api import experts_gate
+
 
 @dataclass
 class LowRank:
@@ -112,7 +114,7 @@ def expert_weights(experts: nn.Module) -> ExpertWeights:
         else None
     return ExpertWeights(first, first_bias, down,
                          experts.down_proj_bias if biased else None,
-                         experts._apply_gate if gated else experts.act_fn, first_lora, down_lora)
+                         experts_gate(experts) if gated else experts.act_fn, first_lora, down_lora)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ConfigError, ModelConfig, resolve_model_json
+from ..private_api import causal_lm_class, non_persistent_buffers, supports_attention
 from . import block_attention, chunked_head, lora
 from .balance import correction_bias_routers
 from .families import deterministic_routing, without_train_noise
@@ -81,14 +82,8 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
     return without_train_noise(config)
 
 
-# What each implementation needs of the model class (transformers' own flags).
-_SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
-                 "flex_attention": "_supports_flex_attn"}
-
-
-def model_class(config: PretrainedConfig) -> type | None:
-    """The causal-LM class transformers builds for `config` (None: remote code, unknown)."""
-    return AutoModelForCausalLM._model_mapping.get(type(config), None)
+# The attention implementations a model class may declare support for.
+_FLAGGED_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
 
 
 def attention_implementation(cfg: ModelConfig, config: PretrainedConfig | None = None,
@@ -103,14 +98,13 @@ def attention_implementation(cfg: ModelConfig, config: PretrainedConfig | None =
         if name not in ("auto", "eager"):
             log.info("model.attn_implementation=%s: XLA runs eager attention", name)
         return "eager"
-    klass = model_class(config) if config is not None else None
+    klass = causal_lm_class(config) if config is not None else None
     if name == "auto":
         if not cfg.flash_attention:
             return "eager"
-        return "sdpa" if klass is None or getattr(klass, "_supports_sdpa", False) else "eager"
-    flag = _SUPPORT_FLAG.get(name)
-    if klass is not None and flag and not getattr(klass, flag, False):
-        have = ["eager", *(n for n, f in _SUPPORT_FLAG.items() if getattr(klass, f, False))]
+        return "sdpa" if klass is None or supports_attention(klass, "sdpa") else "eager"
+    if klass is not None and not supports_attention(klass, name):
+        have = ["eager", *(n for n in _FLAGGED_ATTENTION if supports_attention(klass, n))]
         raise ModelLoadError(f"model.attn_implementation={name}: {klass.__name__} does not "
                              f"support it; use auto or one of {', '.join(have)}")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -273,7 +267,8 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> torch.nn.
     the module that owns them is built once more on the CPU to take its values."""
     model.to_empty(device=device)
     for name, module in model.named_modules():
-        if not module._non_persistent_buffers_set:
+        buffers = non_persistent_buffers(module)
+        if not buffers:
             continue
         try:
             with torch.device("cpu"):
@@ -282,7 +277,7 @@ def materialize(model: torch.nn.Module, device: torch.device | str) -> torch.nn.
             raise ModelLoadError(
                 f"model.meta_init=true: cannot rebuild the buffers of {name} "
                 f"({type(module).__name__}: {err}); set model.meta_init=false") from None
-        for buffer in module._non_persistent_buffers_set:
+        for buffer in buffers:
             getattr(module, buffer).copy_(getattr(fresh, buffer))
     return model
 

@@ -6,7 +6,8 @@ float32 (the master weights), and forward and backward run on a low-precision co
 weights. An AdamW update at a DPO learning rate (5e-7..5e-6) is far below bfloat16's
 resolution at a weight's magnitude (an ulp of 0.02 is 1.2e-4), so stepping bf16 parameters
 rounds most updates away: the model barely learns. `model.mixed_precision=false` keeps the
-old, pure low-precision parameters and optimizer state (half the memory; see README).
+old, pure low-precision parameters and optimizer state (half the memory; see docs/models.md,
+"Precision").
 
 Under FSDP2 its `MixedPrecisionPolicy` casts each layer's gathered shards (parallel/fsdp.py).
 On one process and on XLA, `compute_copies` does the same for the whole model: inside it,
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from ..config import DTYPES, ModelConfig
+from ..private_api import own_parameters
 
 
 def is_mixed(cfg: ModelConfig) -> bool:
@@ -58,20 +60,20 @@ def compute_copies(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterato
         return
     slots, copies = [], {}
     for module in model.modules():
-        for name, param in module._parameters.items():
+        for name, param in own_parameters(module).items():
             if param is None or not param.is_floating_point() or param.dtype == dtype:
                 continue
             if id(param) not in copies:
                 copies[id(param)] = param.to(dtype)
             # Module attribute lookup reads _parameters first, so the module's own code and
             # anything that reads `module.weight` (the chunked head) see the copy.
-            module._parameters[name] = copies[id(param)]
+            own_parameters(module)[name] = copies[id(param)]
             slots.append((module, name, param))
     try:
         yield
     finally:
         for module, name, param in slots:
-            module._parameters[name] = param
+            own_parameters(module)[name] = param
 
 
 def policy_compute_dtype(cfg: ModelConfig, fsdp: bool) -> torch.dtype | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..private_api import router_logits_source
 from .drift import RoutingDrift
 from .families import router_score
 from .moe import capacity, kept_slots
@@ -63,10 +64,10 @@ def _router_sink(model: torch.nn.Module) -> dict:
         return model._moedpo_router_sink
     sink: dict = {"record": None}
     model._moedpo_router_sink = sink
-    target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    if target is None:
+    source = router_logits_source(model)
+    if source is None:
         return sink
-    index = getattr(target, "index", 0)
+    index = source[1]
 
     @torch.compiler.disable
     def keep(module, _inputs, output) -> None:
@@ -88,11 +89,10 @@ def _router_sink(model: torch.nn.Module) -> dict:
 def router_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's router (gate) modules: the class transformers records router logits from
     (`_can_record_outputs["router_logits"]`); none for a dense model."""
-    target = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    if target is None:
+    source = router_logits_source(model)
+    if source is None:
         return []
-    target_class = getattr(target, "target_class", target)
-    return [m for m in model.modules() if isinstance(m, target_class)]
+    return [m for m in model.modules() if isinstance(m, source[0])]
 
 
 def freeze_routers(model: torch.nn.Module) -> int:

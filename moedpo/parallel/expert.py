@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..config import ConfigError
 from ..models.moe import capacity, claim_places, experts_modules
+from ..private_api import own_parameters, swapped_parameters
 
 _MESHES: dict[tuple[str, int], DeviceMesh] = {}
 
@@ -157,12 +158,10 @@ def _install(experts: nn.Module, exchange) -> None:
 def _local_parameters(module: nn.Module):
     """`module`'s DTensor parameters as their local shards for the duration (autograd takes
     each gradient back to the DTensor), restored after."""
-    originals = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
-    module._parameters.update({n: p.to_local() for n, p in originals.items()})
-    try:
+    shards = {n: p.to_local() for n, p in own_parameters(module).items()
+              if isinstance(p, DTensor)}
+    with swapped_parameters(module, shards):
         yield
-    finally:
-        module._parameters.update(originals)
 
 
 _SELF_MESHES: dict[str, DeviceMesh] = {}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError, DPOConfig
+from ..private_api import no_split_modules
 
 
 def layer_classes(model: torch.nn.Module, cfg: DPOConfig) -> set[str]:
     """`model.fsdp_config.transformer_layer_cls_to_wrap`, else the model's own decoder layer."""
     names = cfg.model.fsdp_config.transformer_layer_cls_to_wrap
-    return set(names or getattr(model, "_no_split_modules", None) or [])
+    return set(names or no_split_modules(model))
 
 
 def decoder_layers(model: torch.nn.Module, cfg: DPOConfig) -> list[torch.nn.Module]:

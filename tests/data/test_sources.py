@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl_gz
+from conftest import offline, write_jsonl_gz
 from moedpo.data.sources import (
     DataError,
     RowError,
@@ -111,8 +111,7 @@ def test_missing_split_file_is_a_clear_error(tmp_path):
 
 
 def test_hub_dataset_missing_offline_says_how_to_fix(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    offline(monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     with pytest.raises(DataError, match=r"Anthropic/hh-rlhf.*dataset_dir\.hh=DIR"):

@@ -2,7 +2,7 @@
 own `_compute_loss` for every loss_type it has (fed by a stand-in model whose per-token
 log-probs sum to the given values), and the CPO / ORPO trainers' loss methods for SimPO,
 CPO, AlphaPO and ORPO. Equal-length responses where TRL averages the NLL over a batch's
-tokens and moedpo over pairs (the two agree then; README "Losses")."""
+tokens and moedpo over pairs (the two agree then; docs/losses/)."""
 
 import math
 from collections import defaultdict

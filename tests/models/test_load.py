@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import offline
 from moedpo.config import ModelConfig, resolve_model_json
 from moedpo.models.load import (
     ModelLoadError,
@@ -94,7 +95,7 @@ def test_tokenizer_sources(tiny_neox_dir):
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline(monkeypatch)
     with pytest.raises(ModelLoadError, match="cannot load .*no-such/model.*HF_TOKEN"):
         build_models(ModelConfig(name_or_path="no-such/model"))
 
