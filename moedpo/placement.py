@@ -1,7 +1,7 @@
 """The models of a run, for its backend: the tokenizer, policy and reference built (on the
 meta device when sharded), sharded by FSDP2 or SPMD annotations, checkpointed and compiled
-per layer as configured, and filled with their starting weights. `train.py` is the loop that
-uses them; what parallelism and adapters add to a model is applied here, in one place.
+per layer as configured, and filled with their starting weights. `trainer.py` is the loop
+that uses them; what parallelism and adapters add to a model is applied here, in one place.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, 
 from .validate import use_meta_init
 
 log = logging.getLogger("moedpo")
-
-
 
 
 def load_models(cfg: DPOConfig, backend: Backend):

@@ -299,6 +299,9 @@ def check_placement(cfg: DPOConfig) -> None:
            f"model.lora.init={m.lora.init} computes the adapters from the base weights, which "
            "meta init reads shard by shard from checkpoint_manager_path; set "
            "model.meta_init=false (or model.lora.init=true)")
+    _check(not (ep > 1 and kind != "xla" and world > 1 and world % ep),
+           f"parallel.expert_parallel={ep}: must divide the {world} processes of the run "
+           "(torchrun --nproc_per_node x nodes)")
     _check(not (ep > 1 and kind != "xla" and world == 1), f"parallel.expert_parallel={ep} "
            f"spreads the experts over torchrun's processes; this run has one ({kind}). Launch "
            f"with `torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
@@ -307,6 +310,17 @@ def check_placement(cfg: DPOConfig) -> None:
            "yet; set model.lora.r=0, or train LoRA on CPU/CUDA")
     _check(not (kind == "xla" and m.compile), "model.compile=true: on XLA every step is "
            "compiled whole already; set model.compile=false")
+    _check(not (kind == "xla" and m.moe_implementation == "dropless"),
+           "model.moe_implementation=dropless has data-dependent shapes, which XLA recompiles "
+           "every step; use dense, or dropped with model.capacity_factor > 0 (or auto)")
+    meta = use_meta_init(cfg, kind, distributed)
+    _check(not (m.hub_kernels and meta), "model.hub_kernels=true: Hub kernels are chosen for "
+           "the device the weights are on, which meta init fills later; set "
+           "model.meta_init=false")
+    _check(not (meta and lora.is_enabled(m) and rewrites_base(m)
+                and needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)),
+           f"model.lora.init={m.lora.init} rewrites the base weights, so the reference is a "
+           "copy of the original base, which meta init cannot fill; set model.meta_init=false")
 
 
 def check_lora(cfg: DPOConfig) -> None:

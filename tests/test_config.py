@@ -175,6 +175,13 @@ def test_exp_name_is_a_plain_folder_name(make_cfg, name):
     (["tensor_parallelism=2", "parallel.backend=cpu"], "tensor_parallelism=2 needs the xla"),
     (["parallel.expert_parallel=0"], "parallel.expert_parallel=0: must be >= 1"),
     (["parallel.expert_parallel=2", "model.lora.r=4"], "LoRA's expert adapters are not sharded"),
+    (["parallel.backend=xla", "model.moe_implementation=dropless"],
+     "model.moe_implementation=dropless has data-dependent shapes, which XLA recompiles"),
+    (["model.hub_kernels=true", "model.meta_init=true"],
+     "Hub kernels are chosen for the device the weights are on, which meta init fills"),
+    (["model.lora.r=4", "model.lora.init=pissa", "model.lora.target_experts=false",
+      "model.meta_init=true"],
+     "model.lora.init=pissa rewrites the base weights, so the reference is a copy"),
 ])
 def test_settings_that_cannot_work_fail_up_front(make_cfg, overrides, message):
     from moedpo.config import ConfigError

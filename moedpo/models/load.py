@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..config import ASSETS_DIR, DTYPES, ConfigError, ModelConfig, resolve_model_json
+from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
 from ..private_api import causal_lm_class, non_persistent_buffers, supports_attention
 from . import block_attention, chunked_head, lora
 from .balance import correction_bias_routers
@@ -124,10 +124,6 @@ def initial_model(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
                   on_meta: bool = False) -> torch.nn.Module:
     """The starting weights, once, in the wider of the two dtypes: pretrained, or freshly
     initialised from `seed`. `on_meta`: the same modules with no storage (shapes only)."""
-    if lora.is_quantized(cfg) and (on_meta or cfg.config_path):
-        raise ConfigError("model.lora.quantize=4bit: QLoRA quantizes pretrained weights as "
-                          "they load whole; give model.name_or_path (not model.config_path) "
-                          "and model.meta_init=false")
     config = model_config(cfg)
     dtype = _load_dtype(cfg)
     attn = attention_implementation(cfg, config, for_xla)
@@ -209,10 +205,6 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     the XLA graph). `on_meta`: both on the meta device, for `materialize` after sharding. Without
     `with_reference` (losses that read none) the reference is None: never copied."""
     model = initial_model(cfg, seed, for_xla, on_meta)
-    if cfg.hub_kernels and on_meta:
-        raise ConfigError("model.hub_kernels=true: Hub kernels are chosen for the device the "
-                          "weights are on, which meta init fills later; set "
-                          "model.meta_init=false")
     set_hub_kernels(model, cfg.hub_kernels)
     deterministic_routing(model)
     if on_meta and getattr(model.config, "tie_word_embeddings", False):
@@ -231,10 +223,6 @@ def build_models(cfg: ModelConfig, seed: int = 0, for_xla: bool = False,
     reference = None
     if lora.is_enabled(cfg):  # one model: the reference is the policy without its adapters
         if with_reference and lora.rewrites_base(cfg):  # ... unless the init rewrites the base
-            if on_meta:
-                raise ConfigError(f"model.lora.init={cfg.lora.init} rewrites the base weights, "
-                                  "so the reference is a copy of the original base, which meta "
-                                  "init cannot fill; set model.meta_init=false")
             reference = cast_parameters(copy.deepcopy(model), DTYPES[cfg.reference_dtype])
             reference.eval().requires_grad_(False)
         torch.manual_seed(seed)  # the adapters' initialisation, the same on every process

@@ -215,10 +215,6 @@ def resolve_implementation(name: str, capacity_factor: float, static: bool = Fal
         if capacity_factor > 0:
             return "dropped"
         return "dense" if static else "dropless"
-    if name == "dropless" and static:
-        raise ConfigError("model.moe_implementation=dropless has data-dependent shapes, which XLA "
-                          "recompiles every step; use dense, or dropped with "
-                          "model.capacity_factor > 0 (or auto)")
     return name
 
 

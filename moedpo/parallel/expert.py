@@ -44,10 +44,7 @@ def expert_mesh(device_type: str, ep: int) -> DeviceMesh:
     """The (efsdp, ep) mesh of the experts, made once per process (policy and reference
     share it): consecutive ranks form one EP group (one node's GPUs keep the all-to-all on
     the node's links), efsdp strides across the groups."""
-    world = dist.get_world_size()
-    if ep < 1 or world % ep:
-        raise ConfigError(f"parallel.expert_parallel={ep}: must divide the {world} processes "
-                          "of the run (torchrun --nproc_per_node x nodes)")
+    world = dist.get_world_size()  # a multiple of ep: validate.check_placement
     if (device_type, ep) not in _MESHES:
         _MESHES[device_type, ep] = init_device_mesh(device_type, (world // ep, ep),
                                                     mesh_dim_names=("efsdp", "ep"))

@@ -9,11 +9,12 @@ import pytest
 import torch
 from test_fsdp import COMMON, kill_after_checkpoint_and_resume, single, torchrun
 
-from conftest import ROOT, assert_same_run, final_weights, run_ok
+from conftest import ROOT, assert_same_run, compose_cfg, final_weights, run_ok
 from moedpo.checkpoint import save_weights
 from moedpo.config import ConfigError, ModelConfig
 from moedpo.models.load import build_models
 from moedpo.trainer import run
+from moedpo.validate import validate
 
 
 def exchange(*args: str) -> list[tuple[int, int]]:
@@ -165,16 +166,22 @@ def test_spmd_expert_axis_splits_experts_by_id_and_the_rest_as_before():
         ("tensor", "fsdp")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["parallel.expert_parallel=3"], "parallel.expert_parallel=3: must divide the 2 processes"),
-    (["parallel.expert_parallel=2", "model.moe_implementation=dense"],
-     "moe_implementation=dense: expert parallelism sends each token to its experts only"),
-], ids=["not-a-divisor", "dense-experts"])
-def test_expert_parallel_refusals_under_torchrun(tmp_path, args, message):
-    done = subprocess.run(torchrun(*COMMON, f"output_dir={tmp_path}", *args), cwd=ROOT,
+def test_expert_parallel_not_dividing_the_processes_is_refused_up_front(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
+    with pytest.raises(ConfigError, match="parallel.expert_parallel=3: must divide the 2 "
+                                          "processes"):
+        validate(compose_cfg("+experiment=demo", "parallel.expert_parallel=3"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    validate(compose_cfg("+experiment=demo", "parallel.expert_parallel=2"))
+
+
+def test_expert_parallel_over_dense_experts_is_refused_under_torchrun(tmp_path):
+    done = subprocess.run(torchrun(*COMMON, f"output_dir={tmp_path}", "parallel.expert_parallel=2",
+                                   "model.moe_implementation=dense"), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-3000:]
+    assert "moe_implementation=dense: expert parallelism sends each token to its experts only" \
+        in done.stderr, done.stderr[-3000:]
 
 
 def test_models_expert_parallelism_cannot_split_are_refused(tiny_neox_dir):
