@@ -16,6 +16,7 @@ from .config import (
     OPTIMIZER_ALIASES,
     ConfigError,
     DPOConfig,
+    ModelConfig,
     check_settings,
     is_url,
     resolve_model_json,
@@ -162,9 +163,19 @@ def check_run_location(cfg: DPOConfig) -> None:
 
 
 def validate(cfg: DPOConfig) -> None:
-    """Raise ConfigError (one line, naming the key) for the first mistake found."""
+    """Raise ConfigError (one line, naming the key) for the first mistake found: each key's
+    own rule (the schema's), then the rules between keys, by part of the config."""
     check_run_location(cfg)
     check_settings(cfg)
+    check_loop(cfg)
+    check_expert_parallel(cfg)
+    check_loss(cfg)
+    check_model(cfg)
+    check_data(cfg)
+
+
+def check_loop(cfg: DPOConfig) -> None:
+    """The run's length, its pairs' lengths and the optimizer."""
     _check(cfg.max_steps is not None or cfg.n_epochs is not None,
            "max_steps=null: set max_steps or n_epochs so the run has an end")
     _check(cfg.use_synthetic_data or 0 <= cfg.max_prompt_length < cfg.max_length,
@@ -174,17 +185,14 @@ def validate(cfg: DPOConfig) -> None:
            f"optimizer={cfg.optimizer}: {UNUSABLE_OPTIMIZERS.get(cfg.optimizer, '')}; use AdamW "
            "(the default) or another optimizer that steps without help")
     resolve_optimizer(cfg.optimizer)
-    if cfg.parallel.backend in ("cpu", "cuda"):
-        _check(cfg.tensor_parallelism == 1,
-               f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend "
-               f"(parallel.backend={cfg.parallel.backend}); set it to 1")
-    check_expert_parallel(cfg)
+
+
+def check_model(cfg: DPOConfig) -> None:
+    """model.*: implementations that fit together, the rows they allow, LoRA, where the run
+    goes, and the model files named."""
     _check(not (cfg.model.hub_kernels and choose_kind(cfg.parallel.backend) == "xla"),
            "model.hub_kernels=true: the Hub's kernels package has no XLA kernels (transformers "
            "would fail at the first train()/eval()); set model.hub_kernels=false on TPUs")
-
-    check_loss(cfg)
-
     m = cfg.model
     if cfg.full_precision:
         _check(m.policy_dtype == "float32" and m.reference_dtype == "float32",
@@ -204,6 +212,13 @@ def validate(cfg: DPOConfig) -> None:
            "seed's default): remove the override")
     check_lora(cfg)
     check_placement(cfg)
+    check_model_source(m)
+
+
+def check_model_source(m: ModelConfig) -> None:
+    """model.config_path or model.name_or_path: a model JSON transformers can build, or a
+    local folder with complete weights and a sane config.json (a hub id is checked when it
+    loads)."""
     if m.config_path is not None:
         check_model_json(resolve_model_json(m.config_path))
     elif m.name_or_path.startswith(("/", "./", "../", "~")) and not Path(
@@ -221,6 +236,9 @@ def validate(cfg: DPOConfig) -> None:
         if isinstance(fields, dict):
             check_model_shapes(fields, f"model.name_or_path={m.name_or_path} (config.json)")
 
+
+def check_data(cfg: DPOConfig) -> None:
+    """datasets, data.* and dataset_dir: sources that exist, and what streaming excludes."""
     datasets = cfg.datasets
     listed = isinstance(datasets, list | tuple) and all(isinstance(d, str) for d in datasets)
     _check(isinstance(datasets, str) or (listed and len(datasets) > 0),
