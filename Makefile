@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/moedpo train +experiment=demo resume=false overwrite=true
 	$(VENV)/bin/moedpo plot runs/demo
 
-# The fast tier: unit tests and short in-process runs (~8 min on 2 cores). A test is marked
+# The fast tier: unit tests and short in-process runs. A test is marked
 # `slow` (multi-process torchrun runs, kill-and-resume, demo-length training) only where a
 # faster test here covers the same behaviour in one process.
 test: $(STAMP)

@@ -56,10 +56,14 @@ PACKED = ["data.static_shapes=false", "data.packing=true", "model.logps_chunk_si
           "model.router_aux_loss_coef=0.1", "model.router_aux_loss_scope=global_batch"]
 
 
-@pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"], PACKED,
-                                 ["model.config_path=tiny-gpt-oss.json"]],
-                         ids=["dropless", "dropped", "packed_chunked_head_aux_loss",
-                              "gpt_oss_transposed_biased_experts"])
+# dropless stays in the fast tier: the one 2-rank torchrun run there (FSDP2 over the
+# non-expert weights, the all-to-all exchange of the experts).
+@pytest.mark.parametrize("moe", [
+    pytest.param([], id="dropless"),
+    pytest.param(["model.capacity_factor=1.0"], id="dropped", marks=pytest.mark.slow),
+    pytest.param(PACKED, id="packed_chunked_head_aux_loss", marks=pytest.mark.slow),
+    pytest.param(["model.config_path=tiny-gpt-oss.json"], id="gpt_oss_transposed_biased_experts",
+                 marks=pytest.mark.slow)])
 def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
     out = f"output_dir={tmp_path}"
     run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
@@ -71,6 +75,7 @@ def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_four_ranks_ep2_x_efsdp2_read_checkpoint_shards_and_equal_one_process(tmp_path):
     """4 processes: 2 EP groups (efsdp 2 x ep 2), so each expert has 2 copies, FSDP2-sharded
     between them (gradients summed over the copies, then divided by the 4 ranks). Weights
@@ -94,6 +99,7 @@ def test_four_ranks_ep2_x_efsdp2_read_checkpoint_shards_and_equal_one_process(tm
     assert_same_run(tmp_path / "one", tmp_path / "four", atol=1e-5, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_expert_parallel_kill_and_resume_equals_a_straight_run(tmp_path):
     """Killed after the checkpoint of step 4 and resumed with the same parallel.expert_parallel:
     the run ends as an unbroken one (DCP reads each rank's experts back)."""
@@ -175,6 +181,7 @@ def test_expert_parallel_not_dividing_the_processes_is_refused_up_front(monkeypa
     validate(compose_cfg("+experiment=demo", "parallel.expert_parallel=2"))
 
 
+@pytest.mark.slow
 def test_expert_parallel_over_dense_experts_is_refused_under_torchrun(tmp_path):
     done = subprocess.run(torchrun(*COMMON, f"output_dir={tmp_path}", "parallel.expert_parallel=2",
                                    "model.moe_implementation=dense"), cwd=ROOT,
@@ -196,6 +203,7 @@ def test_models_expert_parallelism_cannot_split_are_refused(tiny_neox_dir):
         check_expert_count(dense, 2)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_expert_parallel_size(tmp_path):
     """DCP saves every expert shard with its global offsets, so a run checkpointed with
     EP 2 resumes as plain FSDP2 (EP 1) on the same ranks, optimizer state included, and ends

@@ -22,6 +22,11 @@ from moedpo.checkpoint import COMPLETE, save_weights
 from moedpo.config import ModelConfig
 from moedpo.models.load import build_models
 
+# The slow tier (make test-slow): each test here is two or four torchrun processes. The fast
+# tier keeps one 2-rank run that goes through FSDP2 and the expert exchange together
+# (test_expert.py, dropless) and the one-process runs these compare against.
+pytestmark = pytest.mark.slow
+
 COMMON = ["+experiment=demo", "max_steps=3", "dry_run=true", "shuffle=true",
           "eval_frequency=2", "data.static_shapes=true", "max_length=64",
           "max_prompt_length=32"]
