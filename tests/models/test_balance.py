@@ -49,6 +49,8 @@ def test_bias_moves_by_the_sign_of_the_load_error_and_balances_a_skewed_router()
     assert cv(counts_of(router, hidden)) < start / 3
 
 
+# Slow tier: a training run with resume; the bias update rule by hand stays in the fast tier.
+@pytest.mark.slow
 def test_training_moves_the_policys_biases_and_resumes_them(make_cfg, tmp_path):
     from moedpo.trainer import run
 

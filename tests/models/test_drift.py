@@ -41,6 +41,8 @@ def test_identical_routers_agree_fully_with_zero_kl():
     assert drift.kl.abs().max() < 1e-6
 
 
+# Slow tier: a training run; agreement and KL by hand stay in the fast tier.
+@pytest.mark.slow
 def test_drift_starts_at_one_and_falls_as_the_router_trains(make_cfg):
     from conftest import tiny_train_overrides
     from moedpo.trainer import run

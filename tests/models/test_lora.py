@@ -208,8 +208,10 @@ def test_expert_dropout_and_quantization_are_refused_when_built():
     assert not any("experts" in n for n, _ in policy.named_parameters() if "lora_" in n)
 
 
-@pytest.mark.parametrize("layout", [["data.packing=true", "data.max_tokens_per_row=160"],
-                                    ["model.logps_chunk_size=0"]], ids=["packed", "full_logits"])
+# full_logits in the slow tier: packed, in the fast one, runs the same LoRA comparison.
+@pytest.mark.parametrize("layout", [
+    pytest.param(["data.packing=true", "data.max_tokens_per_row=160"], id="packed"),
+    pytest.param(["model.logps_chunk_size=0"], id="full_logits", marks=pytest.mark.slow)])
 def test_lora_training_equals_plain_rows_with_the_fast_paths(make_cfg, tmp_path, layout):
     """LoRA with the shared prompt and chunked head (the defaults), packed rows, or full
     logits trains as plain unshared rows do."""
@@ -278,6 +280,8 @@ def test_gpt_oss_expert_adapters_in_its_transposed_biased_layout():
     assert expert_grads and all(g is not None and g.abs().sum() > 0 for g in expert_grads)
 
 
+# Slow tier: a bf16 LoRA run; LoRA's start at ln 2, its training and the bf16 masters stay fast.
+@pytest.mark.slow
 def test_bf16_lora_keeps_float32_adapter_masters_and_moves_them_at_a_dpo_lr(make_cfg):
     """A bf16 policy under mixed precision: the frozen base stays bf16 (no master), the
     adapters keep float32 masters, step 0 is ln 2 (the bf16 reference is the bf16 base),

@@ -32,6 +32,9 @@ def loss_drop(make_cfg, name: str, *overrides: str) -> float:
     return math.log(2) - result.final_eval["loss"]
 
 
+# Slow tier: three 8-step runs (fp32, mixed, pure bf16); the masters, their gradients and
+# their save stay in the fast tier.
+@pytest.mark.slow
 def test_bf16_policy_learns_at_dpo_learning_rates(make_cfg):
     fp32 = loss_drop(make_cfg, "fp32", *FP32)
     mixed = loss_drop(make_cfg, "mixed", *BF16)

@@ -61,6 +61,8 @@ def test_base_is_nf4_but_head_routers_and_experts_and_the_reference_is_it(tiny_m
     assert 0 < (want.float() - full.float()).abs().max() < 0.5 * full.float().abs().max()
 
 
+# Slow tier: a QLoRA training run; the NF4 build, its reference by hand and its export stay fast.
+@pytest.mark.slow
 def test_qlora_dpo_starts_at_ln2_and_learns_the_demo(make_cfg, tiny_mixtral_dir):
     bitsandbytes()
     result = run(make_cfg(*tiny_train_overrides(), "max_steps=10", "eval_frequency=5",

@@ -115,6 +115,8 @@ def test_statistics_count_the_routers_own_choice_deepseek_v3():
     assert not torch.equal(softmax_pick, expected)  # the old statistics counted other experts
 
 
+# Slow tier: a training run; the trained LoRA router copy (test_lora.py) stays in the fast tier.
+@pytest.mark.slow
 def test_freeze_router_leaves_routers_bit_identical_and_without_optimizer_state(make_cfg):
     """model.freeze_router=true: after training every router weight is exactly the starting
     one and has no optimizer state, while the experts and attention moved; unfrozen, the
