@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -96,6 +97,8 @@ def run_export(source, out, *extra) -> subprocess.CompletedProcess:
     return done
 
 
+# Slow tier: a LoRA run and export; the LoRA export itself stays in the fast tier.
+@pytest.mark.slow
 def test_lora_export_restores_a_checkpoint_manager_base(make_cfg, tmp_path, tiny_mixtral_dir):
     """A LoRA run whose base came from checkpoint_manager_path (not the named model): the
     merged export is the run's policy, and the adapter folder names the DCP base and says how to
@@ -131,6 +134,8 @@ def test_lora_export_restores_a_checkpoint_manager_base(make_cfg, tmp_path, tiny
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+# Slow tier: a PiSSA run and export; the LoRA export and PiSSA's reference stay fast.
+@pytest.mark.slow
 def test_pissa_adapters_export_onto_the_original_base(make_cfg, tmp_path, tiny_mixtral_dir):
     """PiSSA trains adapters on the residual W - B0 A0; the exported adapter folder (PEFT's
     rank-2r conversion) applies to the original named base, and --merge is the policy."""
@@ -156,6 +161,8 @@ def test_pissa_adapters_export_onto_the_original_base(make_cfg, tmp_path, tiny_m
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+# Slow tier: a run and export; signing and trust are tested in the fast tier by tests/test_trust.py.
+@pytest.mark.slow
 def test_a_crafted_run_folder_is_not_read_without_trust(make_cfg, tmp_path):
     """A run folder from elsewhere is code: its checkpoint's .metadata is a pickle and its
     config.yaml may turn trust_remote_code on. Export reads only checkpoints this machine

@@ -27,9 +27,11 @@ RESUME_ARGS = ["+experiment=demo", "max_steps=12", "per_device_train_batch_size=
                "report_metrics_freq=2", "checkpoint.save_frequency=4", "max_length=96"]
 
 
-@pytest.mark.parametrize("extra", [pytest.param([], id="full"),
-                                   pytest.param(["model.lora.r=4"], id="lora",
-                                                marks=pytest.mark.slow)])
+# Slow tier: a killed subprocess and its resume. The fast tier resumes exactly in-process
+# (test_checkpoint_roundtrip_restores_model_optimizer_and_rng, data/test_stream.py, BCO's and
+# TR-DPO's resume tests) and checkpoints on a signal (test_sigusr1_saves_and_training_goes_on).
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4"]], ids=["full", "lora"])
 def test_kill_and_resume_matches_an_unbroken_run(tmp_path, extra):
     straight = subprocess.run(cli(*RESUME_ARGS, *extra, "exp_name=straight", out=tmp_path),
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -71,8 +73,8 @@ def signal_after_first_train_row(tmp_path: Path, name: str, sig: int,
 STREAMED = ("data.streaming=true", "data.shuffle_buffer=64")
 
 
-@pytest.mark.parametrize("extra", [pytest.param((), id="in_memory"),
-                                   pytest.param(STREAMED, id="streamed", marks=pytest.mark.slow)])
+@pytest.mark.slow  # as the kill-and-resume test above
+@pytest.mark.parametrize("extra", [(), STREAMED], ids=["in_memory", "streamed"])
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, extra):
     """SIGTERM at whatever step the run is in: a checkpoint there, exit 0, and the resumed run
     ends as an unbroken one. Streamed, the stop falls mid-epoch and mid shuffle buffer: the

@@ -162,8 +162,9 @@ def base_key(name: str) -> str | None:
     return name.replace(".modules_to_save.default", "").replace(".original_module", "")
 
 
-# PEFT's inits that need nothing but a shape (the others read the base weights).
-SHAPE_ONLY_INITS = (True, "gaussian")
+# PEFT's inits that need nothing but a shape (the others read the base weights). NoRA (PEFT
+# 0.22): A random with unit-norm columns, B = 0.
+SHAPE_ONLY_INITS = (True, "gaussian", "nora")
 
 # PEFT's init_lora_weights values (model.lora.init) by what each does to the starting policy.
 # PiSSA and OLoRA replace each adapted base weight W by the residual W - BA: the policy starts
@@ -177,12 +178,30 @@ REFUSED_INITS = {
     "eva": "needs a data pass over the training set (peft.initialize_lora_eva_weights) that "
            "moedpo does not run",
     "corda": "needs a calibration pass (peft's preprocess_corda) that moedpo does not run",
+    "astra": "needs a calibration pass (peft's preprocess_astra) that moedpo does not run",
     "loftq": "quantizes the base with its own loftq_config; for a quantized base use "
              "model.lora.quantize=4bit with init=true",
 }
-# Inits PEFT applies to nn.Linear weights only, not to fused experts (target_parameters).
-LINEAR_ONLY_INITS = ("pissa", "olora", "orthogonal", "mica")
-INITS = (True, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "mica")
+# Inits PEFT applies to nn.Linear weights only, not to fused experts (target_parameters). NoRA
+# is documented for target_parameters too, but PEFT 0.22 reads `.weight` of the experts
+# module, which fused experts do not have (tests/models/test_lora_inits.py tries it).
+LINEAR_ONLY_INITS = ("pissa", "olora", "orthogonal", "mica", "nora")
+INITS = (True, "gaussian", "nora", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "mica")
+
+
+def peft_inits() -> set:
+    """The init_lora_weights values the installed PEFT declares (its LoraConfig's public type
+    hint), as `init_family` names them: a newer PEFT offers more than an older one."""
+    import typing
+
+    import peft
+
+    hint = typing.get_type_hints(peft.LoraConfig)["init_lora_weights"]
+    values = set()
+    for arg in typing.get_args(hint):
+        values.update(typing.get_args(arg) or ((True, False) if arg is bool else ()))
+    return {init_family(v.replace("[number of iters]", "4")) if isinstance(v, str) else v
+            for v in values}
 
 
 def init_family(init) -> object:
@@ -205,6 +224,12 @@ def check_init(cfg: ModelConfig) -> None:
     if family not in INITS:
         raise ConfigError(f"model.lora.init={shown}: not an init PEFT offers; use one of "
                           f"{', '.join(str(i).lower() for i in INITS)}")
+    if family not in peft_inits():
+        import peft
+
+        raise ConfigError(f"model.lora.init={shown}: the installed peft {peft.__version__} "
+                          "does not offer it yet; upgrade peft (pip install -U peft) or use "
+                          "model.lora.init=true")
     if family == "orthogonal" and cfg.lora.r % 2:
         raise ConfigError(f"model.lora.init=orthogonal with model.lora.r={cfg.lora.r}: PEFT's "
                           "orthogonal init pairs rows of A and B, so r must be even")

@@ -87,9 +87,11 @@ def test_hub_kernels_refused_by_the_environment_is_one_line(tiny_mixtral_dir, mo
     assert "\n" not in str(err.value)
 
 
-def test_hub_kernels_with_meta_init_is_refused(tiny_mixtral_dir):
+def test_hub_kernels_with_meta_init_is_refused_before_loading(tiny_mixtral_dir):
+    cfg = compose_cfg("+experiment=demo", f"model.name_or_path={tiny_mixtral_dir}",
+                      "model.config_path=null", "model.hub_kernels=true", "model.meta_init=true")
     with pytest.raises(ConfigError, match="model.hub_kernels=true: .*model.meta_init=false"):
-        build_models(pretrained(tiny_mixtral_dir, hub_kernels=True), on_meta=True)
+        validate(cfg)
 
 
 def test_hub_kernels_on_xla_is_refused_before_loading():

@@ -19,12 +19,18 @@ from moedpo.validate import validate
 
 
 def peft_inits() -> list:
-    """The values PEFT's LoraConfig declares for init_lora_weights (its public type hint)."""
+    """The values PEFT's LoraConfig declares for init_lora_weights (its public type hint), as
+    a user writes them (pissa_niter_4)."""
     hint = typing.get_type_hints(peft.LoraConfig)["init_lora_weights"]
     values = []
     for arg in typing.get_args(hint):
         values.extend(typing.get_args(arg) or ([True, False] if arg is bool else []))
     return [v.replace("[number of iters]", "4") if isinstance(v, str) else v for v in values]
+
+
+def test_moedpo_reads_the_inits_the_installed_peft_offers():
+    assert lora.peft_inits() == {lora.init_family(v) for v in peft_inits()}
+    assert {True, False, "gaussian", "pissa", "olora"} <= lora.peft_inits()
 
 
 def test_every_init_peft_offers_is_placed():
@@ -93,3 +99,10 @@ def test_base_rewriting_init_with_a_checkpoint_base_is_refused(make_cfg, tmp_pat
     with pytest.raises(ConfigError, match="model.lora.init=pissa rewrites the base .*\\(moedpo "
                        "convert --to-hf"):
         validate(cfg)
+
+
+def test_an_init_the_installed_peft_lacks_is_refused_with_how_to_upgrade(make_cfg, monkeypatch):
+    monkeypatch.setattr(lora, "peft_inits", lambda: {True, False, "gaussian"})
+    with pytest.raises(ConfigError, match=r"model.lora.init=nora: the installed peft .* does "
+                                          r"not offer it yet; upgrade peft"):
+        validate(make_cfg(*overrides("nora", True)))
