@@ -45,6 +45,7 @@ def test_router_loss_coefficients_reach_the_router_gradient(make_cfg, key):
     assert not torch.allclose(g0, g1)
 
 
+# Slow tier: a 150-step demo; the router losses' gradients and the global-batch loss stay fast.
 @pytest.mark.slow
 def test_dropped_training_reaches_demo_level(make_cfg):
     """The demo with capacity_factor 1.25 (and Mixtral's own 0.02 load-balancing loss)."""

@@ -68,6 +68,8 @@ def unpaired_demo(tmp_path_factory):
     return write_unpaired(tmp_path_factory.mktemp("unpaired"), 300, 100)
 
 
+# Slow tier: 25 training runs; each loss's formula by hand (test_formulas.py) and against
+# TRL's code (test_trl_parity.py) stay in the fast tier.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_each_loss_learns_the_demo_task(make_cfg, name, unpaired_demo):

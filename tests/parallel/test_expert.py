@@ -75,6 +75,7 @@ def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
+# Slow tier: 4 torchrun ranks; the 2-rank EP run (dropless, above) stays fast.
 @pytest.mark.slow
 def test_four_ranks_ep2_x_efsdp2_read_checkpoint_shards_and_equal_one_process(tmp_path):
     """4 processes: 2 EP groups (efsdp 2 x ep 2), so each expert has 2 copies, FSDP2-sharded
@@ -99,6 +100,7 @@ def test_four_ranks_ep2_x_efsdp2_read_checkpoint_shards_and_equal_one_process(tm
     assert_same_run(tmp_path / "one", tmp_path / "four", atol=1e-5, rel=1e-5)
 
 
+# Slow tier: 2 torchrun ranks killed and resumed; in-process resume tests stay fast.
 @pytest.mark.slow
 def test_expert_parallel_kill_and_resume_equals_a_straight_run(tmp_path):
     """Killed after the checkpoint of step 4 and resumed with the same parallel.expert_parallel:
@@ -181,6 +183,7 @@ def test_expert_parallel_not_dividing_the_processes_is_refused_up_front(monkeypa
     validate(compose_cfg("+experiment=demo", "parallel.expert_parallel=2"))
 
 
+# Slow tier: 2 torchrun ranks; the EP refusals checked up front stay fast.
 @pytest.mark.slow
 def test_expert_parallel_over_dense_experts_is_refused_under_torchrun(tmp_path):
     done = subprocess.run(torchrun(*COMMON, f"output_dir={tmp_path}", "parallel.expert_parallel=2",
@@ -203,6 +206,7 @@ def test_models_expert_parallelism_cannot_split_are_refused(tiny_neox_dir):
         check_expert_count(dense, 2)
 
 
+# Slow tier: torchrun runs at two EP sizes; the 2-rank EP run stays fast.
 @pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_expert_parallel_size(tmp_path):
     """DCP saves every expert shard with its global offsets, so a run checkpointed with
