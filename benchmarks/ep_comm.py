@@ -104,13 +104,14 @@ def worker() -> None:
     from moedpo.config import DPOConfig, ModelConfig
     from moedpo.models.load import build_models
     from moedpo.models.moe import experts_modules
-    from moedpo.parallel import fsdp
+    from moedpo.parallel import make_strategy
+    from moedpo.parallel.backend import init_backend
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    backend = init_backend("cpu")  # joins torchrun's gloo group
+    rank, world = backend.rank, backend.world_size
     cfg = DPOConfig()
     cfg.model = ModelConfig(config_path="tiny-mixtral.json", policy_dtype="float32",
-                            reference_dtype="float32")
+                            reference_dtype="float32", activation_checkpointing=False)
     cfg.parallel.expert_parallel = world
     policy, reference = build_models(cfg.model, seed=0)
     hidden = policy.config.hidden_size
@@ -144,8 +145,9 @@ def worker() -> None:
     for model in (policy, reference):
         for module in experts_modules(model):
             module.register_forward_pre_hook(routed)
-    policy = fsdp.shard(policy, cfg, "float32")
-    reference = fsdp.shard(reference, cfg, "float32")
+    parallel = make_strategy(cfg, backend)  # expert parallel: FSDP2 with the experts apart
+    policy = parallel.shard(policy, "policy")
+    reference = parallel.shard(reference, "reference")
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, policy.config.vocab_size, (4, 64), generator=gen)
     policy(input_ids=ids).logits.float().pow(2).mean().backward()

@@ -42,6 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     from moedpo.config import register_schema
+    from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import init_backend, shutdown
     from moedpo.placement import load_models
 
@@ -54,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     backend = init_backend("cpu")
     before = rss_mb()
     started = time.perf_counter()
-    _, policy, reference = load_models(cfg, backend)
+    _, policy, reference = load_models(cfg, make_strategy(cfg, backend))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"rank": backend.rank, "peak_above_start_mb": peak - before,

@@ -54,6 +54,7 @@ def main() -> None:
     from moedpo.data import build_data
     from moedpo.layout import packing_budget, use_shared_prompt
     from moedpo.optim import build_optimizer
+    from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import init_backend
     from moedpo.placement import load_models
     from moedpo.step import batch_loss
@@ -62,7 +63,7 @@ def main() -> None:
     register_schema()
     with tempfile.TemporaryDirectory() as tmp:
         # First, as in a run: the backend sets the host allocator up before any large tensor.
-        backend = init_backend("cpu", 1, None, False)
+        backend = init_backend("cpu")
         build_model(args.size, Path(tmp) / "model")
         max_length = 1024 if args.data == "long" else 256
         write_pairs(Path(tmp) / "data", long_pairs() if args.data == "long" else demo_pairs())
@@ -75,10 +76,11 @@ def main() -> None:
                      *args.set]
         with initialize_config_module("moedpo.conf", version_base=None):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-        tokenizer, policy, reference = load_models(cfg, backend)
+        parallel = make_strategy(cfg, backend)
+        tokenizer, policy, reference = load_models(cfg, parallel)
         data = build_data(cfg, tokenizer, policy.get_input_embeddings().num_embeddings)
         shared = use_shared_prompt(cfg, False, policy)
-        to_batch = batch_maker(cfg, tokenizer, backend, shared,
+        to_batch = batch_maker(cfg, tokenizer, parallel, shared,
                                packing_budget(cfg, shared, policy))
         optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
 

@@ -75,21 +75,9 @@ def _writer(path: str) -> dcp.StorageWriter:
     return dcp.FileSystemWriter(path.removeprefix("file://"))
 
 
-def _load_planner(xla: bool):
-    """torch_xla's planner for SPMD-sharded tensors (each host reads its devices' shards)."""
-    if not xla:
-        return None
-    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
-
-    return SPMDLoadPlanner()
-
-
-def _save_planner(xla: bool):
-    if not xla:
-        return None
-    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
-
-    return SPMDSavePlanner()
+def _no_planner() -> None:
+    """DCP's default planner; a strategy whose tensors need their own (SPMD) gives one."""
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -128,11 +116,13 @@ def latest_checkpoint(path: str) -> str:
     return f"{path.rstrip('/')}/{max(steps)[1]}"
 
 
-def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False,
+def restore_weights(path: str, models: list[torch.nn.Module],
+                    load_planner: Callable[[], Any] = _no_planner,
                     trusted: list[str] | None = None, trainable_only: bool = False,
                     key_of: Callable[[str], str | None] | None = None) -> str:
     """Load the newest checkpoint under `path` into every model (each keeps its dtype and
-    sharding; a sharded model reads only its own shards). With `trusted` (training), the
+    sharding; a sharded model reads only its own shards, through the strategy's
+    `load_planner`). With `trusted` (training), the
     checkpoint must be signed by this key or lie under one of those paths (moedpo.trust).
     `trainable_only`: the checkpoint holds only the parameters that train (LoRA's).
     `key_of`: the checkpoint's key of each of the model's keys, None for those it does not
@@ -152,7 +142,7 @@ def restore_weights(path: str, models: list[torch.nn.Module], xla: bool = False,
             if key is not None:
                 state["model"].setdefault(key, own[k])
         try:
-            dcp.load(state, storage_reader=_reader(checkpoint), planner=_load_planner(xla))
+            dcp.load(state, storage_reader=_reader(checkpoint), planner=load_planner())
         except (Exception, CheckpointException) as err:  # DCP wraps errors in several types
             raise CheckpointError(f"checkpoint_manager_path={path}: cannot restore "
                                   f"{checkpoint} into the model: {_first_line(err)}") from None
@@ -201,7 +191,9 @@ class Checkpointer:
     max_to_keep: int | None = 3
     rank: int = 0
     barrier: Callable[[], None] = lambda: None  # waits for every rank (no-op in one process)
-    xla: bool = False  # SPMD-sharded tensors: torch_xla's planners, each host its shards
+    # DCP planners of the strategy's tensors (SPMD: torch_xla's, each host its shards).
+    save_planner: Callable[[], Any] = _no_planner
+    load_planner: Callable[[], Any] = _no_planner
     # Paths besides `root` whose checkpoints may be read unsigned; None: no check (tools
     # reading a run's own checkpoints).
     trusted: list[str] | None = None
@@ -258,7 +250,7 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options)
             others = {k: get_model_state_dict(m) for k, m in (extra or {}).items()}
             dcp.save({"model": model_sd, "optim": optim_sd, **others},
-                     storage_writer=_writer(tmp), planner=_save_planner(self.xla))
+                     storage_writer=_writer(tmp), planner=self.save_planner())
             with fs.open(f"{_fs(tmp)[1]}/rank{self.rank}.json", "w") as f:
                 json.dump({"rng": rng_state(), **(rank_state or {})}, f)
             self.barrier()  # every rank's files are in place before the marker
@@ -326,7 +318,7 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd,
                  **{k: get_model_state_dict(m) for k, m in extra.items()}}
         try:
-            dcp.load(state, storage_reader=_reader(path), planner=_load_planner(self.xla))
+            dcp.load(state, storage_reader=_reader(path), planner=self.load_planner())
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"],
                            options=StateDictOptions(strict=not self.trainable_only,

@@ -1,7 +1,7 @@
-"""The models of a run, for its backend: the tokenizer, policy and reference built (on the
-meta device when sharded), sharded by FSDP2 or SPMD annotations, checkpointed and compiled
-per layer as configured, and filled with their starting weights. `trainer.py` is the loop
-that uses them; what parallelism and adapters add to a model is applied here, in one place.
+"""The models of a run: the tokenizer, policy and reference built (on the meta device when
+sharded), placed by the run's parallel strategy (parallel/strategy.py: sharded, checkpointed
+and compiled per layer as configured), and filled with their starting weights. `trainer.py`
+is the loop that uses them.
 """
 
 from __future__ import annotations
@@ -22,29 +22,27 @@ from .models.load import (
     load_tokenizer,
     materialize,
 )
-from .parallel import expert, fsdp, spmd
-from .parallel.backend import Backend
-from .parallel.layers import checkpoint_decoder_layers, compile_decoder_layers, layer_classes
+from .parallel import Strategy
 from .validate import use_meta_init
 
 log = logging.getLogger("moedpo")
 
 
-def load_models(cfg: DPOConfig, backend: Backend):
-    """(tokenizer, policy, reference) placed for `backend` (FSDP2- or SPMD-sharded); reference
-    is None for reference-free DPO. With meta init the models are sharded while still
-    weightless, then each process fills only its own shards (docs/scaling.md, "Loading at
-    scale")."""
+def load_models(cfg: DPOConfig, parallel: Strategy):
+    """(tokenizer, policy, reference) placed by the run's strategy (sharded or whole);
+    reference is None for reference-free DPO. With meta init the models are sharded while
+    still weightless, then each process fills only its own shards (docs/scaling.md, "Loading
+    at scale")."""
+    backend = parallel.backend
     tokenizer = load_tokenizer(cfg.model)
-    meta = use_meta_init(cfg, backend.kind, backend.distributed)
+    meta = use_meta_init(cfg, type(parallel))
     # No loss reads the reference (SimPO, ORPO, reference-free DPO...): none is built.
     with_reference = needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)
     policy, reference = build_models(cfg.model, cfg.seed, backend.kind == "xla", on_meta=meta,
                                      with_reference=with_reference)
     check_vocab(tokenizer, policy, cfg.model.tokenizer_name_or_path)
     # Moved and filled in place; a LoRA reference is the policy itself.
-    models = [m for m in (policy, reference)
-              if m is not None and not isinstance(m, lora.AdaptersOff)]
+    models = own_models(policy, reference)
     if not meta:
         if cfg.checkpoint_manager_path:
             restored = restore_weights(cfg.checkpoint_manager_path, models,
@@ -53,47 +51,30 @@ def load_models(cfg: DPOConfig, backend: Backend):
             log.info("restored weights of policy and reference from %s", restored)
         for model in models:
             model.to(backend.device)
-    elif backend.kind == "xla":  # SPMD annotates device tensors: storage first (still empty)
+    elif parallel.storage_before_sharding:  # (still empty)
         for model in models:
             materialize(model, backend.device)
-    policy, reference = place_models(cfg, backend, policy, reference)
+    policy, reference = place_models(parallel, policy, reference)
     if meta:
-        load_sharded_weights(cfg, backend, models)
-    for model in (policy, reference):  # placed on the device as they will train
-        if model is not None and not isinstance(model, lora.AdaptersOff):
-            check_hub_kernels(model, cfg.model.hub_kernels)
+        load_sharded_weights(cfg, parallel, models)
+    for model in own_models(policy, reference):  # placed on the device as they will train
+        check_hub_kernels(model, cfg.model.hub_kernels)
     return tokenizer, policy, reference
 
 
-def place_models(cfg: DPOConfig, backend: Backend, policy: torch.nn.Module,
+def own_models(policy: torch.nn.Module,
+               reference: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The models that hold weights of their own: a LoRA reference is the policy itself."""
+    return [m for m in (policy, reference)
+            if m is not None and not isinstance(m, lora.AdaptersOff)]
+
+
+def place_models(parallel: Strategy, policy: torch.nn.Module,
                  reference: torch.nn.Module | None):
-    """Shard for the backend: SPMD annotations on XLA, FSDP2 under torchrun, else as is;
-    before that, the decoder layers checkpointed (policy) and compiled, when configured."""
-    checkpoint_layers = cfg.model.activation_checkpointing
-    if checkpoint_layers is None:
-        checkpoint_layers = (cfg.model.fsdp_config.xla_fsdp_grad_ckpt
-                             and (backend.kind == "xla" or backend.distributed))
-    ep = cfg.parallel.expert_parallel
-    if backend.kind == "xla":  # torch_xla's own checkpoint (see parallel/spmd.py)
-        if ep > 1:
-            expert.check_expert_count(policy, ep)
-        classes = layer_classes(policy, cfg)
-        every = cfg.model.activation_checkpointing_every if checkpoint_layers else 0
-        policy = spmd.shard_model(policy, backend.mesh, classes, every)
-        if reference is not None:
-            reference = spmd.shard_model(reference, backend.mesh, classes)
-        return policy, reference
-    if checkpoint_layers:
-        checkpoint_decoder_layers(policy, cfg.model.activation_checkpointing_every)
-    if cfg.model.compile:
-        for model in (policy, reference):
-            if model is not None and not isinstance(model, lora.AdaptersOff):
-                compile_decoder_layers(model, cfg)
-    if backend.distributed:
-        policy = fsdp.shard(policy, cfg, cfg.model.policy_dtype)
-        if reference is not None and not isinstance(reference, lora.AdaptersOff):
-            reference = fsdp.shard(reference, cfg, cfg.model.reference_dtype,
-                                   cpu_offload=cfg.reference.cpu_offload)
+    """Both models as the strategy shards them (the policy trains, the reference does not)."""
+    policy = parallel.shard(policy, "policy")
+    if reference is not None and not isinstance(reference, lora.AdaptersOff):
+        reference = parallel.shard(reference, "reference")
     return policy, reference
 
 
@@ -103,15 +84,17 @@ def base_keys(cfg: DPOConfig):
     return lora.base_key if lora.is_enabled(cfg.model) else None
 
 
-def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn.Module]) -> None:
+def load_sharded_weights(cfg: DPOConfig, parallel: Strategy,
+                         models: list[torch.nn.Module]) -> None:
     """Weights into meta-built, already sharded models: from `checkpoint_manager_path` each
     process reads only its shards; otherwise one process builds the starting weights once and
-    the others receive their shards from it."""
-    if backend.kind != "xla":  # FSDP2 allocates only each rank's shards
+    the strategy hands the others their shards."""
+    backend = parallel.backend
+    if not parallel.storage_before_sharding:  # only each rank's shards are allocated
         for model in models:
             materialize(model, backend.device)
     if cfg.checkpoint_manager_path:
-        restored = restore_weights(cfg.checkpoint_manager_path, models, backend.kind == "xla",
+        restored = restore_weights(cfg.checkpoint_manager_path, models, parallel.load_planner,
                                    list(cfg.checkpoint.trusted_paths), key_of=base_keys(cfg))
         log.info("restored weights of policy and reference from %s (each process its shards)",
                  restored)
@@ -124,7 +107,4 @@ def load_sharded_weights(cfg: DPOConfig, backend: Backend, models: list[torch.nn
                              with_reference=False)[0] if lora.is_enabled(cfg.model)
                 else initial_model(cfg.model, cfg.seed, backend.kind == "xla")).state_dict()
     for model in models:
-        if backend.distributed:
-            fsdp.load_from_rank0(model, full)
-        else:
-            model.load_state_dict(full)
+        parallel.fill(model, full)

@@ -14,14 +14,15 @@ from .losses import LOSSES, describe, unread_options
 from .models import lora
 from .models.moe import experts_modules, moe_top_k
 from .models.precision import is_mixed
-from .parallel.backend import Backend
+from .parallel import Strategy
 from .step import loss_terms
 
 log = logging.getLogger("moedpo")
 
 
 def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
-                backend: Backend, run_dir: Path) -> None:
+                parallel: Strategy, run_dir: Path) -> None:
+    backend = parallel.backend
     n_params = sum(p.numel() for p in policy.parameters())  # DTensors count globally
     top_k = moe_top_k(policy)
     active = n_params
@@ -38,17 +39,10 @@ def log_startup(cfg: DPOConfig, policy: torch.nn.Module, data, n_steps: int,
                  else cfg.model.reference_dtype)
     log.info("model %s: %.2fM parameters (%.2fM active per token), policy %s%s, reference %s",
              source, n_params / 1e6, active / 1e6, cfg.model.policy_dtype, precision, reference)
-    log.info("backend %s, %d process(es), %d device(s) per batch, device %s", backend.kind,
-             backend.world_size, backend.devices, backend.device)
-    ep = cfg.parallel.expert_parallel
-    if ep > 1:
-        total = experts_modules(policy)[0].down_proj.shape[0]
-        log.info("expert parallel: experts on a (efsdp %d x ep %d) mesh, %d of %d experts per "
-                 "%s and layer, routed tokens exchanged all-to-all", backend.total_devices // ep,
-                 ep, total // ep, total, "device" if backend.kind == "xla" else "rank")
-    if backend.mesh is not None:
-        log.info("SPMD mesh %s over axes %s", tuple(backend.mesh.mesh_shape),
-                 backend.mesh.axis_names)
+    log.info("backend %s, %d process(es), %d device(s) per batch, device %s; strategy %s",
+             backend.kind, backend.world_size, backend.devices, backend.device, parallel.name)
+    for line in parallel.describe(policy):
+        log.info("%s", line)
     for name, (n_train, n_eval) in data.sources.items():
         formats = ", ".join(data.formats.get(name, {})) or "generated"
         log.info("data %s: %d train pairs, %d eval pairs (%s)", name, n_train, n_eval, formats)

@@ -44,7 +44,7 @@ from .optim import (
     check_nonfinite,
     continue_schedule,
 )
-from .parallel import spmd
+from .parallel import Strategy, make_strategy
 from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
 from .preemption import StopSignal
@@ -88,11 +88,12 @@ def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
     return cfg.max_length
 
 
-def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend, shared: bool = False,
+def batch_maker(cfg: DPOConfig, tokenizer, parallel: Strategy, shared: bool = False,
                 max_tokens: int = 0) -> Callable:
-    """pairs -> collated tensors on the backend's device (split over the mesh on XLA); one
-    row per pair with `shared` (use_shared_prompt), several of up to `max_tokens` tokens
-    with packing (packing_budget)."""
+    """pairs -> collated tensors on the backend's device, placed by the strategy (split over
+    the mesh on XLA); one row per pair with `shared` (use_shared_prompt), several of up to
+    `max_tokens` tokens with packing (packing_budget)."""
+    backend = parallel.backend
     # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
     own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
     pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
@@ -109,7 +110,7 @@ def batch_maker(cfg: DPOConfig, tokenizer, backend: Backend, shared: bool = Fals
             batch.pop("blocks", None)
         batch = {k: v if k in HOST_KEYS else v.to(backend.device, non_blocking=True)
                  for k, v in batch.items()}
-        return spmd.shard_batch(batch, backend.mesh) if backend.kind == "xla" else batch
+        return parallel.place(batch)
     return make
 
 
@@ -145,9 +146,8 @@ def run(cfg: DPOConfig, callbacks: list[Callback] | None = None) -> RunResult:
     """Train as configured (continuing from a checkpoint when there is one); returns the final
     eval metrics and the trained policy. `callbacks` get the run's events (callbacks.py)."""
     validate(cfg)
-    backend = init_backend(cfg.parallel.backend, cfg.tensor_parallelism,
-                           cfg.local_compile_cache_dir, cfg.full_precision,
-                           cfg.parallel.expert_parallel)
+    backend = init_backend(cfg.parallel.backend, cfg.local_compile_cache_dir,
+                           cfg.full_precision)
     try:
         with run_dir_lib.RunLock(cfg.run_dir, backend):
             result = train(cfg, backend, callbacks or [])
@@ -204,12 +204,13 @@ class Trainer:
         torch.set_float32_matmul_precision("highest" if cfg.full_precision else "high")
         if not backend.is_main:
             logging.getLogger("moedpo").setLevel(logging.WARNING)
+        self.parallel = parallel = make_strategy(cfg, backend)
         self.checkpointer = Checkpointer(
             cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process, backend.barrier,
-            xla=backend.kind == "xla", trusted=list(cfg.checkpoint.trusted_paths),
-            trainable_only=lora.is_enabled(cfg.model))
+            parallel.save_planner, parallel.load_planner,
+            trusted=list(cfg.checkpoint.trusted_paths), trainable_only=lora.is_enabled(cfg.model))
         self.run_dir, self.resumed_from = run_dir_lib.prepare(cfg, self.checkpointer, backend)
-        self.tokenizer, self.policy, self.reference = load_models(cfg, backend)
+        self.tokenizer, self.policy, self.reference = load_models(cfg, parallel)
         self.data = build_data(cfg, self.tokenizer,
                                self.policy.get_input_embeddings().num_embeddings,
                                backend.total_devices)
@@ -217,14 +218,14 @@ class Trainer:
         static = padded_length(cfg, backend) is not None
         shared = use_shared_prompt(cfg, static, self.policy)
         max_tokens = packing_budget(cfg, shared, self.policy, static)
-        self.to_batch = batch_maker(cfg, self.tokenizer, backend, shared, max_tokens)
+        self.to_batch = batch_maker(cfg, self.tokenizer, parallel, shared, max_tokens)
         self.cut = partial(micro_batches, budget=cfg.data.tokens_per_batch,
                            cost=row_tokens(shared), packed=max_tokens > 0)
         # One forward's pairs: SPMD splits one batch over all devices of the mesh.
         self.micro = cfg.per_device_train_batch_size * backend.devices
         self.step_size = self.micro * backend.world_size * cfg.gradient_accumulation_steps
         self.n_steps = total_steps(cfg, len(self.data.train), self.step_size)
-        log_startup(cfg, self.policy, self.data, self.n_steps, backend, self.run_dir)
+        log_startup(cfg, self.policy, self.data, self.n_steps, parallel, self.run_dir)
         log.info("rows: %s", row_layout(shared, max_tokens, static, self.policy, cfg))
         if cfg.reference.precompute:  # from here on the reference lives in the data
             bar = partial(batch_bar, desc="reference", enabled=backend.is_main and interactive())
@@ -334,9 +335,7 @@ class Trainer:
         tokens = float(backend.all_reduce_sum(torch.tensor([float(window.tokens)]))[0])
         extra = {"examples_per_second": reduced.count / max(window.seconds, 1e-9),
                  "tokens_per_second": tokens / max(window.seconds, 1e-9),
-                 "nonfinite_steps": self.nonfinite["total"]}
-        if backend.kind == "xla":  # flat after warm-up: one graph per step shape
-            extra["xla_compiles"] = spmd.compile_count()
+                 "nonfinite_steps": self.nonfinite["total"], **self.parallel.step_metrics()}
         row = self.writer.write(step, (step + 1) * self.step_size, "train", reduced, extra)
         log.info(console_line(step, self.n_steps, "train",
                               {k.removeprefix("train/"): v for k, v in row.items()}))

@@ -27,6 +27,7 @@ from .layout import check_rows
 from .losses import F_DIVERGENCE_LOSSES, LOSSES, loss_names, needs_reference, unpaired_losses
 from .models import lora
 from .models.lora import check_init, rewrites_base
+from .parallel import Strategy, strategy_class
 from .parallel.backend import choose_kind, launched_processes
 
 
@@ -285,53 +286,33 @@ def check_data(cfg: DPOConfig) -> None:
                f"dataset_dir.{name}={folder}: no such folder")
 
 
-def use_meta_init(cfg: DPOConfig, kind: str, distributed: bool) -> bool:
-    """`model.meta_init`, by default on wherever the weights end up sharded: FSDP2 always,
-    SPMD when they come from `checkpoint_manager_path` (read shard by shard)."""
+def use_meta_init(cfg: DPOConfig, strategy: type[Strategy]) -> bool:
+    """`model.meta_init`, by default on wherever the strategy shards the weights so that
+    each process fills only its shards (`Strategy.meta_init`: FSDP2 always, SPMD when they
+    come from `checkpoint_manager_path`, read shard by shard)."""
     if cfg.model.meta_init is not None:
         return cfg.model.meta_init
     if lora.is_quantized(cfg.model):  # quantized by from_pretrained as it loads
         return False
-    return distributed or (kind == "xla" and bool(cfg.checkpoint_manager_path))
+    return strategy.meta_init(cfg)
 
 
 def check_placement(cfg: DPOConfig) -> None:
     """What the backend the run goes to (`parallel.backend=auto` resolved as the run will
-    resolve it) and torchrun's process count cannot run, before any model loads."""
+    resolve it) and its strategy for torchrun's process count cannot run, before any model
+    loads: the strategy's own refusals first, then what meta init cannot fill."""
     kind, world = choose_kind(cfg.parallel.backend), launched_processes()
-    distributed, m, ep = kind != "xla" and world > 1, cfg.model, cfg.parallel.expert_parallel
-    _check(cfg.tensor_parallelism == 1 or kind == "xla",
-           f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend (this run is on "
-           f"{kind}); torch.distributed runs shard with FSDP2 only: set it to 1")
     _check(kind != "cuda" or torch.cuda.is_available(), "parallel.backend=cuda but no CUDA "
            "device is visible; use parallel.backend=auto or cpu")
-    _check(not (m.meta_init and kind == "xla" and not cfg.checkpoint_manager_path),
-           "model.meta_init=true on XLA reads the weights shard by shard from "
-           "checkpoint_manager_path; set it (`moedpo convert` makes one from a Hugging Face "
-           "folder) or set model.meta_init=false")
-    _check(not (lora.is_quantized(m) and distributed), "model.lora.quantize=4bit under "
-           "torchrun: FSDP2 cannot shard bitsandbytes' 4-bit weights; run QLoRA as one process "
-           "(one GPU), or plain LoRA (model.lora.quantize=null) on several")
-    _check(not (use_meta_init(cfg, kind, distributed) and cfg.checkpoint_manager_path
+    strategy = strategy_class(kind, world, cfg)
+    for refusal in strategy.refusals(cfg, kind, world):
+        raise ConfigError(refusal)
+    m, meta = cfg.model, use_meta_init(cfg, strategy)
+    _check(not (meta and cfg.checkpoint_manager_path
                 and lora.is_enabled(m) and m.lora.init not in lora.SHAPE_ONLY_INITS),
            f"model.lora.init={m.lora.init} computes the adapters from the base weights, which "
            "meta init reads shard by shard from checkpoint_manager_path; set "
            "model.meta_init=false (or model.lora.init=true)")
-    _check(not (ep > 1 and kind != "xla" and world > 1 and world % ep),
-           f"parallel.expert_parallel={ep}: must divide the {world} processes of the run "
-           "(torchrun --nproc_per_node x nodes)")
-    _check(not (ep > 1 and kind != "xla" and world == 1), f"parallel.expert_parallel={ep} "
-           f"spreads the experts over torchrun's processes; this run has one ({kind}). Launch "
-           f"with `torchrun --nproc_per_node {ep} ...` or set parallel.expert_parallel=1")
-    _check(not (kind == "xla" and lora.is_enabled(m)), "model.lora.r > 0 on XLA: PEFT's "
-           "adapters (and its expert parametrizations) have no SPMD sharding annotations here "
-           "yet; set model.lora.r=0, or train LoRA on CPU/CUDA")
-    _check(not (kind == "xla" and m.compile), "model.compile=true: on XLA every step is "
-           "compiled whole already; set model.compile=false")
-    _check(not (kind == "xla" and m.moe_implementation == "dropless"),
-           "model.moe_implementation=dropless has data-dependent shapes, which XLA recompiles "
-           "every step; use dense, or dropped with model.capacity_factor > 0 (or auto)")
-    meta = use_meta_init(cfg, kind, distributed)
     _check(not (m.hub_kernels and meta), "model.hub_kernels=true: Hub kernels are chosen for "
            "the device the weights are on, which meta init fills later; set "
            "model.meta_init=false")

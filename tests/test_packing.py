@@ -100,6 +100,7 @@ def test_default_batches_are_one_packed_row(make_cfg):
     """What the trainer builds by default for the tiny Mixtral: one row per micro-batch."""
 
     from moedpo.layout import packing_budget, use_shared_prompt
+    from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import Backend
     from moedpo.trainer import batch_maker
 
@@ -108,7 +109,8 @@ def test_default_batches_are_one_packed_row(make_cfg):
 
     class Tok:
         pad_token_id = 0
-    to_batch = batch_maker(cfg, Tok(), Backend("cpu", torch.device("cpu")), shared,
+    to_batch = batch_maker(cfg, Tok(), make_strategy(cfg, Backend("cpu", torch.device("cpu"))),
+                           shared,
                            packing_budget(cfg, shared, policy))
     batch = to_batch(random_pairs(4, seed=0))
     assert batch["input_ids"].shape[0] == 1 and (batch["attention_mask"] == 1).all()

@@ -4,7 +4,8 @@ Scale-out rides on existing launchers: `torchrun` sets RANK / WORLD_SIZE / LOCAL
 moedpo joins the process group it describes (nccl on GPUs, gloo on CPUs); a plain
 `python run_dpo_no_trainer.py` is one process. On XLA (TPU pods) there is one process per
 host, and SPMD makes all devices of the slice look like one: every host builds the same
-global batch and the compiler splits it (see parallel/spmd.py).
+global batch and the compiler splits it (see parallel/spmd.py). How the models spread over
+the processes and devices is the strategy's (parallel/strategy.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ class Backend:
     devices: int = 1  # devices one forward's batch is split over (XLA SPMD: all of them)
     host: int = 0  # XLA: this host's index; only host 0 writes
     hosts: int = 1  # XLA: processes (one per host), joined by a gloo group when > 1
-    mesh: Any = None  # XLA SPMD device mesh
 
     @property
     def distributed(self) -> bool:
@@ -109,12 +108,9 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
-             full_precision: bool = False, expert_parallel: int = 1) -> Backend:
+def init_xla(compile_cache: str | None = None, full_precision: bool = False) -> Backend:
     import torch_xla
     import torch_xla.runtime as xr
-
-    from .spmd import make_mesh
 
     xr.use_spmd()  # before any XLA tensor exists
     if compile_cache:
@@ -123,7 +119,6 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
         import torch_xla.backends
 
         torch_xla.backends.set_mat_mul_precision("highest")
-    mesh = make_mesh(tensor_parallelism, expert_parallel)
     hosts = xr.process_count()
     if hosts > 1 and not dist.is_initialized():
         # Hosts agree on checkpoint plans (DCP) and barriers over gloo; torch_xla's xla://
@@ -132,16 +127,16 @@ def init_xla(tensor_parallelism: int = 1, compile_cache: str | None = None,
 
         dist.init_process_group("gloo", init_method="xla://")
     return Backend("xla", torch_xla.device(), devices=xr.global_runtime_device_count(),
-                   host=xr.process_index(), hosts=hosts, mesh=mesh)
+                   host=xr.process_index(), hosts=hosts)
 
 
-def init_backend(requested: str = "auto", tensor_parallelism: int = 1,
-                 compile_cache: str | None = None, full_precision: bool = False,
-                 expert_parallel: int = 1) -> Backend:
-    """The run's backend (validate.check_placement has refused what it cannot run)."""
+def init_backend(requested: str = "auto", compile_cache: str | None = None,
+                 full_precision: bool = False) -> Backend:
+    """The run's backend (validate.check_placement has refused what it cannot run); the
+    strategy (parallel/__init__.py) then decides how models and batches spread over it."""
     kind = choose_kind(requested)
     if kind == "xla":
-        return init_xla(tensor_parallelism, compile_cache, full_precision, expert_parallel)
+        return init_xla(compile_cache, full_precision)
     world = launched_processes()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":

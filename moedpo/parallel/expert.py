@@ -26,6 +26,7 @@ ranks that the dense parameters get.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,47 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from ..config import ConfigError
+from ..config import ConfigError, DPOConfig
 from ..models.moe import capacity, claim_places, experts_modules
 from ..private_api import own_parameters, swapped_parameters
+from .fsdp import FSDP2
 
 _MESHES: dict[tuple[str, int], DeviceMesh] = {}
+
+
+class ExpertParallel(FSDP2):
+    """FSDP2 with the experts apart: each rank holds E/ep whole experts of every layer (the
+    (efsdp, ep) mesh above), the rest sharded by FSDP2 over all ranks."""
+
+    name = "fsdp2+ep"
+
+    @classmethod
+    def applies(cls, kind: str, world: int, cfg: DPOConfig) -> bool:
+        return super().applies(kind, world, cfg) and cfg.parallel.expert_parallel > 1
+
+    @classmethod
+    def refusals(cls, cfg: DPOConfig, kind: str, world: int) -> Iterator[str]:
+        yield from super().refusals(cfg, kind, world)
+        ep = cfg.parallel.expert_parallel
+        if world % ep:
+            yield (f"parallel.expert_parallel={ep}: must divide the {world} processes of the "
+                   "run (torchrun --nproc_per_node x nodes)")
+
+    def describe(self, policy: nn.Module) -> list[str]:
+        ep, world = self.cfg.parallel.expert_parallel, self.backend.world_size
+        return super().describe(policy) + [expert_line(policy, world, ep, "rank")]
+
+    def shard_first(self, model: nn.Module, fsdp_kwargs: dict) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shard_experts(model, expert_mesh(device, self.cfg.parallel.expert_parallel), fsdp_kwargs)
+
+
+def expert_line(policy: nn.Module, devices: int, ep: int, unit: str) -> str:
+    """The startup line of expert parallelism over `devices` (ranks or XLA devices)."""
+    total = experts_modules(policy)[0].down_proj.shape[0]
+    return (f"expert parallel: experts on a (efsdp {devices // ep} x ep {ep}) mesh, "
+            f"{total // ep} of {total} experts per {unit} and layer, routed tokens exchanged "
+            "all-to-all")
 
 
 def expert_mesh(device_type: str, ep: int) -> DeviceMesh:

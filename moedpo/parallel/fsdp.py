@@ -1,10 +1,11 @@
 """FSDP2 (`fully_shard`) for torch.distributed runs: each decoder layer, then the root.
 
-The model definition stays plain Hugging Face; this only wraps it. The reference model is
-sharded the same way and never trained (optionally kept in host memory between uses).
+The model definition stays plain Hugging Face; this only wraps it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -17,27 +18,62 @@ from torch.distributed.fsdp import (
 )
 
 from ..config import DTYPES, DPOConfig
-from . import expert
+from ..models.lora import is_quantized
 from .layers import decoder_layers
+from .single import torch_refusals
+from .strategy import Strategy
 
 
-def shard(model: torch.nn.Module, cfg: DPOConfig, compute_dtype: str,
-          cpu_offload: bool = False) -> torch.nn.Module:
-    """fully_shard every decoder layer and the root; compute in `compute_dtype`, reduce
-    gradients in float32. Works on a meta-device model too (materialise it afterwards)."""
-    layers = decoder_layers(model, cfg)
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[compute_dtype], reduce_dtype=torch.float32)
-    # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
-    offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
-               else OffloadPolicy())
-    if cfg.parallel.expert_parallel > 1:  # the experts first: the layers skip them then
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        expert.shard_experts(model, expert.expert_mesh(device, cfg.parallel.expert_parallel),
-                             dict(mp_policy=policy, offload_policy=offload))
-    for layer in layers:
-        fully_shard(layer, mp_policy=policy, offload_policy=offload)
-    fully_shard(model, mp_policy=policy, offload_policy=offload)
-    return model
+class FSDP2(Strategy):
+    """torchrun's processes, every weight sharded over all of them by FSDP2: each decoder
+    layer, then the root; compute in the role's dtype, gradients reduced in float32. The
+    reference is sharded the same way and never trained (optionally kept in host memory
+    between uses)."""
+
+    name = "fsdp2"
+    sharded = True
+
+    @classmethod
+    def applies(cls, kind: str, world: int, cfg: DPOConfig) -> bool:
+        return kind != "xla" and world > 1
+
+    @classmethod
+    def refusals(cls, cfg: DPOConfig, kind: str, world: int) -> Iterator[str]:
+        yield from torch_refusals(cfg, kind)
+        if is_quantized(cfg.model):
+            yield ("model.lora.quantize=4bit under torchrun: FSDP2 cannot shard bitsandbytes' "
+                   "4-bit weights; run QLoRA as one process (one GPU), or plain LoRA "
+                   "(model.lora.quantize=null) on several")
+
+    @classmethod
+    def meta_init(cls, cfg: DPOConfig) -> bool:
+        return True
+
+    def describe(self, policy: torch.nn.Module) -> list[str]:
+        return [f"FSDP2: every weight sharded over the {self.backend.world_size} ranks"]
+
+    def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
+        """Works on a meta-device model too (materialise it afterwards)."""
+        model = super().shard(model, role)
+        m = self.cfg.model
+        dtype = m.policy_dtype if role == "policy" else m.reference_dtype
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+        # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
+        offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+                   if role == "reference" and self.cfg.reference.cpu_offload
+                   else OffloadPolicy())
+        kwargs = dict(mp_policy=policy, offload_policy=offload)
+        self.shard_first(model, kwargs)
+        for layer in decoder_layers(model, self.cfg):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def shard_first(self, model: torch.nn.Module, fsdp_kwargs: dict) -> None:
+        """Parts a subclass shards its own way before the layers (which then skip them)."""
+
+    def fill(self, model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
+        load_from_rank0(model, full_state)
 
 
 def load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:

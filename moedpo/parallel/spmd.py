@@ -25,9 +25,18 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..config import ConfigError, DPOConfig
+from ..models.lora import is_enabled as lora_enabled
+from .backend import Backend
+from .expert import check_expert_count, expert_line
+from .layers import layer_classes
+from .strategy import Strategy
 
 log = logging.getLogger("moedpo")
 AXES = ("fsdp", "tensor")
@@ -50,8 +59,6 @@ PARTITION_TABLE: list[tuple[str, tuple]] = [
 def make_mesh(tensor_parallelism: int, expert_parallel: int = 1):
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
-
-    from ..config import ConfigError
 
     devices = xr.global_runtime_device_count()
     if tensor_parallelism < 1 or devices % tensor_parallelism:
@@ -143,3 +150,79 @@ def compile_count() -> int:
     import torch_xla.debug.metrics as met
 
     return int(met.counter_value("UncachedCompile") or 0)
+
+
+class SPMD(Strategy):
+    """The xla backend: one process per host, every device of the slice one SPMD program
+    over the mesh above."""
+
+    name = "spmd"
+    sharded = True
+    storage_before_sharding = True
+
+    @classmethod
+    def applies(cls, kind: str, world: int, cfg: DPOConfig) -> bool:
+        return kind == "xla"
+
+    @classmethod
+    def refusals(cls, cfg: DPOConfig, kind: str, world: int) -> Iterator[str]:
+        m = cfg.model
+        if m.meta_init and not cfg.checkpoint_manager_path:
+            yield ("model.meta_init=true on XLA reads the weights shard by shard from "
+                   "checkpoint_manager_path; set it (`moedpo convert` makes one from a Hugging "
+                   "Face folder) or set model.meta_init=false")
+        if lora_enabled(m):
+            yield ("model.lora.r > 0 on XLA: PEFT's adapters (and its expert parametrizations) "
+                   "have no SPMD sharding annotations here yet; set model.lora.r=0, or train "
+                   "LoRA on CPU/CUDA")
+        if m.compile:
+            yield ("model.compile=true: on XLA every step is compiled whole already; set "
+                   "model.compile=false")
+        if m.moe_implementation == "dropless":
+            yield ("model.moe_implementation=dropless has data-dependent shapes, which XLA "
+                   "recompiles every step; use dense, or dropped with model.capacity_factor > 0 "
+                   "(or auto)")
+
+    @classmethod
+    def meta_init(cls, cfg: DPOConfig) -> bool:
+        """Only where the weights come from `checkpoint_manager_path`, read shard by shard
+        (XLA has no broadcast of one host's weights into the shards)."""
+        return bool(cfg.checkpoint_manager_path)
+
+    def __init__(self, cfg: DPOConfig, backend: Backend) -> None:
+        super().__init__(cfg, backend)
+        self.mesh = make_mesh(cfg.tensor_parallelism, cfg.parallel.expert_parallel)
+
+    def describe(self, policy: torch.nn.Module) -> list[str]:
+        lines = [f"SPMD mesh {tuple(self.mesh.mesh_shape)} over axes {self.mesh.axis_names}"]
+        ep = self.cfg.parallel.expert_parallel
+        if ep > 1:
+            lines.append(expert_line(policy, self.backend.total_devices, ep, "device"))
+        return lines
+
+    def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
+        """Partition specs by the table; the policy's layers checkpointed with torch_xla's
+        own checkpoint."""
+        if self.cfg.parallel.expert_parallel > 1:
+            check_expert_count(model, self.cfg.parallel.expert_parallel)
+        every = (self.cfg.model.activation_checkpointing_every
+                 if role == "policy" and self.checkpoints_layers() else 0)
+        return shard_model(model, self.mesh, layer_classes(model, self.cfg), every)
+
+    def place(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return shard_batch(batch, self.mesh)
+
+    def save_planner(self) -> Any:
+        """torch_xla's planners for SPMD-sharded tensors: each host its devices' shards."""
+        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+        return SPMDSavePlanner()
+
+    def load_planner(self) -> Any:
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+        return SPMDLoadPlanner()
+
+    def step_metrics(self) -> dict[str, float]:
+        """Graphs compiled so far: flat after warm-up, one graph per step shape."""
+        return {"xla_compiles": compile_count()}

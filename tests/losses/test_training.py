@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_train_overrides, train_rows, write_unpaired
 from moedpo.config import ConfigError
 from moedpo.losses import LOSSES
+from moedpo.parallel import make_strategy
 from moedpo.parallel.backend import init_backend
 from moedpo.placement import load_models
 from moedpo.trainer import run
@@ -32,7 +33,7 @@ def test_presets_compose_with_a_model_and_data(make_cfg, preset, name, beta):
 def test_reference_built_only_when_a_loss_reads_it(make_cfg, overrides, built):
     cfg = make_cfg(*tiny_train_overrides(), *overrides)
     validate(cfg)
-    _, policy, reference = load_models(cfg, init_backend("cpu"))
+    _, policy, reference = load_models(cfg, make_strategy(cfg, init_backend("cpu")))
     assert (reference is not None) == built and policy is not None
 
 

@@ -310,6 +310,7 @@ def test_lora_reads_its_base_from_a_full_models_checkpoint(make_cfg, tmp_path, m
     import torch as t
 
     from moedpo.checkpoint import save_weights
+    from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import Backend
     from moedpo.placement import load_models
 
@@ -319,7 +320,7 @@ def test_lora_reads_its_base_from_a_full_models_checkpoint(make_cfg, tmp_path, m
     cfg = make_cfg("+experiment=demo", "model.lora.r=4", "model.freeze_router=false",
                    f"checkpoint_manager_path={tmp_path / 'weights'}",
                    f"model.meta_init={str(meta).lower()}")
-    _, policy, reference = load_models(cfg, Backend("cpu", t.device("cpu")))
+    _, policy, reference = load_models(cfg, make_strategy(cfg, Backend("cpu", t.device("cpu"))))
     ids = t.randint(0, 500, (2, 10))
     with t.no_grad():
         want = saved(input_ids=ids).logits

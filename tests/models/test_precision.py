@@ -71,6 +71,7 @@ def test_master_gradients_equal_the_bf16_models(make_cfg, tokenizer, checkpointe
     copy's backward only widens them), and activation checkpointing's recompute sees the
     same bf16 weights."""
     from moedpo.data import build_data
+    from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import Backend
     from moedpo.trainer import batch_maker
 
@@ -82,7 +83,8 @@ def test_master_gradients_equal_the_bf16_models(make_cfg, tokenizer, checkpointe
         for model in (policy, pure):
             checkpoint_decoder_layers(model)
     data = build_data(cfg, tokenizer, 512)
-    batch = batch_maker(cfg, tokenizer, Backend("cpu", torch.device("cpu")))(data.train[:4])
+    batch = batch_maker(cfg, tokenizer, make_strategy(cfg, Backend("cpu", torch.device("cpu"))))(
+        data.train[:4])
     masters = {name: p for name, p in policy.named_parameters()}
     with compute_copies(policy, torch.bfloat16):
         assert all(p.dtype == torch.bfloat16 for p in policy.parameters())

@@ -10,6 +10,7 @@ from conftest import random_pairs
 from moedpo.config import ConfigError
 from moedpo.data import collate
 from moedpo.models.load import build_models
+from moedpo.parallel import make_strategy
 from moedpo.parallel.backend import Backend
 from moedpo.placement import place_models
 from moedpo.step import batch_loss
@@ -20,7 +21,7 @@ CPU = Backend("cpu", torch.device("cpu"))
 
 def loss_grads_and_layer_calls(cfg, seed: int = 0, batches: int = 1):
     policy, reference = build_models(cfg.model, seed)
-    policy, reference = place_models(cfg, CPU, policy, reference)
+    policy, reference = place_models(make_strategy(cfg, CPU), policy, reference)
     layers = [m for m in policy.modules() if type(m).__name__ in policy._no_split_modules]
     calls = [0] * len(layers)
     for i, layer in enumerate([] if cfg.model.compile else layers):
