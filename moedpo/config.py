@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import operator
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex
 # The original's XLA-only optimizer; off XLA it is plain torch AdamW.
 OPTIMIZER_ALIASES = {"ADAMW_TORCH_XLA": "AdamW"}
 LOGGERS = ("tensorboard", "wandb", "mlflow")
+TRI_STATE = ("auto", "true", "false")  # decided per run (auto), or forced either way
 # f-DPO's divergences (moedpo/losses/divergence.py scores each).
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -334,7 +336,8 @@ class DataConfig:
         "prompt](../performance.md#shared-prompt)). `auto`: on wherever that holds (dynamic "
         "padding, a dropless or dense MoE or a dense model, sdpa or eager attention, sliding "
         "windows the model can take per layer type), else off with one info line naming why; "
-        "`true`: on, or a one-line error where it cannot be; `false`: off")
+        "`true`: on, or a one-line error where it cannot be; `false`: off",
+        choices=TRI_STATE)
     packing: str = setting("auto",
         "several pairs per row: shared-prompt blocks placed first-fit decreasing into rows of "
         "up to `data.max_tokens_per_row` tokens, kept apart by the mask, position ids "
@@ -346,7 +349,8 @@ class DataConfig:
         "attention, a sliding window shorter than `max_length`); `true`: on (needs the "
         "shared-prompt layout: not `data.share_prompt=false`, nor the dropped MoE); under "
         "static shapes (XLA) it bin-packs into rows of exactly `data.max_tokens_per_row` tokens "
-        "(see [Packing](../performance.md#packing)); `false`: one pair per row")
+        "(see [Packing](../performance.md#packing)); `false`: one pair per row",
+        choices=TRI_STATE)
     max_tokens_per_row: int | None = setting(None,
         "the packing budget per row; `null` = the whole micro-batch in one row where attention "
         "runs per pair, else 2 x `max_length` (at least `max_length`; under static shapes every "
@@ -365,7 +369,8 @@ class DataConfig:
         gt=0)
     add_bos: str = setting("auto",
         "start each prompt with the tokenizer's BOS: `auto` where the tokenizer adds one by "
-        "default (Llama, Mistral, Mixtral; not GPT-NeoX, GPT-2, Qwen), `true`, `false`")
+        "default (Llama, Mistral, Mixtral; not GPT-NeoX, GPT-2, Qwen), `true`, `false`",
+        choices=TRI_STATE)
     skip_identical: bool = setting(False,
         "leave out pairs whose chosen and rejected responses are the same tokens (after "
         "truncation); counted at start-up either way")
@@ -400,6 +405,14 @@ class DataConfig:
     columns: Any = setting(None,
         "key renames, ours from the source's, e.g. "
         "`data.columns={prompt:question,chosen:good,rejected:bad}`")
+
+    def __post_init__(self) -> None:
+        # YAML's true/false reach a str key as "True"/"False" (OmegaConf) or a bool (Python):
+        # the three-way keys hold their lower-case names from here on.
+        for name in ("share_prompt", "packing", "add_bos"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value in ("True", "False"):
+                setattr(self, name, str(value).lower())
 
 
 @dataclass
@@ -689,16 +702,21 @@ def settings(node: type = DPOConfig, prefix: str = "", group: str | None = None)
             yield from settings(f.default_factory, f"{prefix}{f.name}.", own)
 
 
+# A range's bound: its symbol in messages and the test it stands for.
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt),
+          "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
 def _bounds_text(bounds: dict[str, float]) -> str:
     low = next(((op, v) for op, v in bounds.items() if op in ("ge", "gt")), None)
     high = next(((op, v) for op, v in bounds.items() if op in ("le", "lt")), None)
     if high and high[1] == math.inf:
-        return f"a finite number {'>=' if low[0] == 'ge' else '>'} {low[1]:g}"
+        return f"a finite number {BOUNDS[low[0]][0]} {low[1]:g}"
     if low and high:
         return (f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, "
                 f"{high[1]:g}{']' if high[0] == 'le' else ')'}")
     op, value = low or high
-    return f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}[op]} {value:g}"
+    return f"{BOUNDS[op][0]} {value:g}"
 
 
 def accepts(f: Any) -> str:
@@ -709,9 +727,7 @@ def accepts(f: Any) -> str:
 
 
 def _within(value: float, bounds: dict[str, float]) -> bool:
-    checks = {"ge": value >= bounds.get("ge", -math.inf), "gt": value > bounds.get("gt", -math.inf),
-              "le": value <= bounds.get("le", math.inf), "lt": value < bounds.get("lt", math.inf)}
-    return all(checks[op] for op in bounds)
+    return all(BOUNDS[op][1](value, bound) for op, bound in bounds.items())
 
 
 def check_settings(cfg: DPOConfig) -> None:

@@ -24,7 +24,7 @@ def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
     """Why one row per pair (shared prompt) would not give the same result here; None when
     it does."""
     m = cfg.model
-    if static_shapes and str(cfg.data.packing).lower() != "true":
+    if static_shapes and cfg.data.packing != "true":
         return ("static shapes (rows padded to a fixed length; data.packing=true bin-packs "
                 "shared rows into them)")
     if m.capacity_factor > 0 or m.moe_implementation == "dropped":
@@ -41,7 +41,7 @@ def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
 
 def use_shared_prompt(cfg: DPOConfig, static_shapes: bool, model: torch.nn.Module) -> bool:
     """data.share_prompt resolved for this run: auto is on wherever it is exact."""
-    setting = str(cfg.data.share_prompt).lower()
+    setting = cfg.data.share_prompt
     if setting == "false":
         return False
     why = share_prompt_blocker(cfg, static_shapes, model)
@@ -63,7 +63,7 @@ def packing_budget(cfg: DPOConfig, shared: bool, model: torch.nn.Module,
     over all of it (it lost on long prompts), so auto leaves packing off there. With `static`
     shapes (only data.packing=true gets here) rows are exactly the budget long: bin packing
     into fixed rows, data.max_tokens_per_row or 2 x max_length (a pair's block fits)."""
-    setting, d = str(cfg.data.packing).lower(), cfg.data
+    setting, d = cfg.data.packing, cfg.data
     if setting == "false":
         return 0
     if not shared:
@@ -169,23 +169,16 @@ def check_rows(cfg: DPOConfig) -> None:
     data.packing, data.tokens_per_batch, static shapes), checked before anything loads; the
     decisions that need the loaded model are the functions above."""
     m, d = cfg.model, cfg.data
-    share = str(d.share_prompt).lower()
-    _check(share in ("auto", "true", "false"),
-           f"data.share_prompt={d.share_prompt}: use auto, true or false")
+    share, packing = d.share_prompt, d.packing
     _check(share != "true" or (m.capacity_factor == 0 and m.moe_implementation
                                          in ("auto", "dropless", "dense", "hf", "hf_eager")),
            "data.share_prompt=true puts both responses in one row, which changes what the "
            "dropped MoE's per-sequence capacity means; use a dropless MoE (capacity_factor=0) "
            "or data.share_prompt=false")
-    _check(str(d.add_bos).lower() in ("auto", "true", "false"),
-           f"data.add_bos={d.add_bos}: use auto, true or false")
     buckets = d.length_buckets or []
     _check(all(isinstance(b, int) and 0 < b <= cfg.max_length for b in buckets),
            f"data.length_buckets={buckets}: each must be a whole number in 1..max_length "
            f"({cfg.max_length}), e.g. [128,256]")
-    packing = str(d.packing).lower()
-    _check(packing in ("auto", "true", "false"),
-           f"data.packing={d.packing}: use auto, true or false")
     _check(packing != "true" or share != "false",
            "data.packing=true packs shared-prompt rows; set data.share_prompt=auto or true")
     static = static_shapes(cfg, choose_kind(cfg.parallel.backend))

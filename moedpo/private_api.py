@@ -59,6 +59,8 @@ def causal_lm_class(config: Any) -> type | None:
 # What each attention implementation needs of the model class: transformers' own class flags.
 _SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
                  "flex_attention": "_supports_flex_attn"}
+# The attention implementations a model class declares support for (besides eager).
+FLAGGED_ATTENTION = tuple(_SUPPORT_FLAG)
 
 
 def supports_attention(model_class: type, name: str) -> bool:

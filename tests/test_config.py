@@ -58,6 +58,9 @@ def test_cosine_schedule_group(make_cfg):
     ("data.columns={answer:x}", "data.columns.answer: unknown key; use prompt, chosen"),
     ("data.chat_template=/no/t.jinja", "data.chat_template=/no/t.jinja: no such file"),
     ("model.attn_implementation=flash", "model.attn_implementation=flash: use one of auto, sdpa"),
+    ("data.packing=maybe", "data.packing=maybe: use one of auto, true, false"),
+    ("data.share_prompt=on", "data.share_prompt=on: use one of auto, true, false"),
+    ("data.add_bos=yes", "data.add_bos=yes: use one of auto, true, false"),
     ("model.fsdp_config.xla_fsdp_v2=false", "xla_fsdp_v2=false: torch_xla's FSDP v1 wrapper is "
      "not supported"),
     ("model.attn_implementation=sdpa model.flash_attention=false",
@@ -336,3 +339,13 @@ def test_cuda_requested_without_a_device_is_refused_up_front(make_cfg, monkeypat
     monkeypatch.setattr(validate_module.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="parallel.backend=cuda but no CUDA device is visible"):
         validate(make_cfg("parallel.backend=cuda"))
+
+
+@pytest.mark.parametrize("written, held", [("true", "true"), ("false", "false"),
+                                           ("True", "true"), ("auto", "auto")])
+def test_three_way_keys_hold_their_names_however_yaml_wrote_them(make_cfg, written, held):
+    """OmegaConf turns YAML's true into "True" for a str key: the schema holds "true"."""
+    cfg = make_cfg(f"data.packing={written}", f"data.share_prompt={written}",
+                   f"data.add_bos={written}")
+    assert (cfg.data.packing, cfg.data.share_prompt, cfg.data.add_bos) == (held,) * 3
+    validate(make_cfg(f"data.add_bos={written}"))

@@ -70,7 +70,6 @@ class DataBundle:
 
 def bos_wanted(setting: str, tokenizer) -> bool:
     """`data.add_bos` (auto, true, false) for this tokenizer."""
-    setting = str(setting).lower()
     if setting == "auto":
         return adds_bos(tokenizer)
     if setting == "true" and tokenizer.bos_token_id is None:

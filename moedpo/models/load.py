@@ -21,7 +21,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ASSETS_DIR, DTYPES, ModelConfig, resolve_model_json
-from ..private_api import causal_lm_class, non_persistent_buffers, supports_attention
+from ..private_api import (
+    FLAGGED_ATTENTION,
+    causal_lm_class,
+    non_persistent_buffers,
+    supports_attention,
+)
 from . import block_attention, chunked_head, lora
 from .balance import correction_bias_routers
 from .families import deterministic_routing, without_train_noise
@@ -82,10 +87,6 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
     return without_train_noise(config)
 
 
-# The attention implementations a model class may declare support for.
-_FLAGGED_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
-
-
 def attention_implementation(cfg: ModelConfig, config: PretrainedConfig | None = None,
                              for_xla: bool = False) -> str:
     """model.attn_implementation resolved for this model. auto: sdpa (fused kernels where
@@ -104,7 +105,7 @@ def attention_implementation(cfg: ModelConfig, config: PretrainedConfig | None =
             return "eager"
         return "sdpa" if klass is None or supports_attention(klass, "sdpa") else "eager"
     if klass is not None and not supports_attention(klass, name):
-        have = ["eager", *(n for n in _FLAGGED_ATTENTION if supports_attention(klass, n))]
+        have = ["eager", *(n for n in FLAGGED_ATTENTION if supports_attention(klass, n))]
         raise ModelLoadError(f"model.attn_implementation={name}: {klass.__name__} does not "
                              f"support it; use auto or one of {', '.join(have)}")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -81,7 +81,7 @@ def test_add_bos_settings(tokenizer_kinds):
     assert not bos_wanted("auto", tokenizer_kinds["bytelevel"])
     assert bos_wanted("auto", tokenizer_kinds["sentencepiece-bos"])
     assert not bos_wanted("false", tokenizer_kinds["sentencepiece-bos"])
-    assert bos_wanted("True", tokenizer_kinds["bytelevel"])  # it defines one (EOS's token)
+    assert bos_wanted("true", tokenizer_kinds["bytelevel"])  # it defines one (EOS's token)
     no_bos = tokenizer_kinds["bytelevel"].__class__.from_pretrained(
         tokenizer_kinds["bytelevel"].name_or_path, bos_token=None)
     with pytest.raises(DataError, match="data.add_bos=true: the tokenizer defines no"):
