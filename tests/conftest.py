@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,24 @@ def run_ok(cmd: list[str]) -> None:
     assert done.returncode == 0, (f"exit {done.returncode}\n--- stdout (end) ---\n"
                                   f"{done.stdout[-2500:]}\n--- stderr (end) ---\n"
                                   f"{done.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """`one_process(*args) -> run dir`: the one-process run that distributed runs are compared
+    with, run once per distinct argument list in a session (several tests compare with the
+    same one: FSDP2 and expert parallelism, each parametrization of a launch). The run dir is
+    shared: read it, never write into it."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(*args: str) -> Path:
+        if args not in runs:
+            out = tmp_path_factory.mktemp("one-process")
+            run_ok([sys.executable, "run_dpo_no_trainer.py", *args, f"output_dir={out}",
+                    "exp_name=one"])
+            runs[args] = out / "one"
+        return runs[args]
+    return run
 
 
 def routing_tolerance(row: dict, split: str, flips: int) -> float:

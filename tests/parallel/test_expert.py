@@ -64,15 +64,14 @@ PACKED = ["data.static_shapes=false", "data.packing=true", "model.logps_chunk_si
     pytest.param(PACKED, id="packed_chunked_head_aux_loss", marks=pytest.mark.slow),
     pytest.param(["model.config_path=tiny-gpt-oss.json"], id="gpt_oss_transposed_biased_experts",
                  marks=pytest.mark.slow)])
-def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, moe):
-    out = f"output_dir={tmp_path}"
-    run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
-    run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", out, "exp_name=two",
-                    "parallel.expert_parallel=2"))
+def test_expert_parallel_on_two_ranks_equals_one_process(tmp_path, one_process, moe):
+    one = one_process(*COMMON, *moe, "per_device_train_batch_size=4")  # FSDP2's baseline too
+    run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", f"output_dir={tmp_path}",
+                    "exp_name=two", "parallel.expert_parallel=2"))
     total = 4 if "gpt-oss" in " ".join(moe) else 8  # tiny-gpt-oss.json has 4 experts
     log = (tmp_path / "two" / "train.log").read_text()
     assert f"{total // 2} of {total} experts per rank" in log
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    assert_same_run(one, tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
 # Slow tier: 4 torchrun ranks; the 2-rank EP run (dropless, above) stays fast.

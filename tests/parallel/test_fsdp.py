@@ -54,13 +54,13 @@ def kill_after_checkpoint_and_resume(cmd: list[str], out, exp_name: str, step: i
 
 
 @pytest.mark.parametrize("moe", [[], ["model.capacity_factor=1.0"]], ids=["dropless", "dropped"])
-def test_two_ranks_equal_one_process(tmp_path, moe):
-    out = f"output_dir={tmp_path}"
-    run_ok(single(*COMMON, *moe, "per_device_train_batch_size=4", out, "exp_name=one"))
-    run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", out, "exp_name=two"))
+def test_two_ranks_equal_one_process(tmp_path, one_process, moe):
+    one = one_process(*COMMON, *moe, "per_device_train_batch_size=4")
+    run_ok(torchrun(*COMMON, *moe, "per_device_train_batch_size=2", f"output_dir={tmp_path}",
+                    "exp_name=two"))
     # Log-prob sums (~-80) within 1e-5 of their size: float32 sums of per-rank gradients in
     # another order move the weights by rounding, and a sum over 2 x 64 tokens shows it.
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+    assert_same_run(one, tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
 def test_packed_shared_prompt_rows_on_two_ranks_equal_one_process(tmp_path):
@@ -191,7 +191,7 @@ def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one", tmp_path / "local", atol=1e-5, rel=1e-5)
 
 
-def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
+def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path, one_process):
     """checkpoint_manager_path under FSDP2: models built on the meta device, each rank reads
     its shards, the reference lives in host memory between uses; same run as one process."""
     policy, _ = build_models(ModelConfig(config_path="tiny-mixtral.json",
@@ -205,24 +205,23 @@ def test_meta_init_reads_checkpoint_shards_with_reference_offloaded(tmp_path):
     assert log.returncode == 0, log.stderr[-3000:]
     assert "(each process its shards)" in log.stdout + log.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
-    seed_init = tmp_path / "seed"  # and the checkpoint's weights are what both trained from
-    run_ok(single(*COMMON, "per_device_train_batch_size=4", f"output_dir={tmp_path}",
-                  "exp_name=seed"))
+    # and the checkpoint's weights are what both trained from
+    seed_init = one_process(*COMMON, "per_device_train_batch_size=4")
     with pytest.raises(AssertionError):
         assert_same_run(tmp_path / "one", seed_init, atol=1e-5)
 
 
 @pytest.mark.parametrize("meta", ["true", "false"])
-def test_pretrained_folder_on_two_ranks_equals_one_process(tmp_path, tiny_mixtral_dir, meta):
+def test_pretrained_folder_on_two_ranks_equals_one_process(tmp_path, one_process,
+                                                           tiny_mixtral_dir, meta):
     """Weights from a saved pretrained folder, as users load them: read shard by shard into
     meta-built models, or through from_pretrained on each rank (where transformers 5.25 turns
     Hub kernels on unless moedpo says otherwise); the same run as one process."""
-    args = [*COMMON, "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}",
-            f"output_dir={tmp_path}"]
-    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    args = [*COMMON, "model.config_path=null", f"model.name_or_path={tiny_mixtral_dir}"]
+    one = one_process(*args, "per_device_train_batch_size=4")
     run_ok(torchrun(*args, f"model.meta_init={meta}", "per_device_train_batch_size=2",
-                    "exp_name=two"))
-    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rel=1e-5)
+                    f"output_dir={tmp_path}", "exp_name=two"))
+    assert_same_run(one, tmp_path / "two", atol=1e-5, rel=1e-5)
 
 
 def test_mixture_eval_on_two_ranks_equals_one_process_per_source(tmp_path):
@@ -269,14 +268,14 @@ def test_two_rank_kill_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["parallel.expert_parallel=2"]], ids=["fsdp", "ep2"])
-def test_bf16_policy_under_fsdp2_trains_float32_masters(tmp_path, extra):
+def test_bf16_policy_under_fsdp2_trains_float32_masters(tmp_path, one_process, extra):
     """A bf16 policy on 2 ranks: FSDP2 keeps float32 sharded masters (saved as such) and
     computes in bf16; at a DPO learning rate its update is the one-process mixed-precision
     update (both differ from it only by bf16 rounding of the gradients). With expert
     parallelism the experts compute in bf16 on their ranks and exchange bf16 rows."""
     args = [*COMMON, "max_steps=2", "lr=5e-6", "sched.warmup_steps=0", "eval_frequency=100",
-            "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16",
-            f"output_dir={tmp_path}"]
-    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
-    run_ok(torchrun(*args, *extra, "per_device_train_batch_size=2", "exp_name=two"))
-    assert_same_update(tmp_path / "one", tmp_path / "two")
+            "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16"]
+    one = one_process(*args, "per_device_train_batch_size=4")
+    run_ok(torchrun(*args, *extra, "per_device_train_batch_size=2", f"output_dir={tmp_path}",
+                    "exp_name=two"))
+    assert_same_update(one, tmp_path / "two")
