@@ -454,6 +454,15 @@ class ParallelConfig:
         "N divides the processes (devices) and the expert count; `1` = off. See [Expert "
         "parallelism](../scaling.md#expert-parallelism)",
         ge=1)
+    replicate: int = setting(1,
+        "HSDP under torchrun: the processes form R groups of consecutive ranks (one node's "
+        "GPUs each); FSDP2 shards every weight within a group and replicates it across the "
+        "groups, so the all-gathers and reduce-scatters of every layer stay on a node's links "
+        "and only one all-reduce of the gradient shards per step crosses between nodes. R "
+        "divides the processes (with `parallel.expert_parallel=E`, R x E does: the experts are "
+        "split E ways inside a group too); `1` = every weight sharded over all ranks. See "
+        "[HSDP](../scaling.md#hsdp-across-nodes)",
+        ge=1)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..models.moe import capacity, claim_places, experts_modules
 from ..private_api import own_parameters, swapped_parameters
 from .fsdp import FSDP2
 
-_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+_MESHES: dict[tuple[str, int, int], DeviceMesh] = {}
 
 
 class ExpertParallel(FSDP2):
@@ -55,37 +55,51 @@ class ExpertParallel(FSDP2):
     @classmethod
     def refusals(cls, cfg: DPOConfig, kind: str, world: int) -> Iterator[str]:
         yield from super().refusals(cfg, kind, world)
-        ep = cfg.parallel.expert_parallel
+        ep, replicate = cfg.parallel.expert_parallel, cfg.parallel.replicate
         if world % ep:
             yield (f"parallel.expert_parallel={ep}: must divide the {world} processes of the "
                    "run (torchrun --nproc_per_node x nodes)")
+        elif world % (ep * replicate):
+            yield (f"parallel.expert_parallel={ep} x parallel.replicate={replicate} must divide "
+                   f"the {world} processes of the run: each of the {replicate} groups holds "
+                   "whole expert groups")
 
     def describe(self, policy: nn.Module) -> list[str]:
         ep, world = self.cfg.parallel.expert_parallel, self.backend.world_size
-        return super().describe(policy) + [expert_line(policy, world, ep, "rank")]
+        return super().describe(policy) + [expert_line(policy, world, ep, "rank",
+                                                       self.cfg.parallel.replicate)]
 
     def shard_first(self, model: nn.Module, fsdp_kwargs: dict) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        shard_experts(model, expert_mesh(device, self.cfg.parallel.expert_parallel), fsdp_kwargs)
+        mesh = expert_mesh(device, self.cfg.parallel.expert_parallel, self.cfg.parallel.replicate)
+        shard_experts(model, mesh, {k: v for k, v in fsdp_kwargs.items() if k != "mesh"})
 
 
-def expert_line(policy: nn.Module, devices: int, ep: int, unit: str) -> str:
+def expert_line(policy: nn.Module, devices: int, ep: int, unit: str, replicate: int = 1) -> str:
     """The startup line of expert parallelism over `devices` (ranks or XLA devices)."""
     total = experts_modules(policy)[0].down_proj.shape[0]
-    return (f"expert parallel: experts on a (efsdp {devices // ep} x ep {ep}) mesh, "
+    mesh = f"efsdp {devices // ep} x ep {ep}"
+    if replicate > 1:
+        mesh = f"erep {replicate} x efsdp {devices // (ep * replicate)} x ep {ep}"
+    return (f"expert parallel: experts on a ({mesh}) mesh, "
             f"{total // ep} of {total} experts per {unit} and layer, routed tokens exchanged "
             "all-to-all")
 
 
-def expert_mesh(device_type: str, ep: int) -> DeviceMesh:
+def expert_mesh(device_type: str, ep: int, replicate: int = 1) -> DeviceMesh:
     """The (efsdp, ep) mesh of the experts, made once per process (policy and reference
     share it): consecutive ranks form one EP group (one node's GPUs keep the all-to-all on
-    the node's links), efsdp strides across the groups."""
-    world = dist.get_world_size()  # a multiple of ep: validate.check_placement
-    if (device_type, ep) not in _MESHES:
-        _MESHES[device_type, ep] = init_device_mesh(device_type, (world // ep, ep),
-                                                    mesh_dim_names=("efsdp", "ep"))
-    return _MESHES[device_type, ep]
+    the node's links), efsdp strides across the groups. Under HSDP (`replicate` R > 1) it is
+    (erep R, efsdp, ep): the experts shard over efsdp inside each of the R groups of
+    consecutive ranks and are replicated across them, as the dense weights are."""
+    world = dist.get_world_size()  # a multiple of ep x replicate: validate.check_placement
+    if (device_type, ep, replicate) not in _MESHES:
+        shape, names = (world // ep, ep), ("efsdp", "ep")
+        if replicate > 1:
+            shape, names = (replicate, world // (replicate * ep), ep), ("erep", "efsdp", "ep")
+        _MESHES[device_type, ep, replicate] = init_device_mesh(device_type, shape,
+                                                               mesh_dim_names=names)
+    return _MESHES[device_type, ep, replicate]
 
 
 def check_expert_count(model: nn.Module, ep: int) -> None:
@@ -144,7 +158,8 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None
     from torch.distributed.fsdp import fully_shard
     from transformers.distributed.expert_parallel import AllToAllEP
 
-    ep_mesh, efsdp_mesh = mesh["ep"], mesh["efsdp"]
+    ep_mesh = mesh["ep"]
+    efsdp_mesh = mesh["erep", "efsdp"] if "erep" in mesh.mesh_dim_names else mesh["efsdp"]
     ep = ep_mesh.size()
     check_expert_count(model, ep)
     implementation = getattr(model, "moedpo_moe_implementation", None)

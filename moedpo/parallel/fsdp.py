@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -40,6 +41,10 @@ class FSDP2(Strategy):
     @classmethod
     def refusals(cls, cfg: DPOConfig, kind: str, world: int) -> Iterator[str]:
         yield from torch_refusals(cfg, kind)
+        replicate = cfg.parallel.replicate
+        if world % replicate:
+            yield (f"parallel.replicate={replicate}: must divide the {world} processes of the "
+                   "run (torchrun --nproc_per_node x nodes); use the number of nodes")
         if is_quantized(cfg.model):
             yield ("model.lora.quantize=4bit under torchrun: FSDP2 cannot shard bitsandbytes' "
                    "4-bit weights; run QLoRA as one process (one GPU), or plain LoRA "
@@ -50,7 +55,22 @@ class FSDP2(Strategy):
         return True
 
     def describe(self, policy: torch.nn.Module) -> list[str]:
-        return [f"FSDP2: every weight sharded over the {self.backend.world_size} ranks"]
+        world, replicate = self.backend.world_size, self.cfg.parallel.replicate
+        if replicate == 1:
+            return [f"FSDP2: every weight sharded over the {world} ranks"]
+        return [f"HSDP: every weight sharded over the {world // replicate} ranks of each of "
+                f"{replicate} groups (replicate {replicate} x shard {world // replicate}), "
+                "replicated across the groups"]
+
+    def mesh(self) -> DeviceMesh | None:
+        """FSDP2's mesh of the dense weights: None (every rank one shard group, FSDP2's
+        default) or, with `parallel.replicate=R`, (replicate R, shard world / R), consecutive
+        ranks in one shard group. Made once per process (policy and reference share it)."""
+        replicate = self.cfg.parallel.replicate
+        if replicate == 1:
+            return None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return hybrid_mesh(device, replicate, self.backend.world_size)
 
     def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
         """Works on a meta-device model too (materialise it afterwards)."""
@@ -62,7 +82,7 @@ class FSDP2(Strategy):
         offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
                    if role == "reference" and self.cfg.reference.cpu_offload
                    else OffloadPolicy())
-        kwargs = dict(mp_policy=policy, offload_policy=offload)
+        kwargs = dict(mp_policy=policy, offload_policy=offload, mesh=self.mesh())
         self.shard_first(model, kwargs)
         for layer in decoder_layers(model, self.cfg):
             fully_shard(layer, **kwargs)
@@ -74,6 +94,16 @@ class FSDP2(Strategy):
 
     def fill(self, model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
         load_from_rank0(model, full_state)
+
+
+_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+
+
+def hybrid_mesh(device_type: str, replicate: int, world: int) -> DeviceMesh:
+    if (device_type, replicate) not in _MESHES:
+        _MESHES[device_type, replicate] = init_device_mesh(
+            device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    return _MESHES[device_type, replicate]
 
 
 def load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
