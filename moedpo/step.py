@@ -32,7 +32,7 @@ from .models.drift import routing_drift
 from .models.moe import moe_top_k
 from .models.router import RouterRecord, record_router_logits, router_losses
 from .optim import clip_grad_norm, step_if_finite
-from .parallel.backend import Backend
+from .parallel import Strategy
 
 
 @dataclass
@@ -46,7 +46,7 @@ class StepOutcome:
 def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
                    batches: list[dict[str, torch.Tensor]], weights: list[float],
                    cfg: DPOConfig, optimizer: torch.optim.Optimizer,
-                   params: list[torch.nn.Parameter], backend: Backend,
+                   params: list[torch.nn.Parameter], parallel: Strategy,
                    shift: RewardShift | None = None,
                    computing: Callable[[], contextlib.AbstractContextManager] =
                    contextlib.nullcontext, pooled_routing: bool = False) -> StepOutcome:
@@ -54,6 +54,7 @@ def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
     step's pairs, so the gradient is the step's mean). A non-finite loss or norm skips the
     update (decided on the device on XLA, without a host read inside the step's graph);
     `computing` is the precision context (a bf16 compute copy of float32 masters)."""
+    backend = parallel.backend
     optimizer.zero_grad(set_to_none=True)
     totals = None
     if pooled_routing:  # the step's expert loads, before the first backward
@@ -66,6 +67,7 @@ def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
                              router_totals=totals)
             (out.loss * weight).backward()
         outputs.append(out)
+    parallel.reduce_gradients(policy)
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     norm = clip_grad_norm(params, clip)  # global norm
     losses = torch.stack([out.loss.detach() for out in outputs]).sum()

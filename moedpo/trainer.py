@@ -300,7 +300,7 @@ class Trainer:
         chunks = self.cut(pairs, backend.rank, backend.world_size, self.micro)
         batches = [self.to_batch(chunk) for chunk in chunks]
         outcome = optimizer_step(self.policy, self.reference, batches, micro_weights(chunks),
-                                 cfg, self.optimizer, self.params, backend, self.shift,
+                                 cfg, self.optimizer, self.params, self.parallel, self.shift,
                                  self.computing, self.pooled_routing)
         window.tokens += sum(p.n_tokens for chunk in chunks for p in chunk)
         if outcome.applied:

@@ -113,6 +113,11 @@ def documented_commands() -> list[tuple[int, list[str]]]:
         nproc = re.search(r"--nproc_per_node (\d+)", line)
         found.append((int(nproc.group(1)) if nproc else 1,
                       shlex.split(match.group(1).replace("\\\n", " "))))
+    # Slurm: deploy/slurm.sbatch starts 8 processes per node (its --gpus-per-node).
+    blocks = "\n".join(re.findall(r"^```bash\n(.*?)^```", scaling, re.M | re.S))
+    for match in re.finditer(r"sbatch --nodes (\d+) deploy/slurm\.sbatch((?:\\\n|[^\"\n])*)",
+                             blocks):
+        found.append((8 * int(match.group(1)), shlex.split(match.group(2).replace("\\\n", " "))))
     for path in DOCKERFILES:
         for name, arg in dockerfile_instructions(path):
             if name == "CMD":
@@ -124,7 +129,8 @@ def documented_commands() -> list[tuple[int, list[str]]]:
 
 def test_documented_command_lines_are_valid_configs():
     commands = documented_commands()
-    assert len(commands) >= 7
+    assert len(commands) >= 9
+    assert any("parallel.replicate=2" in overrides for _, overrides in commands)
     for processes, overrides in commands:
         with pytest.MonkeyPatch.context() as env:  # validate reads torchrun's WORLD_SIZE
             env.setenv("WORLD_SIZE", str(processes))

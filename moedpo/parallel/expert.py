@@ -69,9 +69,26 @@ class ExpertParallel(FSDP2):
         return super().describe(policy) + [expert_line(policy, world, ep, "rank",
                                                        self.cfg.parallel.replicate)]
 
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """HSDP: each replica group's experts hold the gradient of its own ranks' tokens
+        (FSDP2 reduced it over the group, divided by the world size); summed over the groups
+        here, so every copy holds the mean over all ranks, as the dense weights do. By hand
+        (one all-reduce of the local shards) rather than FSDP2's HSDP for the experts, whose
+        reduction with a custom divide factor is not documented."""
+        mesh = expert_mesh(self.backend.device.type, self.cfg.parallel.expert_parallel,
+                           self.cfg.parallel.replicate)
+        if "erep" not in mesh.mesh_dim_names:
+            return
+        group = mesh.get_group("erep")
+        with torch.no_grad():
+            for experts in experts_modules(model):
+                for param in experts.parameters():
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad.to_local(), group=group)
+
     def shard_first(self, model: nn.Module, fsdp_kwargs: dict) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = expert_mesh(device, self.cfg.parallel.expert_parallel, self.cfg.parallel.replicate)
+        mesh = expert_mesh(self.backend.device.type, self.cfg.parallel.expert_parallel,
+                           self.cfg.parallel.replicate)
         shard_experts(model, mesh, {k: v for k, v in fsdp_kwargs.items() if k != "mesh"})
 
 
@@ -91,7 +108,8 @@ def expert_mesh(device_type: str, ep: int, replicate: int = 1) -> DeviceMesh:
     share it): consecutive ranks form one EP group (one node's GPUs keep the all-to-all on
     the node's links), efsdp strides across the groups. Under HSDP (`replicate` R > 1) it is
     (erep R, efsdp, ep): the experts shard over efsdp inside each of the R groups of
-    consecutive ranks and are replicated across them, as the dense weights are."""
+    consecutive ranks and are replicated across them, as the dense weights are
+    (`ExpertParallel.reduce_gradients` sums their gradients over erep)."""
     world = dist.get_world_size()  # a multiple of ep x replicate: validate.check_placement
     if (device_type, ep, replicate) not in _MESHES:
         shape, names = (world // ep, ep), ("efsdp", "ep")
@@ -158,8 +176,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None
     from torch.distributed.fsdp import fully_shard
     from transformers.distributed.expert_parallel import AllToAllEP
 
-    ep_mesh = mesh["ep"]
-    efsdp_mesh = mesh["erep", "efsdp"] if "erep" in mesh.mesh_dim_names else mesh["efsdp"]
+    ep_mesh, efsdp_mesh = mesh["ep"], mesh["efsdp"]
     ep = ep_mesh.size()
     check_expert_count(model, ep)
     implementation = getattr(model, "moedpo_moe_implementation", None)

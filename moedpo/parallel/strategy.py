@@ -98,6 +98,10 @@ class Strategy:
         return None
 
     # ---- the step
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
+        """After the step's backward, before clipping: gradient reductions FSDP2 does not do
+        itself (none by default)."""
+
     def step_metrics(self) -> dict[str, float]:
         """What this strategy adds to each step's metrics row."""
         return {}
