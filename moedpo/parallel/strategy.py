@@ -2,11 +2,11 @@
 
 A strategy answers, for one run: which configs it cannot run (before anything loads), how
 the policy and the reference are sharded, how starting weights reach a sharded model, how a
-batch is placed, which planners read and write its checkpoints, and what it adds to the
-step's metrics. `placement.py`, the trainer and the checkpoints ask it; none of them knows
-which strategy runs. The implementations live in their own modules (single.py, fsdp.py,
-expert.py, spmd.py) and `parallel/__init__.py` is the registry that picks one; a new
-parallelism is a new module and one line there.
+batch is placed, which planners read and write its checkpoints, which gradient reductions it
+adds after the backward, and what it adds to the step's metrics. `placement.py`, the trainer
+and the checkpoints ask it; none of them knows which strategy runs. The implementations live
+in their own modules (single.py, fsdp.py, expert.py, spmd.py) and `parallel/__init__.py` is
+the registry that picks one; a new parallelism is a new module and one line there.
 
 Metrics are summed over processes by the backend (`Backend.all_reduce_sum`): every strategy
 so far gives each process its own pairs.
@@ -58,6 +58,8 @@ class Strategy:
     # SPMD annotates tensors already on the device: meta-built models get (empty) storage
     # there before `shard`; the other strategies allocate only their shards after it.
     storage_before_sharding: ClassVar[bool] = False
+    # Whether the weights are spread over devices (then `xla_fsdp_grad_ckpt` applies).
+    sharded: ClassVar[bool] = False
 
     def checkpoints_layers(self) -> bool:
         """Whether the policy's decoder layers are activation-checkpointed: as configured,
@@ -66,9 +68,6 @@ class Strategy:
         if configured is not None:
             return configured
         return self.cfg.model.fsdp_config.xla_fsdp_grad_ckpt and self.sharded
-
-    # Whether the weights are spread over devices (then `xla_fsdp_grad_ckpt` applies).
-    sharded: ClassVar[bool] = False
 
     def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
         """`model` (role "policy" or "reference") ready to run here: the policy's decoder
