@@ -463,16 +463,6 @@ class ParallelConfig:
         "split E ways inside a group too); `1` = every weight sharded over all ranks. See "
         "[HSDP](../scaling.md#hsdp-across-nodes)",
         ge=1)
-    num_slices: int | None = setting(None,
-        "XLA: the TPU slices of a multi-slice job (xpk `--num-slices`), joined by the "
-        "data-centre network (DCN). With more than one the SPMD mesh is hybrid: a `data` axis "
-        "across slices before the fsdp/expert/tensor axes inside each, the batch split over "
-        "all of them, every weight sharded inside a slice and replicated across slices, so "
-        "only one gradient all-reduce per step crosses the DCN. Devices are grouped by the "
-        "runtime's `slice_index` (ordered by their coordinates within a slice); `null` = the "
-        "number of slices the runtime reports (1 where it reports none). See [Multi-slice]"
-        "(../scaling.md#multi-slice-tpu)",
-        ge=1)
 
 
 @dataclass

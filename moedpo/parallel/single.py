@@ -31,7 +31,3 @@ def torch_refusals(cfg: DPOConfig, kind: str) -> Iterator[str]:
     if cfg.tensor_parallelism != 1:
         yield (f"tensor_parallelism={cfg.tensor_parallelism} needs the xla backend (this run "
                f"is on {kind}); torch.distributed runs shard with FSDP2 only: set it to 1")
-    if (cfg.parallel.num_slices or 1) > 1:
-        yield (f"parallel.num_slices={cfg.parallel.num_slices} is for TPU slices (the xla "
-               f"backend; this run is on {kind}); across GPU nodes use parallel.replicate "
-               "(HSDP)")

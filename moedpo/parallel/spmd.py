@@ -56,64 +56,28 @@ PARTITION_TABLE: list[tuple[str, tuple]] = [
 ]
 
 
-def slice_order(attributes: list[dict], num_slices: int | None) -> np.ndarray:
-    """The device ids as [slices, devices per slice]: grouped by the runtime's
-    `slice_index` (as torch_xla's HybridMesh groups them), ordered within a slice by their
-    coordinates (neighbours on the ICI next to each other), else by id. Where the runtime
-    reports no slices (CPU devices, one slice), `num_slices` groups of consecutive ids."""
-    reported = {a["slice_index"] for a in attributes if "slice_index" in a}
-    slices = num_slices or max(len(reported), 1)
-    if reported and len(reported) != slices:
-        raise ConfigError(f"parallel.num_slices={num_slices}: the runtime reports "
-                          f"{len(reported)} slices; set it to {len(reported)} or null")
-    if len(attributes) % slices:
-        raise ConfigError(f"parallel.num_slices={slices} must divide the {len(attributes)} "
-                          "XLA devices")
-
-    def place(i: int) -> tuple:
-        a = attributes[i]
-        return (a.get("slice_index", 0), tuple(a.get("coords", ())), a.get("core_on_chip", 0), i)
-
-    return np.array(sorted(range(len(attributes)), key=place)).reshape(slices, -1)
-
-
-def make_mesh(tensor_parallelism: int, expert_parallel: int = 1,
-              num_slices: int | None = None):
-    """The SPMD mesh: ("fsdp", "tensor"), with an "expert" axis between them under expert
-    parallelism, and a "data" axis first across the slices of a multi-slice job."""
+def make_mesh(tensor_parallelism: int, expert_parallel: int = 1):
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
 
-    ids = slice_order(xr.global_runtime_device_attributes(), num_slices)
-    slices, per_slice = ids.shape
-    inner = expert_parallel * tensor_parallelism
-    if tensor_parallelism < 1 or per_slice % inner:
-        what = (f"parallel.expert_parallel={expert_parallel} x tensor_parallelism="
-                f"{tensor_parallelism}" if expert_parallel > 1
-                else f"tensor_parallelism={tensor_parallelism}")
-        raise ConfigError(f"{what} must divide the {per_slice} XLA devices "
-                          f"{'of each slice' if slices > 1 else ''}".rstrip())
-    shape, axes = (per_slice // inner, tensor_parallelism), AXES
-    if expert_parallel > 1:
-        shape, axes = (per_slice // inner, expert_parallel, tensor_parallelism), EP_AXES
-    if slices > 1:
-        shape, axes = (slices, *shape), ("data", *axes)
-    return xs.Mesh(ids.reshape(-1), shape, axes)
+    devices = xr.global_runtime_device_count()
+    if tensor_parallelism < 1 or devices % tensor_parallelism:
+        raise ValueError(f"tensor_parallelism={tensor_parallelism} must divide the {devices} "
+                         "XLA devices")
+    if expert_parallel == 1:
+        return xs.Mesh(np.arange(devices), (devices // tensor_parallelism, tensor_parallelism),
+                       AXES)
+    if devices % (expert_parallel * tensor_parallelism):
+        raise ConfigError(f"parallel.expert_parallel={expert_parallel} x tensor_parallelism="
+                          f"{tensor_parallelism} must divide the {devices} XLA devices")
+    shape = (devices // (expert_parallel * tensor_parallelism), expert_parallel,
+             tensor_parallelism)
+    return xs.Mesh(np.arange(devices), shape, EP_AXES)
 
 
-def weight_axes(mesh) -> str | tuple[str, str]:
-    """The axis (or axes) the dense weights' "fsdp" dimension is split on: inside a slice,
-    never across slices (weights are replicated over "data")."""
+def data_axes(mesh) -> str | tuple[str, str]:
+    """The axis (or axes) the batch and the dense weights' "fsdp" dimension are split on."""
     return ("fsdp", "expert") if "expert" in mesh.axis_names else "fsdp"
-
-
-def data_axes(mesh) -> str | tuple[str, ...]:
-    """The axes the batch (and what follows it: logits, the experts' token rows) is split
-    on: every axis but "tensor"."""
-    inner = weight_axes(mesh)
-    if "data" not in mesh.axis_names:
-        return inner
-    return ("data", *((inner,) if isinstance(inner, str) else inner))
 
 
 def partition_spec(name: str, param: torch.Tensor, mesh=None) -> tuple | None:
@@ -123,7 +87,7 @@ def partition_spec(name: str, param: torch.Tensor, mesh=None) -> tuple | None:
     if param.dim() < 2 or name.endswith("mlp.gate.weight") or ".router." in name:
         return None
     experts_axis = mesh is not None and "expert" in mesh.axis_names
-    data = weight_axes(mesh) if mesh is not None else "fsdp"
+    data = data_axes(mesh) if mesh is not None else "fsdp"
     for pattern, spec in PARTITION_TABLE:
         if re.search(pattern, name):
             if len(spec) != param.dim():
@@ -151,10 +115,8 @@ def shard_model(model: torch.nn.Module, mesh, layer_classes: set[str],
     if "expert" in mesh.axis_names:
         from ..models.moe import experts_modules
 
-        rows = ("data", "fsdp") if "data" in mesh.axis_names else "fsdp"
-
         def shard_buffer(buffer: torch.Tensor) -> torch.Tensor:  # [E, rows, H]
-            xs.mark_sharding(buffer, mesh, ("expert", rows, None))
+            xs.mark_sharding(buffer, mesh, ("expert", "fsdp", None))
             return buffer
 
         for experts in experts_modules(model):
@@ -216,10 +178,6 @@ class SPMD(Strategy):
         if m.compile:
             yield ("model.compile=true: on XLA every step is compiled whole already; set "
                    "model.compile=false")
-        if cfg.parallel.replicate > 1:
-            yield (f"parallel.replicate={cfg.parallel.replicate} is HSDP under torchrun; on "
-                   "XLA the slices of a multi-slice job replicate the weights: set "
-                   "parallel.num_slices (or leave it null to read it) and parallel.replicate=1")
         if m.moe_implementation == "dropless":
             yield ("model.moe_implementation=dropless has data-dependent shapes, which XLA "
                    "recompiles every step; use dense, or dropped with model.capacity_factor > 0 "
@@ -233,15 +191,10 @@ class SPMD(Strategy):
 
     def __init__(self, cfg: DPOConfig, backend: Backend) -> None:
         super().__init__(cfg, backend)
-        self.mesh = make_mesh(cfg.tensor_parallelism, cfg.parallel.expert_parallel,
-                              cfg.parallel.num_slices)
+        self.mesh = make_mesh(cfg.tensor_parallelism, cfg.parallel.expert_parallel)
 
     def describe(self, policy: torch.nn.Module) -> list[str]:
         lines = [f"SPMD mesh {tuple(self.mesh.mesh_shape)} over axes {self.mesh.axis_names}"]
-        if "data" in self.mesh.axis_names:
-            lines.append(f"multi-slice: {self.mesh.mesh_shape[0]} slices, each weight sharded "
-                         "inside a slice and replicated across slices (the gradients' "
-                         "all-reduce crosses the DCN once per step)")
         ep = self.cfg.parallel.expert_parallel
         if ep > 1:
             lines.append(expert_line(policy, self.backend.total_devices, ep, "device"))

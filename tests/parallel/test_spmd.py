@@ -44,10 +44,7 @@ def run_xla(*args: str) -> None:
     # an expert axis: mesh (fsdp 2, expert 2, tensor 1), experts split by expert id
     (1, "model.capacity_factor=1.25", ["parallel.expert_parallel=2"]),
     (1, "model.moe_implementation=dense", ["parallel.expert_parallel=2"]),
-    # two slices forced on the virtual devices: mesh (data 2, fsdp 2, tensor 1), weights
-    # replicated across the slices
-    (1, "model.capacity_factor=1.25", ["parallel.num_slices=2"]),
-], ids=["tp1-dense", "tp2-dropped", "ep2-dropped", "ep2-dense", "slices2-dropped"])
+], ids=["tp1-dense", "tp2-dropped", "ep2-dropped", "ep2-dense"])
 def test_spmd_equals_cpu_and_compiles_once(tmp_path, tp, moe, xla_only):
     out = f"output_dir={tmp_path}"
     # Same global batch of 8 pairs: 2 per device on the 4-device mesh, 8 in one CPU process.
@@ -57,12 +54,9 @@ def test_spmd_equals_cpu_and_compiles_once(tmp_path, tp, moe, xla_only):
     run_xla(*COMMON, moe, f"tensor_parallelism={tp}", *xla_only,
             "per_device_train_batch_size=2", "per_device_eval_batch_size=2", out,
             "exp_name=xla")
-    log = (tmp_path / "xla" / "train.log").read_text()
-    if "parallel.expert_parallel=2" in xla_only:
+    if xla_only:
+        log = (tmp_path / "xla" / "train.log").read_text()
         assert "SPMD mesh (2, 2, 1) over axes ('fsdp', 'expert', 'tensor')" in log
-    if "parallel.num_slices=2" in xla_only:
-        assert "SPMD mesh (2, 2, 1) over axes ('data', 'fsdp', 'tensor')" in log
-        assert "multi-slice: 2 slices" in log
     # Losses within 1e-4; log-prob sums (~-80 here) within 1e-5 of their size; expert loads
     # within 1% (a near-tie in the router can round either way and move one slot).
     assert_same_run(tmp_path / "cpu", tmp_path / "xla", atol=1e-4, rel=1e-5, routing_atol=0.01)
