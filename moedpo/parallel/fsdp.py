@@ -26,7 +26,8 @@ from .strategy import Strategy
 
 
 class FSDP2(Strategy):
-    """torchrun's processes, every weight sharded over all of them by FSDP2: each decoder
+    """torchrun's processes, every weight sharded over all of them by FSDP2 (or, with
+    `parallel.replicate`, HSDP: within groups of ranks, replicated across): each decoder
     layer, then the root; compute in the role's dtype, gradients reduced in float32. The
     reference is sharded the same way and never trained (optionally kept in host memory
     between uses)."""
@@ -69,8 +70,7 @@ class FSDP2(Strategy):
         replicate = self.cfg.parallel.replicate
         if replicate == 1:
             return None
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return hybrid_mesh(device, replicate, self.backend.world_size)
+        return hybrid_mesh(self.backend.device.type, replicate, self.backend.world_size)
 
     def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
         """Works on a meta-device model too (materialise it afterwards)."""
