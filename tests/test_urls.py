@@ -76,7 +76,7 @@ class FlakyMemory(MemoryFileSystem):
 def test_transient_upload_errors_neither_stop_the_run_nor_lose_files(make_cfg, bucket, tmp_path,
                                                                       monkeypatch, caplog,
                                                                       failures):
-    """20 steps to a bucket whose first uploads fail: 3 failures are absorbed by the retries;
+    """12 steps to a bucket whose first uploads fail: 3 failures are absorbed by the retries;
     7 make one file fail all 5 tries (a warning, sent again at the next publish). The run
     finishes, the bucket ends equal to the local run dir, and a publish sends only what
     changed (far fewer uploads than files x publishes)."""
@@ -84,7 +84,7 @@ def test_transient_upload_errors_neither_stop_the_run_nor_lose_files(make_cfg, b
     FlakyMemory.failures, FlakyMemory.sent = failures, []
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "vm"))
     cfg = make_cfg(*tiny_train_overrides(), "output_dir=flaky://bucket/runs", "exp_name=demo",
-                   "max_steps=20", "eval_frequency=5", "checkpoint.save_frequency=10",
+                   "max_steps=12", "eval_frequency=3", "checkpoint.save_frequency=6",
                    "loggers=[]")
     result = run(cfg)
     assert not result.preempted and FlakyMemory.failures == 0
