@@ -46,7 +46,10 @@ commands:
                                  DCP weights -> a Hugging Face folder
   plot RUN_DIR [RUN_DIR ...] [-o PNG]
                                  draw a run's metrics (several runs overlaid)
-  data inspect [KEY=VALUE ...]   the data report of a training config, without training"""
+  data inspect [KEY=VALUE ...]   the data report of a training config, without training
+  plan [KEY=VALUE ...] [--devices N] [--hardware NAME] [--routing-skew X] [--json]
+                                 memory per device and time per step of a training config
+                                 on N devices, traced on fake tensors (docs/planning.md)"""
 
 register_schema()
 
@@ -215,8 +218,36 @@ def convert_command(argv: list[str]) -> None:
     print(f"wrote {args.out}")
 
 
+def plan_command(argv: list[str]) -> None:
+    import json
+
+    from .planner import DEFAULT_MARGIN, plan
+    from .planner.hardware import NAMES
+    from .planner.report import text
+
+    parser = argparse.ArgumentParser(prog="moedpo plan", description=(
+        "Trace one training step of the config (the same KEY=VALUE overrides as moedpo "
+        "train) on fake tensors over N fake devices: memory per device by part, whether it "
+        "fits, predicted step time and MFU. Nothing is downloaded or allocated."))
+    parser.add_argument("overrides", nargs="*", help="config KEY=VALUE overrides")
+    parser.add_argument("--devices", type=int, default=1, help="devices (torchrun ranks) the "
+                        "run is planned on (default 1)")
+    parser.add_argument("--hardware", default="h100-80gb", choices=NAMES, help=(
+        "the device (default h100-80gb); cpu times this machine"))
+    parser.add_argument("--routing-skew", type=float, default=0.0, help=(
+        "MoE: the busiest expert gets 1+X times its balanced share of tokens (default 0)"))
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=(
+        "share of device memory kept free for the allocator and runtime (default 0.1)"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    check_override_keys(args.overrides)
+    cfg = check_override_values(args.overrides)
+    result = plan(cfg, args.devices, args.hardware, args.routing_skew, args.margin)
+    print(json.dumps(result.to_json(), indent=1) if args.json else text(result))
+
+
 TOOLS = {"export": export_command, "convert": convert_command, "plot": plot_command,
-         "data": data_command}
+         "data": data_command, "plan": plan_command}
 
 if __name__ == "__main__":
     main()

@@ -55,21 +55,8 @@ def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
     update (decided on the device on XLA, without a host read inside the step's graph);
     `computing` is the precision context (a bf16 compute copy of float32 masters)."""
     backend = parallel.backend
-    optimizer.zero_grad(set_to_none=True)
-    totals = None
-    if pooled_routing:  # the step's expert loads, before the first backward
-        with computing():
-            totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
-    outputs = []
-    for batch, weight in zip(batches, weights, strict=True):
-        with computing():
-            out = batch_loss(policy, reference, batch, cfg, shift, backend.sum_over_ranks,
-                             router_totals=totals)
-            (out.loss * weight).backward()
-        outputs.append(out)
-    parallel.reduce_gradients(policy)
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    norm = clip_grad_norm(params, clip)  # global norm
+    outputs, norm = backward_pass(policy, reference, batches, weights, cfg, optimizer, params,
+                                  parallel, shift, computing, pooled_routing)
     losses = torch.stack([out.loss.detach() for out in outputs]).sum()
     if cfg.model.router_bias_update_rate > 0:  # aux-loss-free balancing
         counts = torch.stack([out.router.expert_counts for out in outputs]).sum(0)
@@ -84,6 +71,35 @@ def optimizer_step(policy: torch.nn.Module, reference: torch.nn.Module | None,
     if applied and backend.kind != "xla":
         optimizer.step()
     return StepOutcome(step_loss, grad_norm, outputs, applied)
+
+
+def backward_pass(policy: torch.nn.Module, reference: torch.nn.Module | None,
+                  batches: list[dict[str, torch.Tensor]], weights: list[float],
+                  cfg: DPOConfig, optimizer: torch.optim.Optimizer,
+                  params: list[torch.nn.Parameter], parallel: Strategy,
+                  shift: RewardShift | None = None,
+                  computing: Callable[[], contextlib.AbstractContextManager] =
+                  contextlib.nullcontext, pooled_routing: bool = False
+                  ) -> tuple[list[DPOOutput], torch.Tensor]:
+    """A step up to the update: every micro-batch's forward and backward, the gradients
+    reduced by the strategy and clipped; (outputs, the global norm before clipping). Reads
+    nothing on the host, so the planner traces it on fake tensors (planner/trace.py)."""
+    backend = parallel.backend
+    optimizer.zero_grad(set_to_none=True)
+    totals = None
+    if pooled_routing:  # the step's expert loads, before the first backward
+        with computing():
+            totals = global_routing(policy, batches, cfg, backend.sum_over_ranks)
+    outputs = []
+    for batch, weight in zip(batches, weights, strict=True):
+        with computing():
+            out = batch_loss(policy, reference, batch, cfg, shift, backend.sum_over_ranks,
+                             router_totals=totals)
+            (out.loss * weight).backward()
+        outputs.append(out)
+    parallel.reduce_gradients(policy)
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    return outputs, clip_grad_norm(params, clip)  # global norm
 
 
 def batch_loss(policy: torch.nn.Module, reference: torch.nn.Module | None,

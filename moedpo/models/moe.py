@@ -18,8 +18,10 @@ pre-hook on each MoE block records the sequence length on its experts module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -32,6 +34,21 @@ from .expert_layout import LowRank, all_experts_mlp, expert_weights, is_experts,
 from .grouped_mlp import routed_expert_mlp
 
 log = logging.getLogger(__name__)
+
+# Slots per expert taken as given instead of counted from the routing: set only while the
+# planner traces a step on fake tensors, which hold no routing to count (planner/trace.py).
+_ASSUMED_LOADS: Callable[[int, int], list[int]] | None = None
+
+
+@contextlib.contextmanager
+def assumed_loads(loads: Callable[[int, int], list[int]]) -> Iterator[None]:
+    """Dropless experts take `loads(slots, num_experts)` as each expert's slot count."""
+    global _ASSUMED_LOADS
+    outer, _ASSUMED_LOADS = _ASSUMED_LOADS, loads
+    try:
+        yield
+    finally:
+        _ASSUMED_LOADS = outer
 
 
 def capacity(seq_len: int, top_k: int, num_experts: int, factor: float,
@@ -95,7 +112,12 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
     num_experts = w.num_experts
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # routing slots sorted by expert
-    counts = torch.bincount(flat, minlength=num_experts)
+    if _ASSUMED_LOADS is not None:
+        loads = _ASSUMED_LOADS(flat.numel(), num_experts)
+        counts = torch.tensor(loads, device=flat.device)
+    else:
+        counts = torch.bincount(flat, minlength=num_experts)
+        loads = None
     slot_token = order // top_k
     slot_weight = top_k_weights.reshape(-1)[order].to(hidden.dtype)
     if _use_grouped_mm(hidden):
@@ -111,7 +133,8 @@ def dropless_experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_ind
     else:
         # One matmul per expert is as fast as grouped_mm on CPU (measured) and works for
         # every dtype; the split sizes cost one host sync per layer.
-        out_sorted = routed_expert_mlp(hidden, slot_token, slot_weight, counts.tolist(), w)
+        out_sorted = routed_expert_mlp(hidden, slot_token, slot_weight,
+                                       loads or counts.tolist(), w)
     # Back to (token, rank) order and summed over ranks, as HF does: deterministic, and the
     # same accumulation order in bf16.
     # index_select's backward keeps only the index (index_copy's would keep `out_sorted`).

@@ -37,9 +37,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from ..config import ConfigError, DPOConfig
 from ..models.moe import capacity, claim_places, experts_modules
 from ..private_api import own_parameters, swapped_parameters
+from .backend import Backend
 from .fsdp import FSDP2
-
-_MESHES: dict[tuple[str, int, int], DeviceMesh] = {}
 
 
 class ExpertParallel(FSDP2):
@@ -47,6 +46,12 @@ class ExpertParallel(FSDP2):
     (efsdp, ep) mesh above), the rest sharded by FSDP2 over all ranks."""
 
     name = "fsdp2+ep"
+
+    def __init__(self, cfg: DPOConfig, backend: Backend) -> None:
+        super().__init__(cfg, backend)
+        self._experts_mesh = expert_mesh(backend.device.type, cfg.parallel.expert_parallel,
+                                         cfg.parallel.replicate)
+        self._own_batch = _self_mesh(self._experts_mesh)
 
     @classmethod
     def applies(cls, kind: str, world: int, cfg: DPOConfig) -> bool:
@@ -75,8 +80,7 @@ class ExpertParallel(FSDP2):
         here, so every copy holds the mean over all ranks, as the dense weights do. By hand
         (one all-reduce of the local shards) rather than FSDP2's HSDP for the experts, whose
         reduction with a custom divide factor is not documented."""
-        mesh = expert_mesh(self.backend.device.type, self.cfg.parallel.expert_parallel,
-                           self.cfg.parallel.replicate)
+        mesh = self._experts_mesh
         if "erep" not in mesh.mesh_dim_names:
             return
         group = mesh.get_group("erep")
@@ -87,9 +91,9 @@ class ExpertParallel(FSDP2):
                         dist.all_reduce(param.grad.to_local(), group=group)
 
     def shard_first(self, model: nn.Module, fsdp_kwargs: dict) -> None:
-        mesh = expert_mesh(self.backend.device.type, self.cfg.parallel.expert_parallel,
-                           self.cfg.parallel.replicate)
-        shard_experts(model, mesh, {k: v for k, v in fsdp_kwargs.items() if k != "mesh"})
+        # The experts' own mesh, sharded by expert: not the dense weights' mesh or placement.
+        own = {k: v for k, v in fsdp_kwargs.items() if k not in ("mesh", "shard_placement_fn")}
+        shard_experts(model, self._experts_mesh, own, self._own_batch)
 
 
 def expert_line(policy: nn.Module, devices: int, ep: int, unit: str, replicate: int = 1) -> str:
@@ -104,20 +108,16 @@ def expert_line(policy: nn.Module, devices: int, ep: int, unit: str, replicate: 
 
 
 def expert_mesh(device_type: str, ep: int, replicate: int = 1) -> DeviceMesh:
-    """The (efsdp, ep) mesh of the experts, made once per process (policy and reference
-    share it): consecutive ranks form one EP group (one node's GPUs keep the all-to-all on
-    the node's links), efsdp strides across the groups. Under HSDP (`replicate` R > 1) it is
-    (erep R, efsdp, ep): the experts shard over efsdp inside each of the R groups of
-    consecutive ranks and are replicated across them, as the dense weights are
-    (`ExpertParallel.reduce_gradients` sums their gradients over erep)."""
+    """The (efsdp, ep) mesh of the experts: consecutive ranks form one EP group (one node's
+    GPUs keep the all-to-all on the node's links), efsdp strides across the groups. Under
+    HSDP (`replicate` R > 1) it is (erep R, efsdp, ep): the experts shard over efsdp inside
+    each of the R groups of consecutive ranks and are replicated across them, as the dense
+    weights are (`ExpertParallel.reduce_gradients` sums their gradients over erep)."""
     world = dist.get_world_size()  # a multiple of ep x replicate: validate.check_placement
-    if (device_type, ep, replicate) not in _MESHES:
-        shape, names = (world // ep, ep), ("efsdp", "ep")
-        if replicate > 1:
-            shape, names = (replicate, world // (replicate * ep), ep), ("erep", "efsdp", "ep")
-        _MESHES[device_type, ep, replicate] = init_device_mesh(device_type, shape,
-                                                               mesh_dim_names=names)
-    return _MESHES[device_type, ep, replicate]
+    shape, names = (world // ep, ep), ("efsdp", "ep")
+    if replicate > 1:
+        shape, names = (replicate, world // (replicate * ep), ep), ("erep", "efsdp", "ep")
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
 def check_expert_count(model: nn.Module, ep: int) -> None:
@@ -168,7 +168,8 @@ def _dropped_all_to_all():
     return DroppedAllToAll
 
 
-def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None:
+def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict,
+                  own_batch: DeviceMesh | None = None) -> None:
     """Every experts module of `model`: its [E, ...] weights Shard(0) over `mesh["ep"]`
     (meta tensors stay meta), its forward the all-to-all exchange around its own, then
     fully_shard over `mesh["efsdp"]`. Call before the decoder layers are sharded (they skip
@@ -184,11 +185,11 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict) -> None
         raise ConfigError(f"parallel.expert_parallel={ep} with model.moe_implementation="
                           f"{implementation}: expert parallelism sends each token to its "
                           "experts only; use dropless, or dropped (model.capacity_factor > 0)")
+    own_batch = own_batch or _self_mesh(ep_mesh)
     exchange = AllToAllEP
     if implementation == "dropped":  # dropped on the sender; the receiver runs what came
         exchange = _dropped_all_to_all()
         model.set_experts_implementation("moedpo_dropless")
-    own_batch = _self_mesh(ep_mesh)
     for experts in experts_modules(model):
         total = experts.num_experts
         for name, param in list(experts.named_parameters(recurse=False)):
@@ -230,16 +231,10 @@ def _local_parameters(module: nn.Module):
         yield
 
 
-_SELF_MESHES: dict[str, DeviceMesh] = {}
-
-
 def _self_mesh(like: DeviceMesh) -> DeviceMesh:
     """A one-rank mesh of this process: transformers' exchange takes the group of ranks that
-    hold the same batch (its TP group), which under data parallelism is each rank alone.
-    Made once (every rank joins the collective that creates the groups)."""
-    if like.device_type not in _SELF_MESHES:
-        world = dist.get_world_size()
-        mesh = init_device_mesh(like.device_type, (world, 1), mesh_dim_names=("rest", "self"))
-        _SELF_MESHES[like.device_type] = mesh["self"]
-    return _SELF_MESHES[like.device_type]
+    hold the same batch (its TP group), which under data parallelism is each rank alone
+    (every rank joins the collective that creates the groups)."""
+    world = dist.get_world_size()
+    return init_device_mesh(like.device_type, (world, 1), mesh_dim_names=("rest", "self"))["self"]
 

@@ -6,6 +6,7 @@ The model definition stays plain Hugging Face; this only wraps it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -17,9 +18,11 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+from torch.distributed.tensor import Shard
 
 from ..config import DTYPES, DPOConfig
 from ..models.lora import is_quantized
+from .backend import Backend
 from .layers import decoder_layers
 from .single import torch_refusals
 from .strategy import Strategy
@@ -34,6 +37,13 @@ class FSDP2(Strategy):
 
     name = "fsdp2"
     sharded = True
+
+    def __init__(self, cfg: DPOConfig, backend: Backend) -> None:
+        super().__init__(cfg, backend)
+        # Made here, where every rank constructs the strategy together, and kept by it:
+        # policy and reference share the mesh, and one process can hold several strategies
+        # in turn over different process groups (the planner's fake ones).
+        self._mesh = dense_mesh(backend.device.type, cfg.parallel.replicate, backend.world_size)
 
     @classmethod
     def applies(cls, kind: str, world: int, cfg: DPOConfig) -> bool:
@@ -63,14 +73,11 @@ class FSDP2(Strategy):
                 f"{replicate} groups (replicate {replicate} x shard {world // replicate}), "
                 "replicated across the groups"]
 
-    def mesh(self) -> DeviceMesh | None:
-        """FSDP2's mesh of the dense weights: None (every rank one shard group, FSDP2's
-        default) or, with `parallel.replicate=R`, (replicate R, shard world / R), consecutive
-        ranks in one shard group. Made once per process (policy and reference share it)."""
-        replicate = self.cfg.parallel.replicate
-        if replicate == 1:
-            return None
-        return hybrid_mesh(self.backend.device.type, replicate, self.backend.world_size)
+    def mesh(self) -> DeviceMesh:
+        """FSDP2's mesh of the dense weights: all ranks (FSDP2's default) or, with
+        `parallel.replicate=R`, (replicate R, shard world / R), consecutive ranks in one
+        shard group."""
+        return self._mesh
 
     def shard(self, model: torch.nn.Module, role: str) -> torch.nn.Module:
         """Works on a meta-device model too (materialise it afterwards)."""
@@ -82,7 +89,8 @@ class FSDP2(Strategy):
         offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
                    if role == "reference" and self.cfg.reference.cpu_offload
                    else OffloadPolicy())
-        kwargs = dict(mp_policy=policy, offload_policy=offload, mesh=self.mesh())
+        kwargs = dict(mp_policy=policy, offload_policy=offload, mesh=self.mesh(),
+                      shard_placement_fn=partial(even_placement, self.mesh().size(-1)))
         self.shard_first(model, kwargs)
         for layer in decoder_layers(model, self.cfg):
             fully_shard(layer, **kwargs)
@@ -96,14 +104,21 @@ class FSDP2(Strategy):
         load_from_rank0(model, full_state)
 
 
-_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+def even_placement(shards: int, param: torch.nn.Parameter) -> Shard:
+    """FSDP2 shards dim 0 by default: an [E, ...] stack of E experts over more ranks than E
+    would put a whole expert on each of the first E ranks and nothing on the rest (on 256
+    ranks, 8 experts of Mixtral: rank 0 holds 1/8 of every layer's experts). Such a tensor is
+    sharded along its largest dimension instead."""
+    if param.dim() < 2 or param.shape[0] >= shards:
+        return Shard(0)
+    return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
 
 
-def hybrid_mesh(device_type: str, replicate: int, world: int) -> DeviceMesh:
-    if (device_type, replicate) not in _MESHES:
-        _MESHES[device_type, replicate] = init_device_mesh(
-            device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
-    return _MESHES[device_type, replicate]
+def dense_mesh(device_type: str, replicate: int, world: int) -> DeviceMesh:
+    if replicate == 1:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (replicate, world // replicate),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:

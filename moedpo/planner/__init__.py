@@ -1,0 +1,124 @@
+"""`moedpo plan`: whether a configured run fits a device, and how fast it steps, before
+paying for the devices. The configured model is built weightless, placed by moedpo's own
+strategy over a fake process group of N ranks, and one real training step is traced on fake
+tensors (trace.py); its live bytes give the memory per device, its operations a roofline
+time (cost.py), and the strategy's collectives a bandwidth model of the links
+(hardware.py). See docs/planning.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DTYPES, ConfigError, DPOConfig
+from .hardware import Hardware, hardware
+from .trace import TracedStep, plan_step
+
+# Kept free of the device's memory for what no trace sees: the allocator's fragmentation
+# and cache, the runtime's own buffers (CUDA context, NCCL, XLA programs).
+DEFAULT_MARGIN = 0.1
+
+
+@dataclass
+class Plan:
+    devices: int
+    hardware: Hardware
+    traced: TracedStep
+    collective_bytes: dict[str, float]  # per device and step, by link
+    compute_seconds: float
+    collective_seconds: float
+    margin: float
+    routing_skew: float
+    modelled: list[str]  # what the plan models rather than traces
+
+    @property
+    def step_seconds(self) -> float:
+        """FSDP2 gathers the next layer while this one computes: the longer of the two."""
+        return max(self.compute_seconds, self.collective_seconds)
+
+    @property
+    def fits(self) -> bool:
+        return self.traced.peak <= self.hardware.memory * (1 - self.margin)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.traced.pairs * self.devices / self.step_seconds
+
+    @property
+    def mfu(self) -> float:
+        """FLOPs done (recomputation of checkpointed layers included) over the device's
+        peak for the step's time."""
+        return self.traced.flops / (self.step_seconds * self.hardware.bf16_flops)
+
+    def to_json(self) -> dict:
+        t = self.traced
+        return {
+            "fits": self.fits, "devices": self.devices, "hardware": self.hardware.name,
+            "strategy": t.strategy, "memory_bytes_per_device": self.hardware.memory,
+            "peak_bytes_per_device": t.peak, "state_bytes_per_device": t.state,
+            "parameters_bytes": t.parameters, "gradients_bytes": t.gradients,
+            "optimizer_bytes": t.optimizer, "reference_bytes": t.reference,
+            "transient_bytes": t.transient, "phase_peak_bytes": t.phases,
+            "step_seconds": self.step_seconds, "compute_seconds": self.compute_seconds,
+            "collective_seconds": self.collective_seconds,
+            "collective_bytes_per_device": self.collective_bytes,
+            "flops_per_device": t.flops, "mfu": self.mfu,
+            "pairs_per_second": self.pairs_per_second, "pairs_per_step": t.pairs * self.devices,
+            "tokens_per_device_step": t.tokens, "parameters": t.parameter_count,
+            "trainable_parameters": t.trainable_count, "margin": self.margin,
+            "routing_skew": self.routing_skew, "modelled": self.modelled,
+        }
+
+
+def plan(cfg: DPOConfig, devices: int = 1, hardware_name: str = "cpu",
+         routing_skew: float = 0.0, margin: float = DEFAULT_MARGIN) -> Plan:
+    """The plan of `cfg` on `devices` devices of `hardware_name` (hardware.py's table)."""
+    hw = hardware(hardware_name)
+    check_plannable(cfg, devices)
+    modelled = ["expert loads: balanced" + (f", busiest expert x{1 + routing_skew:g}"
+                                            if routing_skew else "")]
+    if hw.kind == "xla":
+        modelled.append("XLA SPMD planned as FSDP2 over the same devices (same shards; "
+                        "XLA's own buffers and fusion not modelled)")
+    traced = plan_step(cfg, devices, routing_skew)
+    links = collective_bytes(cfg, traced, devices, hw)
+    link_seconds = sum(b / (hw.fast_link if link == "fast" else hw.slow_link)
+                       for link, b in links.items())
+    return Plan(devices, hw, traced, links, traced.compute_seconds(hw), link_seconds,
+                margin, routing_skew, modelled)
+
+
+def check_plannable(cfg: DPOConfig, devices: int) -> None:
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: give at least one device")
+    if cfg.parallel.expert_parallel > 1:
+        raise ConfigError("moedpo plan: parallel.expert_parallel is not planned yet (its "
+                          "all-to-all has data-dependent sizes); plan without it for now")
+    if devices % cfg.parallel.replicate:
+        raise ConfigError(f"parallel.replicate={cfg.parallel.replicate}: must divide "
+                          f"--devices {devices}")
+
+
+def collective_bytes(cfg: DPOConfig, traced: TracedStep, devices: int,
+                     hw: Hardware) -> dict[str, float]:
+    """Bytes each device sends per step over its fast and slow links, as ring collectives
+    move them: FSDP2 gathers each weight for the policy's forward and again for its backward
+    and the reference's forward (in their compute dtypes), and reduce-scatters the gradients
+    in float32, every micro-batch; HSDP then all-reduces the gradient shards across the
+    replica groups."""
+    links = {"fast": 0.0, "slow": 0.0}
+    if devices == 1:
+        return links
+    replicate = cfg.parallel.replicate
+    shard = devices // replicate
+    m = cfg.model
+    policy_bytes = traced.parameter_count * DTYPES[m.policy_dtype].itemsize
+    reference_bytes = traced.reference * shard  # its shards, whole again
+    gathered = 2 * policy_bytes + reference_bytes
+    reduced = traced.trainable_count * 4
+    within = (shard - 1) / shard * (gathered + reduced) * traced.micro_batches
+    links["fast" if shard <= hw.devices_per_node else "slow"] += within
+    if replicate > 1:  # every micro-batch's shards: FSDP2's HSDP all-reduces per backward
+        links["slow"] += (2 * (replicate - 1) / replicate * reduced / shard
+                          * traced.micro_batches)
+    return links

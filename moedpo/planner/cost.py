@@ -1,0 +1,61 @@
+"""FLOPs and bytes of every operation of a traced step, for a roofline of its time: each
+operation takes the longer of its FLOPs at the device's peak and its bytes (inputs and
+outputs) at the memory bandwidth. Nothing fuses in this model and nothing overlaps, so it
+errs towards slow on memory-bound work and towards fast on matmuls that miss their peak.
+
+FLOPs come from torch's own formulas (`torch.utils.flop_counter.flop_registry`: matmuls and
+attention; other operations count as memory traffic only). A dispatch mode rather than
+`FlopCounterMode`, whose module hooks keep a step's tensors alive in reference cycles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from .hardware import Hardware
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class OpCosts(TorchDispatchMode):
+    """(flops, bytes, low precision) of each operation run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[int, int, bool]] = []
+
+    @property
+    def flops(self) -> int:
+        return sum(op[0] for op in self.ops)
+
+    def seconds(self, hw: Hardware, scale: float = 1.0) -> float:
+        """The roofline time of the recorded operations on `hw` (times `scale`)."""
+        total = 0.0
+        for flops, moved, low in self.ops:
+            peak = hw.bf16_flops if low else hw.fp32_flops
+            total += max(flops / peak, moved / hw.memory_bandwidth)
+        return total * scale
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        formula = flop_registry.get(func._overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula else 0
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        moved = sum(_bytes(t) for t in tree_flatten((args, kwargs))[0] + outputs
+                    if isinstance(t, torch.Tensor))
+        low = bool(outputs) and outputs[0].dtype in LOW_PRECISION
+        self.ops.append((flops, moved, low))
+        return out
+
+
+def _bytes(t: torch.Tensor) -> int:
+    if is_traceable_wrapper_subclass(t):  # a DTensor moves its local shard
+        return sum(s.nbytes() for s in get_untyped_storages(t))
+    return t.numel() * t.element_size()

@@ -1,0 +1,145 @@
+"""`moedpo plan`: the traced step on fake tensors against the same step on real tensors
+(torch's own MemTracker and FLOP counter where they apply), the pieces of its models worked
+by hand, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_cfg
+from moedpo.parallel.fsdp import even_placement
+from moedpo.planner import collective_bytes
+from moedpo.planner import trace as trace_lib
+from moedpo.planner.cost import OpCosts
+from moedpo.planner.hardware import HARDWARE
+from moedpo.planner.memory import StorageTracker
+from moedpo.planner.trace import balanced_loads
+
+# A step big enough that activations dominate (several MB), small enough for seconds.
+STEP = ("model=tiny", "max_length=256", "per_device_train_batch_size=2")
+
+
+def test_balanced_loads_split_every_slot():
+    assert balanced_loads()(12, 4) == [3, 3, 3, 3]
+    assert balanced_loads()(10, 4) == [3, 3, 2, 2]  # the first experts take the remainder
+    assert balanced_loads(1.0)(12, 4) == [6, 2, 2, 2]  # the busiest twice its share
+    assert balanced_loads(100.0)(12, 4) == [12, 0, 0, 0]
+
+
+def test_op_costs_count_matmul_flops_and_bytes_by_hand():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with OpCosts() as costs:
+        a @ b
+        a.view(32)  # a view moves nothing
+    assert costs.ops == [(2 * 4 * 8 * 3, 4 * (32 + 24 + 12), False)]
+    hw = HARDWARE["h100-80gb"]
+    assert costs.seconds(hw) == pytest.approx(4 * 68 / hw.memory_bandwidth)  # memory-bound
+
+
+def test_storage_tracker_counts_views_once_and_frees():
+    with StorageTracker() as tracker:
+        x = torch.empty(1000)  # 4000 bytes
+        y = x[10:]  # a view: no new bytes
+        assert tracker.current == 4000
+        z = torch.empty(500)
+        assert tracker.current == 6000
+        del x, y, z
+        assert tracker.current == 0
+    assert tracker.peak == 6000
+
+
+def traced(tmp_path, mode: str, *args: str, ranks: int = 1) -> dict:
+    """plan_worker.py's figures, in a process of its own (see its docstring)."""
+    out = tmp_path / f"{mode}-{len(list(tmp_path.iterdir()))}.json"
+    launch = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(ranks)]
+    subprocess.run([*launch, "tests/parallel/plan_worker.py", mode, str(out), *args],
+                   cwd=ROOT, check=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_the_planned_step_equals_the_real_step_in_one_process(tmp_path):
+    """Fake tensors and balanced routing against real weights and routing: the state
+    exactly, the peak within 10%, the FLOPs exactly (dropless computes each slot once)."""
+    planned = traced(tmp_path, "fake", "1", *STEP)
+    real = traced(tmp_path, "real", *STEP)
+    for part in ("parameters", "gradients", "optimizer", "reference", "flops"):
+        assert planned[part] == real[part], part
+    assert planned["peak"] == pytest.approx(real["peak"], rel=0.10)
+    assert planned["transient"] > planned["state"] / 4  # activations traced, not skipped
+
+
+def test_the_storage_tracker_agrees_with_torchs_memtracker(tmp_path):
+    """The same real step measured by torch's MemTracker, where it applies (no frozen
+    reference: SimPO), and by the planner's tracker: the same peak."""
+    ours = traced(tmp_path, "real", *STEP, "loss.name=simpo")
+    theirs = traced(tmp_path, "memtracker", *STEP, "loss.name=simpo")
+    assert ours["peak"] == pytest.approx(theirs["peak"], rel=0.02)
+
+
+def test_the_traced_flops_equal_torchs_flop_counter(tmp_path):
+    counted = traced(tmp_path, "flops", *STEP)
+    assert counted["flops"] == counted["torch_flops"] > 0
+
+
+def test_fsdp2_shards_a_short_expert_stack_along_its_largest_dim():
+    experts = torch.nn.Parameter(torch.empty(8, 64, 16))
+    assert even_placement(4, experts).dim == 0  # 8 experts over 4 ranks: by expert
+    assert even_placement(16, experts).dim == 1  # over 16 ranks: along the 64 rows
+    assert even_placement(16, torch.nn.Parameter(torch.empty(8))).dim == 0
+
+
+def test_a_plan_over_eight_fake_ranks_holds_an_eighth_of_the_state(tmp_path):
+    one, eight = traced(tmp_path, "fake", "1", *STEP), traced(tmp_path, "fake", "8", *STEP)
+    for part in ("parameters", "gradients", "optimizer"):
+        assert one[part] / 8 <= eight[part] <= one[part] / 8 * 1.05, part  # FSDP2 pads
+
+
+def test_collective_bytes_by_hand():
+    cfg = compose_cfg(*STEP, "parallel.replicate=2")
+    traced = trace_lib.TracedStep("fsdp2", parameters=0, gradients=0, optimizer=0,
+                                  reference=100, peak=0, costs=OpCosts(), tokens=0, pairs=1,
+                                  micro_batches=3, traced=2, parameter_count=1000,
+                                  trainable_count=1000)
+    hw = HARDWARE["h100-80gb"]  # 8 per node: 16 devices = 2 groups of 8, one per node
+    links = collective_bytes(cfg, traced, 16, hw)
+    policy = 1000 * 4  # the tiny config's float32 policy, gathered twice
+    within = 7 / 8 * (2 * policy + 100 * 8 + 1000 * 4) * 3
+    assert links["fast"] == pytest.approx(within)
+    assert links["slow"] == pytest.approx(2 * 1 / 2 * 1000 * 4 / 8 * 3)
+
+
+def test_plan_command_prints_json():
+    done = subprocess.run([sys.executable, "-m", "moedpo", "plan", *STEP, "--devices", "2",
+                           "--hardware", "a100-80gb", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=True)
+    out = json.loads(done.stdout)
+    assert out["fits"] is True and out["strategy"] == "fsdp2" and out["hardware"] == "a100-80gb"
+    assert out["state_bytes_per_device"] < out["peak_bytes_per_device"]
+    assert out["step_seconds"] > 0 and 0 < out["mfu"] < 1
+    assert out["collective_seconds"] > 0
+
+
+def test_plan_command_refuses_what_it_cannot_plan():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "moedpo", "plan", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    bad = run("model=tiny", "--hardware", "h900")
+    assert bad.returncode == 2 and "invalid choice: 'h900'" in bad.stderr
+    ep = run("model=tiny", "parallel.expert_parallel=2", "--devices", "2")
+    assert ep.returncode == 2 and "expert_parallel is not planned yet" in ep.stderr
+
+
+@pytest.mark.slow
+def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path):
+    """Two gloo ranks measure the real step; the plan over two fake ranks holds the same
+    bytes of weights, gradients, optimizer state and reference, and peaks within 10%."""
+    real = traced(tmp_path, "real", *STEP, ranks=2)
+    planned = traced(tmp_path, "fake", "2", *STEP)
+    for part in ("parameters", "gradients", "optimizer", "reference", "flops"):
+        assert planned[part] == real[part], part
+    assert planned["peak"] == pytest.approx(real["peak"], rel=0.10)
