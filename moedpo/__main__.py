@@ -1,3 +1,4 @@
 from .cli import main
 
-main()
+if __name__ == "__main__":  # not when `moedpo plan` spawns its tracing processes
+    main()

@@ -20,6 +20,8 @@ from typing import Any
 from .callbacks import Callback
 from .config import GROUPS, ConfigError, DPOConfig, register_schema, suggest_key
 
+OPEN_KEYS = ("model.config_overrides.",)
+
 
 def _is_group(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
@@ -56,8 +58,11 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None,
     from omegaconf.errors import OmegaConfBaseException
 
     register_schema()
-    groups = [o for o in overrides if _is_group(o)]
-    values = [o.lstrip("+") for o in overrides if not _is_group(o)]
+    # Keys of an open dict (model.config_overrides.*) are added by Hydra's `+key=`.
+    added = ["+" + o.lstrip("+") for o in overrides if o.lstrip("+").startswith(OPEN_KEYS)]
+    groups = [o for o in overrides if _is_group(o)] + added
+    values = [o.lstrip("+") for o in overrides
+              if not _is_group(o) and not o.lstrip("+").startswith(OPEN_KEYS)]
     try:
         with initialize_config_module("moedpo.conf", version_base=None):
             raw = compose("config", overrides=groups)

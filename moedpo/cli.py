@@ -66,7 +66,7 @@ def check_override_keys(overrides: list[str]) -> None:
         if item.startswith(("-", "~", "hydra.", "hydra/")) or "=" not in item:
             continue
         key = item.split("=", 1)[0].lstrip("+")  # `+key=` adds a key: a typo all the same
-        if key in GROUPS or key.startswith("dataset_dir."):
+        if key in GROUPS or key.startswith(("dataset_dir.", "model.config_overrides.")):
             continue
         if key not in known:
             fail(f"unknown config key '{key}'{suggest_key(key)}; see docs/reference/config.md")

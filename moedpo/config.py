@@ -122,7 +122,12 @@ class ModelConfig:
     config_path: str | None = setting(None,
         "build the model from a JSON config with random init instead; a path, or the bare name "
         "of a shipped one: `mixtral80.json`, `mixtral822.json`, `mixtral822-instruct.json`, "
-        "`tiny-mixtral.json`, `tiny-gpt-oss.json` (gpt-oss's layout at demo size)")
+        "`tiny-mixtral.json`, `tiny-gpt-oss.json` (gpt-oss's layout at demo size), "
+        "`qwen3-30b-a3b.json`, `gpt-oss-120b.json`, `deepseek-v3.json`")
+    config_overrides: dict[str, Any] = setting({},
+        "fields of the model's config set before it is built, e.g. "
+        "`+model.config_overrides.num_hidden_layers=2` (a shallower copy for a quick test; "
+        "`moedpo plan` traces shallow copies this way): any attribute the config class has")
     tokenizer_name_or_path: str | None = setting(None,
         "tokenizer; `null` = the model's (`name_or_path`), or the embedded one with "
         "`config_path`")

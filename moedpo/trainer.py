@@ -335,7 +335,8 @@ class Trainer:
         tokens = float(backend.all_reduce_sum(torch.tensor([float(window.tokens)]))[0])
         extra = {"examples_per_second": reduced.count / max(window.seconds, 1e-9),
                  "tokens_per_second": tokens / max(window.seconds, 1e-9),
-                 "nonfinite_steps": self.nonfinite["total"], **self.parallel.step_metrics()}
+                 "nonfinite_steps": self.nonfinite["total"],
+                 "memory/measured_peak": backend.peak_memory(), **self.parallel.step_metrics()}
         row = self.writer.write(step, (step + 1) * self.step_size, "train", reduced, extra)
         log.info(console_line(step, self.n_steps, "train",
                               {k.removeprefix("train/"): v for k, v in row.items()}))

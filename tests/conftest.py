@@ -34,7 +34,8 @@ def _own_data_cache(tmp_path_factory):
     # A run that dies of a fatal signal (SIGABRT, SIGSEGV) prints its Python stacks.
     os.environ["PYTHONFAULTHANDLER"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("examples_per_second", "tokens_per_second")
+# What depends on the machine rather than the run (speed, the process's memory).
+TIMING = ("examples_per_second", "tokens_per_second", "memory/measured_peak")
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, write_tiny_deepseek
+from moedpo.models.load import ModelLoadError, initial_model, model_config
 from moedpo.parallel.fsdp import even_placement
 from moedpo.planner import collective_bytes
 from moedpo.planner import trace as trace_lib
-from moedpo.planner.cost import OpCosts
+from moedpo.planner.cost import Costs, OpCosts
 from moedpo.planner.hardware import HARDWARE
 from moedpo.planner.memory import StorageTracker
 from moedpo.planner.trace import balanced_loads
@@ -36,7 +37,7 @@ def test_op_costs_count_matmul_flops_and_bytes_by_hand():
         a.view(32)  # a view moves nothing
     assert costs.ops == [(2 * 4 * 8 * 3, 4 * (32 + 24 + 12), False)]
     hw = HARDWARE["h100-80gb"]
-    assert costs.seconds(hw) == pytest.approx(4 * 68 / hw.memory_bandwidth)  # memory-bound
+    assert costs.recorded.seconds(hw) == pytest.approx(4 * 68 / hw.memory_bandwidth)  # memory-bound
 
 
 def test_storage_tracker_counts_views_once_and_frees():
@@ -99,11 +100,54 @@ def test_a_plan_over_eight_fake_ranks_holds_an_eighth_of_the_state(tmp_path):
         assert one[part] / 8 <= eight[part] <= one[part] / 8 * 1.05, part  # FSDP2 pads
 
 
+@pytest.mark.parametrize("ranks", [1, pytest.param(4, marks=pytest.mark.slow)])
+def test_a_deep_model_planned_from_two_shallow_copies_equals_its_whole_trace(tmp_path, ranks):
+    """10 layers traced at 4 and 6 and extrapolated: every figure as the whole trace's."""
+    deep = (*STEP, "+model.config_overrides.num_hidden_layers=10")
+    whole = traced(tmp_path, "whole", str(ranks), *deep)
+    shallow = traced(tmp_path, "fake", str(ranks), *deep)
+    assert shallow == pytest.approx(whole, rel=1e-6)
+    assert trace_lib.traced_depths(compose_cfg(*deep)) == ((4, 6), 10)
+    assert trace_lib.traced_depths(compose_cfg(*STEP)) is None  # 4 layers: traced whole
+
+
+def test_shallow_copies_keep_deepseeks_dense_layers_and_per_layer_types(tmp_path):
+    cfg = compose_cfg("model.config_path=gpt-oss-120b.json")
+    ((a, b), full) = trace_lib.traced_depths(cfg)
+    assert (a, b, full) == (4, 6, 36)
+    config = model_config(trace_lib.with_depth(cfg, a).model)
+    assert config.num_hidden_layers == 4
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    deepseek = compose_cfg(f"model.config_path={write_tiny_deepseek(tmp_path / 'ds.json')}",
+                           "+model.config_overrides.first_k_dense_replace=1",
+                           "+model.config_overrides.num_hidden_layers=12")
+    assert trace_lib.traced_depths(deepseek) == ((5, 7), 12)  # one dense layer, then MoE
+
+
+@pytest.mark.parametrize("name, billions", [
+    ("mixtral80.json", 46.7), ("mixtral822.json", 140.6), ("qwen3-30b-a3b.json", 30.5),
+    ("gpt-oss-120b.json", 116.8), ("deepseek-v3.json", 671.0)])
+def test_shipped_model_configs_have_their_published_sizes(name, billions):
+    """The configs the planner's table plans, built weightless: the parameter counts their
+    model cards publish (mixtral80.json is one layer of Mixtral 8x7B: 32 make the model)."""
+    depth = ["+model.config_overrides.num_hidden_layers=32"] if name == "mixtral80.json" else []
+    model = initial_model(compose_cfg(f"model.config_path={name}", *depth).model, on_meta=True)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.1)
+
+
+def test_model_config_overrides_set_fields_or_name_the_wrong_one():
+    cfg = compose_cfg("model=tiny", "+model.config_overrides.num_hidden_layers=2")
+    assert model_config(cfg.model).num_hidden_layers == 2
+    cfg.model.config_overrides = {"num_hidden_layer": 2}
+    with pytest.raises(ModelLoadError, match="config_overrides.num_hidden_layer: MixtralConfig"):
+        model_config(cfg.model)
+
+
 def test_collective_bytes_by_hand():
     cfg = compose_cfg(*STEP, "parallel.replicate=2")
     traced = trace_lib.TracedStep("fsdp2", parameters=0, gradients=0, optimizer=0,
-                                  reference=100, peak=0, costs=OpCosts(), tokens=0, pairs=1,
-                                  micro_batches=3, traced=2, parameter_count=1000,
+                                  reference=100, peak=0, costs=[(1.0, Costs())], tokens=0,
+                                  pairs=1, micro_batches=3, traced=2, parameter_count=1000,
                                   trainable_count=1000)
     hw = HARDWARE["h100-80gb"]  # 8 per node: 16 devices = 2 groups of 8, one per node
     links = collective_bytes(cfg, traced, 16, hw)
@@ -132,6 +176,8 @@ def test_plan_command_refuses_what_it_cannot_plan():
     assert bad.returncode == 2 and "invalid choice: 'h900'" in bad.stderr
     ep = run("model=tiny", "parallel.expert_parallel=2", "--devices", "2")
     assert ep.returncode == 2 and "expert_parallel is not planned yet" in ep.stderr
+    adapters = run("model=tiny", "model.lora.r=8")
+    assert adapters.returncode == 2 and "LoRA (model.lora.r > 0) is not planned" in adapters.stderr
 
 
 @pytest.mark.slow

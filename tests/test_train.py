@@ -10,7 +10,7 @@ from moedpo.trainer import run
 TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
               "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
               "logits/rejected", "num_examples", "grad_norm", "lr", "examples_per_second",
-              "tokens_per_second"}
+              "tokens_per_second", "memory/measured_peak"}
 
 
 def read_rows(run_dir):
@@ -30,6 +30,8 @@ def test_run_writes_metrics_config_and_tensorboard(make_cfg):
     assert evals[0]["eval/num_examples"] == 80  # dry_run: 10 eval batches of 8
     assert {k.split("/", 1)[1] for k in trains[0] if "/" in k} >= TRAIN_KEYS
     assert trains[-1]["examples"] == 5 * 4
+    peaks = [r["train/memory/measured_peak"] for r in trains]  # the process's resident peak
+    assert peaks == sorted(peaks) and peaks[0] > 100e6  # torch alone takes more than that
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     assert (result.run_dir / "config.yaml").read_text().count("exp_name: demo") == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

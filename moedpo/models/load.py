@@ -84,6 +84,11 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise _hub_error("model config", cfg.name_or_path, err) from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise ModelLoadError(f"model.config_overrides.{key}: {type(config).__name__} has "
+                                 "no such field; use one of its attributes (config.json's keys)")
+        setattr(config, key, value)
     return without_train_noise(config)
 
 

@@ -80,6 +80,21 @@ class Backend:
         dist.all_reduce(values)
         return values
 
+    def peak_memory(self) -> int:
+        """The most bytes this process has held so far: the CUDA allocator's peak, the XLA
+        runtime's peak on this host's first device, or on the CPU the process's peak
+        resident memory (the Python runtime and libraries included)."""
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+
+            info = xm.get_memory_info(self.device)
+            return int(info.get("peak_bytes_used", info.get("bytes_used", 0)))
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
     def union(self, names: list[str]) -> list[str]:
         """Every rank's `names` together, sorted: what a reduce by name must cover when some
         ranks hold names others lack (a rank with no eval pair has no metric at all)."""

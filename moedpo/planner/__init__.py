@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import DTYPES, ConfigError, DPOConfig
+from ..models import lora
 from .hardware import Hardware, hardware
-from .trace import TracedStep, plan_step
+from .trace import TracedStep, plan_step, traced_depths
 
 # Kept free of the device's memory for what no trace sees: the allocator's fragmentation
 # and cache, the runtime's own buffers (CUDA context, NCCL, XLA programs).
@@ -77,6 +78,10 @@ def plan(cfg: DPOConfig, devices: int = 1, hardware_name: str = "cpu",
     check_plannable(cfg, devices)
     modelled = ["expert loads: balanced" + (f", busiest expert x{1 + routing_skew:g}"
                                             if routing_skew else "")]
+    depths = traced_depths(cfg)
+    if depths is not None:
+        (a, b), full = depths
+        modelled.append(f"{full} layers: traced at {a} and {b}, extrapolated (linear in depth)")
     if hw.kind == "xla":
         modelled.append("XLA SPMD planned as FSDP2 over the same devices (same shards; "
                         "XLA's own buffers and fusion not modelled)")
@@ -94,6 +99,9 @@ def check_plannable(cfg: DPOConfig, devices: int) -> None:
     if cfg.parallel.expert_parallel > 1:
         raise ConfigError("moedpo plan: parallel.expert_parallel is not planned yet (its "
                           "all-to-all has data-dependent sizes); plan without it for now")
+    if lora.is_enabled(cfg.model):
+        raise ConfigError("moedpo plan: LoRA (model.lora.r > 0) is not planned yet (PEFT moves "
+                          "its adapters in a way fake tensors refuse); plan the full model")
     if devices % cfg.parallel.replicate:
         raise ConfigError(f"parallel.replicate={cfg.parallel.replicate}: must divide "
                           f"--devices {devices}")

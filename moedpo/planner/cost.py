@@ -10,6 +10,8 @@ attention; other operations count as memory traffic only). A dispatch mode rathe
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -19,14 +21,19 @@ from torch.utils.flop_counter import flop_registry
 from .hardware import Hardware
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Operations that compute nothing on the device: metadata queries (`prim`), allocations
+# (their memory is the tracker's, not traffic) and collectives, which the link model of
+# planner/__init__.py times.
+NO_WORK_NAMESPACES = ("prim", "c10d", "_c10d_functional", "_dtensor")
+ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+               "resize_", "set_")
 
 
-class OpCosts(TorchDispatchMode):
-    """(flops, bytes, low precision) of each operation run under it."""
+@dataclass
+class Costs:
+    """(flops, bytes, low precision) of each recorded operation."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[int, int, bool]] = []
+    ops: list[tuple[int, int, bool]] = field(default_factory=list)
 
     @property
     def flops(self) -> int:
@@ -40,10 +47,23 @@ class OpCosts(TorchDispatchMode):
             total += max(flops / peak, moved / hw.memory_bandwidth)
         return total * scale
 
+
+class OpCosts(TorchDispatchMode):
+    """Records the `Costs` of each operation run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded = Costs()
+
+    @property
+    def ops(self) -> list[tuple[int, int, bool]]:
+        return self.recorded.ops
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view:
+        if (func.is_view or func.namespace in NO_WORK_NAMESPACES
+                or func._overloadpacket.__name__ in ALLOCATIONS):
             return out
         formula = flop_registry.get(func._overloadpacket)
         flops = int(formula(*args, **kwargs, out_val=out)) if formula else 0

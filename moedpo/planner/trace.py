@@ -11,13 +11,15 @@ slots per expert) or a stated skew (the busiest expert gets `1 + skew` times its
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import logging
 import math
+import multiprocessing
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -25,11 +27,12 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import DPOConfig
+from ..data.collate import HOST_KEYS
 from ..data.synthetic import synthetic_pairs
 from ..layout import packing_budget, use_shared_prompt
 from ..losses import loss_names, needs_reference
 from ..models import lora
-from ..models.load import build_models
+from ..models.load import build_models, model_config
 from ..models.moe import assumed_loads
 from ..models.precision import compute_copies, policy_compute_dtype
 from ..optim import build_optimizer
@@ -37,7 +40,7 @@ from ..parallel import Strategy, make_strategy
 from ..parallel.backend import Backend
 from ..placement import own_models, place_models
 from ..step import backward_pass
-from .cost import OpCosts
+from .cost import Costs, OpCosts
 from .memory import StorageTracker
 
 log = logging.getLogger("moedpo")
@@ -53,7 +56,9 @@ class TracedStep:
     optimizer: int
     reference: int  # its weights on this rank (0: none, LoRA's, or precomputed)
     peak: int  # bytes alive at the step's busiest moment
-    costs: OpCosts  # this rank's operations in `traced` of the step's micro-batches
+    # this rank's operations in `traced` of the step's micro-batches, each recording with its
+    # weight (one of weight 1; two when extrapolated from shallow copies, `extrapolate`)
+    costs: list[tuple[float, Costs]]
     tokens: int  # tokens this rank's micro-batches hold (pad included)
     pairs: int  # pairs this rank trains on per step
     micro_batches: int
@@ -65,11 +70,11 @@ class TracedStep:
     @property
     def flops(self) -> float:
         """This rank's FLOPs in one step (every micro-batch; recomputation included)."""
-        return self.costs.flops * self.micro_batches / self.traced
+        return sum(w * c.flops for w, c in self.costs) * self.micro_batches / self.traced
 
     def compute_seconds(self, hw) -> float:
         """The roofline time of this rank's operations in one step on `hw`."""
-        return self.costs.seconds(hw, self.micro_batches / self.traced)
+        return sum(w * c.seconds(hw) for w, c in self.costs) * self.micro_batches / self.traced
 
     @property
     def state(self) -> int:
@@ -128,6 +133,15 @@ def step_batches(cfg: DPOConfig, parallel: Strategy, policy: torch.nn.Module,
     return [batch] * count, pairs * cfg.gradient_accumulation_steps
 
 
+def unfilled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's device tensors as new tensors of the same shapes and dtypes (under a fake
+    mode: fake ones), the host-side layout as it is. The trace reads no device value; and
+    torch's converter of real tensors into fake ones has crashed a process's second trace
+    (torch 2.13, `meta_utils.describe_tensor`), which tensors made in the mode never meet."""
+    return {k: v if k in HOST_KEYS else torch.empty(v.shape, dtype=v.dtype)
+            for k, v in batch.items()}
+
+
 class _PadOnly:
     pad_token_id = 0
 
@@ -145,13 +159,73 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def plan_step(cfg: DPOConfig, world: int, skew: float = 0.0) -> TracedStep:
+def plan_step(cfg: DPOConfig, world: int, skew: float = 0.0,
+              shallow: bool = True) -> TracedStep:
     """Rank 0's memory and FLOPs of one training step of `cfg` on `world` processes, traced
-    on fake tensors over a fake process group."""
+    on fake tensors over a fake process group. A deep model is traced as two shallow copies
+    and extrapolated to its depth (`traced_depths`); `shallow=False` traces it whole."""
+    depths = traced_depths(cfg) if shallow else None
+    if depths is None:
+        return traced_alone(cfg, world, skew)
+    (a, b), full = depths
+    # One trace per process: a second fake trace in a process has crashed inside torch
+    # (torch 2.13: segfaults in the fake-tensor converter and dispatch cache, about one run
+    # in four, with or without moedpo's trackers); a fresh interpreter per depth never did.
+    # Spawned, so the children share no state with this process, and run side by side.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        short, longer = pool.map(traced_alone, [with_depth(cfg, a), with_depth(cfg, b)],
+                                 [world] * 2, [skew] * 2)
+    return extrapolate(short, longer, (full - a) / (b - a))
+
+
+def traced_alone(cfg: DPOConfig, world: int, skew: float = 0.0) -> TracedStep:
+    """`trace_step` on fake tensors over a fake group of `world` ranks."""
     with fake_world(world) as backend, warnings.catch_warnings():
         # torch warns when its own module code asks a fake tensor for its data pointer.
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         return trace_step(cfg, backend, skew)
+
+
+def traced_depths(cfg: DPOConfig) -> tuple[tuple[int, int], int] | None:
+    """((a, b), depth): the two depths a deep model is traced at, or None to trace it whole.
+    Every figure of a step is linear in the number of decoder layers alike (each holds the
+    same weights, gradients, optimizer state and saved activations; what happens once, the
+    embeddings, the head, the reference's forward, is the same at any depth), so two
+    shallow traces give the whole model's exactly. The depths keep the layers that differ:
+    DeepSeek's leading dense layers, and a period of 2 for alternating attention (gpt-oss);
+    at 2 layers FSDP2's peak is not yet on the line (measured), from 3 on it is."""
+    config = model_config(cfg.model)
+    full = config.num_hidden_layers
+    if getattr(config, "mlp_only_layers", None):  # irregular layers: traced whole
+        return None
+    first = getattr(config, "first_k_dense_replace", 0) or 0
+    a, b = first + 4, first + 6
+    return ((a, b), full) if full > b else None
+
+
+def with_depth(cfg: DPOConfig, layers: int) -> DPOConfig:
+    """`cfg` with a model of its first `layers` decoder layers."""
+    config = model_config(cfg.model)
+    overrides = {**cfg.model.config_overrides, "num_hidden_layers": layers}
+    if isinstance(getattr(config, "layer_types", None), list):
+        overrides["layer_types"] = config.layer_types[:layers]
+    return replace(cfg, model=replace(cfg.model, config_overrides=overrides))
+
+
+def extrapolate(a: TracedStep, b: TracedStep, t: float) -> TracedStep:
+    """The step at depth a + t (b - a), every figure on the line through a's and b's."""
+    def line(x: float, y: float) -> int:
+        return round(x + t * (y - x))
+
+    numbers = {name: line(getattr(a, name), getattr(b, name)) for name in (
+        "parameters", "gradients", "optimizer", "reference", "peak", "parameter_count",
+        "trainable_count")}
+    return TracedStep(
+        strategy=a.strategy, **numbers, tokens=a.tokens, pairs=a.pairs,
+        micro_batches=a.micro_batches, traced=a.traced,
+        costs=[(w * (1 - t), c) for w, c in a.costs] + [(w * t, c) for w, c in b.costs],
+        phases={k: line(a.phases[k], b.phases[k]) for k in a.phases if k in b.phases})
 
 
 def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
@@ -179,6 +253,8 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
             optimizer = build_optimizer(cfg, params)
             computing = partial(compute_copies, policy,
                                 policy_compute_dtype(cfg.model, backend.distributed))
+            if not real:  # made here, not converted from the real batch (see `unfilled`)
+                batches = [unfilled(batch) for batch in batches]
             weights = [1.0 / len(batches)] * len(batches)
             step = partial(backward_pass, policy, reference, batches, weights, cfg,
                            optimizer, params, parallel, computing=computing)
@@ -209,7 +285,7 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
             optimizer=local_bytes(v for s in optimizer.state.values() for v in s.values()
                                   if isinstance(v, torch.Tensor)),
             reference=0 if frozen else local_bytes(reference.parameters()),
-            peak=tracker.peak, costs=costs, traced=len(batches),
+            peak=tracker.peak, costs=[(1.0, costs.recorded)], traced=len(batches),
             tokens=sum(int(b["input_ids"].numel()) for b in batches)
             * cfg.gradient_accumulation_steps // len(batches),
             pairs=pairs, micro_batches=cfg.gradient_accumulation_steps,
