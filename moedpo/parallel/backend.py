@@ -82,15 +82,19 @@ class Backend:
 
     def peak_memory(self) -> int:
         """The most bytes this process has held so far: the CUDA allocator's peak, the XLA
-        runtime's peak on this host's first device, or on the CPU the process's peak
-        resident memory (the Python runtime and libraries included)."""
+        runtime's peak on this host's first device, or on the CPU (and XLA's CPU devices,
+        whose runtime keeps no allocator statistics) the process's peak resident memory,
+        the Python runtime and libraries included."""
         if self.kind == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         if self.kind == "xla":
             import torch_xla.core.xla_model as xm
 
-            info = xm.get_memory_info(self.device)
-            return int(info.get("peak_bytes_used", info.get("bytes_used", 0)))
+            try:
+                info = xm.get_memory_info(self.device)
+                return int(info.get("peak_bytes_used", info.get("bytes_used", 0)))
+            except RuntimeError:  # "GetAllocatorStats is not supported" (PJRT_DEVICE=CPU)
+                pass
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
