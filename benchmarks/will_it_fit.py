@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("mixtral80.json:32", "mixtral822.json", "qwen3-30b-a3b.json", "deepseek-v3.json",
           "gpt-oss-120b.json")
 LORA = ("model.lora.r=16",)
+NAMES = {"mixtral80.json:32": "Mixtral 8x7B", "mixtral822.json": "Mixtral 8x22B",
+         "qwen3-30b-a3b.json": "Qwen3-30B-A3B", "deepseek-v3.json": "DeepSeek-V3",
+         "gpt-oss-120b.json": "gpt-oss-120b"}
 
 
 def plan(model: str, devices: int, hardware: str, max_length: int, lora: bool) -> dict:
@@ -47,7 +50,7 @@ def plan(model: str, devices: int, hardware: str, max_length: int, lora: bool) -
 
 
 def row(r: dict) -> str:
-    name = r["model"].split(".json")[0] + (" LoRA" if r["lora"] else "")
+    name = NAMES.get(r["model"], r["model"]) + (" LoRA" if r["lora"] else "")
     if "error" in r:
         return f"| {name} | {r['devices']} x {r['hardware']} | error: {r['error']} | | | |"
     gib = 2**30
