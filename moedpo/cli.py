@@ -222,8 +222,14 @@ def plan_command(argv: list[str]) -> None:
     import json
 
     from .planner import DEFAULT_MARGIN, plan
-    from .planner.hardware import NAMES
+    from .planner.hardware import NAMES, hardware
     from .planner.report import text
+
+    def device(name: str):
+        try:
+            return name if name == "cpu" else hardware(name)  # cpu is timed once planning
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("--hardware ")) from None
 
     parser = argparse.ArgumentParser(prog="moedpo plan", description=(
         "Trace one training step of the config (the same KEY=VALUE overrides as moedpo "
@@ -232,8 +238,9 @@ def plan_command(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="config KEY=VALUE overrides")
     parser.add_argument("--devices", type=int, default=1, help="devices (torchrun ranks) the "
                         "run is planned on (default 1)")
-    parser.add_argument("--hardware", default="h100-80gb", choices=NAMES, help=(
-        "the device (default h100-80gb); cpu times this machine"))
+    parser.add_argument("--hardware", default="h100-80gb", type=device, help=(
+        f"the device: one of {', '.join(NAMES)} (default h100-80gb; cpu times this "
+        "machine), or a .yaml/.json file of your own entry (docs/planning.md)"))
     parser.add_argument("--routing-skew", type=float, default=0.0, help=(
         "MoE: the busiest expert gets 1+X times its balanced share of tokens (default 0)"))
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=(

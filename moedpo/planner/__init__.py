@@ -71,10 +71,11 @@ class Plan:
         }
 
 
-def plan(cfg: DPOConfig, devices: int = 1, hardware_name: str = "cpu",
+def plan(cfg: DPOConfig, devices: int = 1, device: str | Hardware = "cpu",
          routing_skew: float = 0.0, margin: float = DEFAULT_MARGIN) -> Plan:
-    """The plan of `cfg` on `devices` devices of `hardware_name` (hardware.py's table)."""
-    hw = hardware(hardware_name)
+    """The plan of `cfg` on `devices` devices of `device` (a name from hardware.py's table,
+    a file of an entry, or an entry)."""
+    hw = device if isinstance(device, Hardware) else hardware(device)
     check_plannable(cfg, devices)
     modelled = ["expert loads: balanced" + (f", busiest expert x{1 + routing_skew:g}"
                                             if routing_skew else "")]

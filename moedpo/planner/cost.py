@@ -11,6 +11,7 @@ attention; other operations count as memory traffic only). A dispatch mode rathe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed._tools.common_utils import get_untyped_storages
@@ -18,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from .hardware import Hardware
+if TYPE_CHECKING:  # hardware.py times this CPU with an OpCosts
+    from .hardware import Hardware
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Operations that compute nothing on the device: metadata queries (`prim`), allocations
@@ -39,13 +41,9 @@ class Costs:
     def flops(self) -> int:
         return sum(op[0] for op in self.ops)
 
-    def seconds(self, hw: Hardware, scale: float = 1.0) -> float:
-        """The roofline time of the recorded operations on `hw` (times `scale`)."""
-        total = 0.0
-        for flops, moved, low in self.ops:
-            peak = hw.bf16_flops if low else hw.fp32_flops
-            total += max(flops / peak, moved / hw.memory_bandwidth)
-        return total * scale
+    def seconds(self, hw: Hardware) -> float:
+        """The time of the recorded operations on `hw`, one after another."""
+        return sum(hw.op_seconds(*op) for op in self.ops)
 
 
 class OpCosts(TorchDispatchMode):

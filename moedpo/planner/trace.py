@@ -17,6 +17,7 @@ import gc
 import logging
 import math
 import multiprocessing
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,9 @@ class TracedStep:
     parameter_count: int  # the policy's, unsharded
     trainable_count: int
     phases: dict[str, int] = field(default_factory=dict)  # peak bytes per phase
+    # wall seconds of the measured step: the device's time on real tensors only (a fake
+    # step's time is the host's), what the plan's time is checked against
+    measured_seconds: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -271,10 +275,12 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
                 gc.disable()
                 try:
                     tracker.reset_peak()
+                    start = time.perf_counter()
                     with tracker.phase("forward and backward"):
                         step()
                     with tracker.phase("optimizer"):
                         optimizer.step()
+                    seconds = time.perf_counter() - start
                 finally:
                     gc.enable()
         frozen = reference is None or isinstance(reference, lora.AdaptersOff)
@@ -290,4 +296,4 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
             * cfg.gradient_accumulation_steps // len(batches),
             pairs=pairs, micro_batches=cfg.gradient_accumulation_steps,
             parameter_count=counts[0], trainable_count=counts[1],
-            phases=dict(tracker.phase_peaks))
+            phases=dict(tracker.phase_peaks), measured_seconds=seconds)

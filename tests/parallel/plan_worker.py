@@ -2,8 +2,9 @@
 `fake N` (fake tensors over N fake ranks), `real` (real weights, routing and, under torchrun,
 gloo collectives: what the plan is checked against), `whole N` (as `fake`, a deep model traced whole
 rather than as two shallow copies), `memtracker` (the real step measured by torch's own
-MemTracker instead of the planner's tracker) or `flops` (the fake step's FLOPs counted by
-torch's FlopCounterMode as well). Each in a process of its own: traces on fake
+MemTracker instead of the planner's tracker), `flops` (the fake step's FLOPs counted by
+torch's FlopCounterMode as well) or `time` (as `real`, with the plan's step time on the `cpu`
+entry, timed in this process just before). Each in a process of its own: traces on fake
 tensors after real ones in one long-lived process have crashed torch's fake-tensor converter."""
 
 import contextlib
@@ -62,6 +63,10 @@ def main() -> None:
         step = trace_lib.plan_step(cfg, int(world), shallow=mode != "whole")
         main = True
     else:
+        if mode == "time":
+            from moedpo.planner import plan
+
+            extra["planned_seconds"] = plan(cfg, 1, "cpu").compute_seconds
         backend = init_backend("cpu")
         step = trace_lib.trace_step(cfg, backend, real=True)
         main = backend.is_main
@@ -70,6 +75,10 @@ def main() -> None:
         figures = {k: getattr(step, k) for k in ("parameters", "gradients", "optimizer",
                                                  "reference", "peak", "flops", "state",
                                                  "transient")}
+        if mode == "time":
+            figures["measured_seconds"] = step.measured_seconds
+        if "planned_seconds" in extra:
+            figures["planned_seconds"] = extra["planned_seconds"]
         if "counter" in extra:
             figures["torch_flops"] = extra["counter"].get_total_flops()
         Path(out).write_text(json.dumps(figures))
