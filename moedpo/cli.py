@@ -245,12 +245,43 @@ def plan_command(argv: list[str]) -> None:
         "MoE: the busiest expert gets 1+X times its balanced share of tokens (default 0)"))
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=(
         "share of device memory kept free for the allocator and runtime (default 0.1)"))
+    parser.add_argument("--search", action="store_true", help=(
+        "plan the config's variants on the same devices (HSDP replica groups, micro-batch, "
+        "activation checkpointing) and print those that fit, fastest first, as command "
+        "lines"))
+    parser.add_argument("--top", type=int, default=5, help="--search: variants printed "
+                        "(default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     check_override_keys(args.overrides)
     cfg = check_override_values(args.overrides)
+    if args.search:
+        search_command(cfg, args)
+        return
     result = plan(cfg, args.devices, args.hardware, args.routing_skew, args.margin)
     print(json.dumps(result.to_json(), indent=1) if args.json else text(result))
+
+
+def search_command(cfg: DPOConfig, args: argparse.Namespace) -> None:
+    """`moedpo plan --search`: progress on stderr, one line per traced variant."""
+    import json
+
+    from .planner import check_plannable
+    from .planner.hardware import hardware
+    from .planner.report import search_text, variant_line
+    from .planner.search import NOT_SEARCHED, search
+
+    hw = hardware(args.hardware) if isinstance(args.hardware, str) else args.hardware
+    check_plannable(cfg, args.devices)
+    found = search(cfg, args.devices, hw, args.routing_skew, args.margin,
+                   lambda c: print(f"traced: {variant_line(c)}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps({"candidates": [
+            {**c.plan.to_json(), "changes": c.changes,
+             "command": c.command(args.overrides, args.devices, hw)} for c in found],
+            "not_searched": list(NOT_SEARCHED)}, indent=1))
+    else:
+        print(search_text(found, args.overrides, args.devices, args.top, NOT_SEARCHED))
 
 
 TOOLS = {"export": export_command, "convert": convert_command, "plot": plot_command,

@@ -234,3 +234,72 @@ def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path):
     for part in ("parameters", "gradients", "optimizer", "reference", "flops"):
         assert planned[part] == real[part], part
     assert planned["peak"] == pytest.approx(real["peak"], rel=0.10)
+
+
+def test_search_axes():
+    from moedpo.planner.search import micro_batch_sizes, replica_counts
+
+    assert micro_batch_sizes(8) == [1, 2, 4, 8] and micro_batch_sizes(12) == [1, 2, 4, 12]
+    assert micro_batch_sizes(1) == [1]
+    h100 = HARDWARE["h100-80gb"]  # 8 GPUs per node: shard groups of 8, 16, 32
+    assert replica_counts(64, h100) == [1, 8, 4, 2]
+    assert replica_counts(12, h100) == [1]  # no whole-node groups
+    assert replica_counts(8, h100) == [1]
+    assert replica_counts(256, HARDWARE["tpu-v5p"]) == [1]  # one flat SPMD mesh
+
+
+def fake_trace(cfg, world, skew):
+    """A step whose activations grow with the micro-batch (half of them checkpointed); its
+    1B parameters' gathers, every micro-batch, outlast its compute: bigger micro-batches
+    (fewer of them) are faster, checkpointing or not."""
+    size, ckpt = cfg.per_device_train_batch_size, cfg.model.activation_checkpointing
+    shard = world // cfg.parallel.replicate
+    traced = min(cfg.gradient_accumulation_steps, 2)
+    per_micro = [(size * 1e12 * (4 / 3 if ckpt else 1), 0, True), (0, 0, True)]
+    state = 40 * 2**30 // shard
+    return trace_lib.TracedStep(
+        "fsdp2", parameters=state, gradients=0, optimizer=0, reference=0,
+        peak=state + int(size * 2**30 * (0.5 if ckpt else 1)), tokens=0,
+        costs=[(1.0, Costs(per_micro * traced))], pairs=8, micro_batches=8 // size,
+        traced=traced, parameter_count=10**9, trainable_count=10**9)
+
+
+def test_search_climbs_micro_batches_until_one_does_not_fit():
+    """Without checkpointing sizes 1 and 2 fit in 8.55 GiB, 4 does not (the series stops);
+    with it, the search starts at 4 and stops at 8. Ranked by pairs/s, fitting first."""
+    import concurrent.futures
+
+    from moedpo.planner.search import search
+
+    hw = replace(HARDWARE["h100-80gb"], memory=9.5 * 2**30, op_overhead=0.0)
+    cfg = compose_cfg("model=tiny", "per_device_train_batch_size=8")
+    seen = []
+    found = search(cfg, 8, hw, 0.0, 0.1, seen.append, trace=fake_trace,
+                   executor=concurrent.futures.ThreadPoolExecutor(1))
+    tried = [(c.changes["model.activation_checkpointing"],
+              c.changes["per_device_train_batch_size"], c.fits) for c in seen]
+    assert tried == [(False, 1, True), (False, 2, True), (False, 4, False), (True, 4, True),
+                     (True, 8, False)]
+    ranked = [(c.changes["model.activation_checkpointing"],
+               c.changes["per_device_train_batch_size"]) for c in found if c.fits]
+    assert ranked == [(True, 4), (False, 2), (False, 1)]  # 4 pairs per micro-batch is fastest
+    assert all(c.changes["gradient_accumulation_steps"] * c.changes[
+        "per_device_train_batch_size"] == 8 for c in found)  # pairs per step kept
+    command = found[0].command(["model=tiny", "per_device_train_batch_size=8"], 8, hw)
+    assert command == ("torchrun --standalone --nproc_per_node 8 --no-python moedpo train "
+                       "model=tiny parallel.replicate=1 per_device_train_batch_size=4 "
+                       "gradient_accumulation_steps=2 model.activation_checkpointing=true")
+
+
+def test_plan_search_prints_ready_commands():
+    done = subprocess.run([sys.executable, "-m", "moedpo", "plan", *STEP, "--search",
+                           "--hardware", "cpu", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=True)
+    found = json.loads(done.stdout)["candidates"]
+    assert [c["changes"]["per_device_train_batch_size"] for c in found] == [2, 1]  # fastest
+    assert found[0]["pairs_per_second"] > found[1]["pairs_per_second"]
+    assert found[0]["command"].startswith("moedpo train model=tiny max_length=256 ")
+    assert found[1]["command"].endswith("per_device_train_batch_size=1 "
+                                        "gradient_accumulation_steps=2 "
+                                        "model.activation_checkpointing=false")
+    assert done.stderr.count("traced: replicate 1") == 2  # progress per variant

@@ -77,6 +77,14 @@ def plan(cfg: DPOConfig, devices: int = 1, device: str | Hardware = "cpu",
     a file of an entry, or an entry)."""
     hw = device if isinstance(device, Hardware) else hardware(device)
     check_plannable(cfg, devices)
+    return assemble(cfg, devices, hw, plan_step(cfg, devices, routing_skew), routing_skew,
+                    margin)
+
+
+def assemble(cfg: DPOConfig, devices: int, hw: Hardware, traced: TracedStep,
+             routing_skew: float, margin: float) -> Plan:
+    """The plan from `cfg`'s traced step: its collectives over `hw`'s links, its time, and
+    what it models rather than traces."""
     modelled = ["expert loads: balanced" + (f", busiest expert x{1 + routing_skew:g}"
                                             if routing_skew else "")]
     depths = traced_depths(cfg)
@@ -86,7 +94,6 @@ def plan(cfg: DPOConfig, devices: int = 1, device: str | Hardware = "cpu",
     if hw.kind == "xla":
         modelled.append("XLA SPMD planned as FSDP2 over the same devices (same shards; "
                         "XLA's own buffers and fusion not modelled)")
-    traced = plan_step(cfg, devices, routing_skew)
     links = collective_bytes(cfg, traced, devices, hw)
     link_seconds = sum(b / (hw.fast_link if link == "fast" else hw.slow_link)
                        for link, b in links.items())

@@ -19,7 +19,7 @@ import math
 import multiprocessing
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -168,19 +168,32 @@ def plan_step(cfg: DPOConfig, world: int, skew: float = 0.0,
     """Rank 0's memory and FLOPs of one training step of `cfg` on `world` processes, traced
     on fake tensors over a fake process group. A deep model is traced as two shallow copies
     and extrapolated to its depth (`traced_depths`); `shallow=False` traces it whole."""
+    parts, combine = step_parts(cfg, shallow)
+    if len(parts) == 1:
+        return combine([traced_alone(parts[0], world, skew)])
+    with tracing_pool(len(parts)) as pool:
+        return combine(list(pool.map(traced_alone, parts, [world] * 2, [skew] * 2)))
+
+
+def step_parts(cfg: DPOConfig, shallow: bool = True
+               ) -> tuple[list[DPOConfig], Callable[[list[TracedStep]], TracedStep]]:
+    """The configs to trace for `cfg`'s step and how their traces make it: `cfg` itself, or
+    two shallow copies of a deep model and the line through them (`traced_depths`)."""
     depths = traced_depths(cfg) if shallow else None
     if depths is None:
-        return traced_alone(cfg, world, skew)
+        return [cfg], lambda steps: steps[0]
     (a, b), full = depths
-    # One trace per process: a second fake trace in a process has crashed inside torch
-    # (torch 2.13: segfaults in the fake-tensor converter and dispatch cache, about one run
-    # in four, with or without moedpo's trackers); a fresh interpreter per depth never did.
-    # Spawned, so the children share no state with this process, and run side by side.
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        short, longer = pool.map(traced_alone, [with_depth(cfg, a), with_depth(cfg, b)],
-                                 [world] * 2, [skew] * 2)
-    return extrapolate(short, longer, (full - a) / (b - a))
+    return ([with_depth(cfg, a), with_depth(cfg, b)],
+            lambda steps: extrapolate(steps[0], steps[1], (full - a) / (b - a)))
+
+
+def tracing_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes for traces, one trace each: a second fake trace in a process has crashed
+    inside torch (torch 2.13: segfaults in the fake-tensor converter and dispatch cache,
+    about one run in four, with or without moedpo's trackers); a fresh interpreter per trace
+    never did. Spawned, so the children share no state with this process."""
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
 
 
 def traced_alone(cfg: DPOConfig, world: int, skew: float = 0.0) -> TracedStep:
