@@ -52,13 +52,12 @@ def main() -> None:
 
     from moedpo.config import register_schema
     from moedpo.data import build_data
-    from moedpo.layout import packing_budget, use_shared_prompt
+    from moedpo.layout import batch_maker, packing_budget, use_shared_prompt
     from moedpo.optim import build_optimizer
     from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import init_backend
     from moedpo.placement import load_models
     from moedpo.step import batch_loss
-    from moedpo.trainer import batch_maker
 
     register_schema()
     with tempfile.TemporaryDirectory() as tmp:

@@ -529,6 +529,12 @@ class DPOConfig:
     report_metrics_freq: int = setting(1,
         "log train metrics (averaged since the last report) every N steps",
         ge=1, group="Run and loop")
+    plan_memory: bool = setting(False,
+        "trace one step of this run on fake tensors at startup, as `moedpo plan` does (in a "
+        "process of its own, beside loading: seconds for small models, about a minute for "
+        "large ones), and log its per-device peak as `train/memory/planned_peak` beside "
+        "`train/memory/measured_peak`, so every run checks the planner. See [Planning]"
+        "(../planning.md)", group="Run and loop")
     sample_during_eval: bool = setting(False,
         "at each eval, generate greedy responses for fixed eval prompts into "
         "`run_dir/samples.jsonl` and TensorBoard text", group="Run and loop")

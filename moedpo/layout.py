@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ConfigError, DPOConfig
-from .data.collate import SEGMENT_PROMPT
+from .data import collate, collate_shared
+from .data.collate import HOST_KEYS, SEGMENT_PROMPT
 from .models import block_attention
 from .models.families import takes_mask_per_layer_type
 from .parallel.backend import choose_kind
 from .private_api import attention_implementation
+
+if TYPE_CHECKING:
+    from .parallel import Strategy
+    from .parallel.backend import Backend
 
 
 def share_prompt_blocker(cfg: DPOConfig, static_shapes: bool,
@@ -203,3 +211,39 @@ def check_rows(cfg: DPOConfig) -> None:
            f"data.max_tokens_per_row={d.max_tokens_per_row}: with static shapes every "
            f"row is that long and must hold any pair's block (up to 2 x max_length = "
            f"{2 * cfg.max_length} tokens); raise it or set it to null")
+
+
+def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
+    """With static shapes (by default on XLA): max_length, or the length buckets up to it;
+    else None: each batch's longest."""
+    if not static_shapes(cfg, backend.kind):
+        return None
+    if cfg.data.length_buckets:
+        return sorted({*cfg.data.length_buckets, cfg.max_length})
+    return cfg.max_length
+
+
+def batch_maker(cfg: DPOConfig, tokenizer, parallel: Strategy, shared: bool = False,
+                max_tokens: int = 0) -> Callable:
+    """pairs -> collated tensors on the backend's device, placed by the strategy (split over
+    the mesh on XLA); one row per pair with `shared` (use_shared_prompt), several of up to
+    `max_tokens` tokens with packing (packing_budget)."""
+    backend = parallel.backend
+    # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
+    own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
+    pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
+    pad_to = padded_length(cfg, backend)
+    if shared and pad_to is not None:  # static shapes: bin packing into rows of max_tokens
+        pad_to = max_tokens
+    to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha,
+                       row_multiple=backend.devices if pad_to is not None else 1)
+               if shared else partial(collate, ld_alpha=cfg.loss.ld_alpha))
+
+    def make(pairs: list) -> dict[str, torch.Tensor]:
+        batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
+        if backend.kind == "xla":  # eager attention: the dense mask, no per-pair layout
+            batch.pop("blocks", None)
+        batch = {k: v if k in HOST_KEYS else v.to(backend.device, non_blocking=True)
+                 for k, v in batch.items()}
+        return parallel.place(batch)
+    return make

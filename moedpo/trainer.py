@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,12 +26,11 @@ from . import run_dir as run_dir_lib
 from .callbacks import Callback, fire
 from .checkpoint import Checkpointer
 from .config import DPOConfig
-from .data import build_data, collate, collate_shared, eval_indices
-from .data.collate import HOST_KEYS
+from .data import build_data, eval_indices
 from .data.micro_batches import micro_batches, row_tokens
 from .data.micro_batches import weights as micro_weights
 from .evaluate import evaluate, generate
-from .layout import packing_budget, static_shapes, use_shared_prompt
+from .layout import batch_maker, packing_budget, padded_length, use_shared_prompt
 from .losses import loss_names
 from .losses.unpaired import RewardShift
 from .metrics import MeanMetrics, MetricWriter, console_line
@@ -44,9 +42,10 @@ from .optim import (
     check_nonfinite,
     continue_schedule,
 )
-from .parallel import Strategy, make_strategy
+from .parallel import make_strategy
 from .parallel.backend import Backend, init_backend, shutdown
 from .placement import load_models
+from .planner import PlannedPeak
 from .preemption import StopSignal
 from .private_api import attention_implementation
 from .progress import Progress, batch_bar, interactive
@@ -76,42 +75,6 @@ class RunResult:
     policy: torch.nn.Module
     run_dir: Path
     preempted: bool = False
-
-
-def padded_length(cfg: DPOConfig, backend: Backend) -> int | list[int] | None:
-    """With static shapes (by default on XLA): max_length, or the length buckets up to it;
-    else None: each batch's longest."""
-    if not static_shapes(cfg, backend.kind):
-        return None
-    if cfg.data.length_buckets:
-        return sorted({*cfg.data.length_buckets, cfg.max_length})
-    return cfg.max_length
-
-
-def batch_maker(cfg: DPOConfig, tokenizer, parallel: Strategy, shared: bool = False,
-                max_tokens: int = 0) -> Callable:
-    """pairs -> collated tensors on the backend's device, placed by the strategy (split over
-    the mesh on XLA); one row per pair with `shared` (use_shared_prompt), several of up to
-    `max_tokens` tokens with packing (packing_budget)."""
-    backend = parallel.backend
-    # pad_token_id null (or the original's -100, not a token) means the tokenizer's pad token.
-    own_pad = cfg.pad_token_id is not None and cfg.pad_token_id >= 0
-    pad_id = cfg.pad_token_id if own_pad else tokenizer.pad_token_id
-    pad_to = padded_length(cfg, backend)
-    if shared and pad_to is not None:  # static shapes: bin packing into rows of max_tokens
-        pad_to = max_tokens
-    to_rows = (partial(collate_shared, max_tokens=max_tokens, ld_alpha=cfg.loss.ld_alpha,
-                       row_multiple=backend.devices if pad_to is not None else 1)
-               if shared else partial(collate, ld_alpha=cfg.loss.ld_alpha))
-
-    def make(pairs: list) -> dict[str, torch.Tensor]:
-        batch = to_rows(pairs, pad_id, cfg.label_pad_token_id, pad_to)
-        if backend.kind == "xla":  # eager attention: the dense mask, no per-pair layout
-            batch.pop("blocks", None)
-        batch = {k: v if k in HOST_KEYS else v.to(backend.device, non_blocking=True)
-                 for k, v in batch.items()}
-        return parallel.place(batch)
-    return make
 
 
 def row_layout(shared: bool, max_tokens: int, static: bool, policy: torch.nn.Module,
@@ -205,6 +168,9 @@ class Trainer:
         if not backend.is_main:
             logging.getLogger("moedpo").setLevel(logging.WARNING)
         self.parallel = parallel = make_strategy(cfg, backend)
+        # traced beside the loading below; read at the first report
+        self.planned = (PlannedPeak(cfg, backend.total_devices)
+                        if cfg.plan_memory and backend.is_main else None)
         self.checkpointer = Checkpointer(
             cfg.checkpoint_dir, cfg.checkpoint.max_to_keep, backend.process, backend.barrier,
             parallel.save_planner, parallel.load_planner,
@@ -337,6 +303,8 @@ class Trainer:
                  "tokens_per_second": tokens / max(window.seconds, 1e-9),
                  "nonfinite_steps": self.nonfinite["total"],
                  "memory/measured_peak": backend.peak_memory(), **self.parallel.step_metrics()}
+        if self.planned is not None and self.planned.result() is not None:
+            extra["memory/planned_peak"] = self.planned.result()
         row = self.writer.write(step, (step + 1) * self.step_size, "train", reduced, extra)
         log.info(console_line(step, self.n_steps, "train",
                               {k.removeprefix("train/"): v for k, v in row.items()}))

@@ -99,10 +99,9 @@ def test_packing_auto_packs_where_attention_runs_per_pair(make_cfg, caplog):
 def test_default_batches_are_one_packed_row(make_cfg):
     """What the trainer builds by default for the tiny Mixtral: one row per micro-batch."""
 
-    from moedpo.layout import packing_budget, use_shared_prompt
+    from moedpo.layout import batch_maker, packing_budget, use_shared_prompt
     from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import Backend
-    from moedpo.trainer import batch_maker
 
     cfg, policy = make_cfg("per_device_train_batch_size=4"), tiny_policy()
     shared = use_shared_prompt(cfg, False, policy)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg, write_tiny_deepseek
+from conftest import ROOT, compose_cfg, tiny_train_overrides, write_tiny_deepseek
 from moedpo.models.load import ModelLoadError, initial_model, model_config
 from moedpo.parallel.fsdp import even_placement
 from moedpo.planner import collective_bytes
@@ -303,3 +303,25 @@ def test_plan_search_prints_ready_commands():
                                         "gradient_accumulation_steps=2 "
                                         "model.activation_checkpointing=false")
     assert done.stderr.count("traced: replicate 1") == 2  # progress per variant
+
+
+def test_a_run_with_plan_memory_logs_the_planned_peak(make_cfg, tmp_path, caplog):
+    """`plan_memory=true`: every train row holds the peak `moedpo plan` prints for the same
+    config; a config the planner refuses (LoRA) trains all the same, without it."""
+    from moedpo.trainer import run
+
+    overrides = [*tiny_train_overrides(), "max_steps=2", "report_metrics_freq=1"]
+    result = run(make_cfg(*overrides, "plan_memory=true"))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+    planned = [r["train/memory/planned_peak"] for r in rows if "train/loss" in r]
+    done = subprocess.run([sys.executable, "-m", "moedpo", "plan", *overrides, "--hardware",
+                           "cpu", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert planned == [json.loads(done.stdout)["peak_bytes_per_device"]] * 2
+    adapters = run(make_cfg(*overrides, "plan_memory=true", "model.lora.r=4",
+                            f"output_dir={tmp_path / 'lora'}"))
+    rows = (adapters.run_dir / "metrics.jsonl").read_text()
+    assert "train/loss" in rows and "planned_peak" not in rows
+    assert "plan_memory: the step could not be planned (ConfigError: moedpo plan: LoRA" in \
+        caplog.text

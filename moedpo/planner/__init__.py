@@ -8,12 +8,17 @@ time (cost.py), and the strategy's collectives a bandwidth model of the links
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+import multiprocessing
 from dataclasses import dataclass
 
 from ..config import DTYPES, ConfigError, DPOConfig
 from ..models import lora
 from .hardware import Hardware, hardware
 from .trace import TracedStep, plan_step, traced_depths
+
+log = logging.getLogger("moedpo")
 
 # Kept free of the device's memory for what no trace sees: the allocator's fragmentation
 # and cache, the runtime's own buffers (CUDA context, NCCL, XLA programs).
@@ -138,3 +143,35 @@ def collective_bytes(cfg: DPOConfig, traced: TracedStep, devices: int,
         links["slow"] += (2 * (replicate - 1) / replicate * reduced / shard
                           * traced.micro_batches)
     return links
+
+
+def planned_peak(cfg: DPOConfig, devices: int) -> int:
+    """The traced peak bytes per device of `cfg`'s step on `devices` devices."""
+    check_plannable(cfg, devices)
+    return plan_step(cfg, devices).peak
+
+
+class PlannedPeak:
+    """`planned_peak`, traced in a spawned process while the run loads (a fake process group
+    cannot live beside the run's own): the trainer's `memory/planned_peak`."""
+
+    def __init__(self, cfg: DPOConfig, devices: int) -> None:
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"))
+        self._future = self._pool.submit(planned_peak, cfg, devices)
+        self._value: int | None = None
+
+    def result(self) -> int | None:
+        """Bytes, waiting for the trace the first time; None when it could not be planned
+        (said once: a plan never stops a run)."""
+        if self._pool is not None:
+            try:
+                self._value = self._future.result()
+                log.info("planned peak per device: %.2f GiB (plan_memory; docs/planning.md)",
+                         self._value / 2**30)
+            except Exception as err:  # noqa: BLE001 (whatever failed, training goes on)
+                log.warning("plan_memory: the step could not be planned (%s: %s); training "
+                            "goes on without memory/planned_peak", type(err).__name__, err)
+            self._pool.shutdown()
+            self._pool = None
+        return self._value

@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import DPOConfig
 from ..data.collate import HOST_KEYS
 from ..data.synthetic import synthetic_pairs
-from ..layout import packing_budget, use_shared_prompt
+from ..layout import batch_maker, packing_budget, use_shared_prompt
 from ..losses import loss_names, needs_reference
 from ..models import lora
 from ..models.load import build_models, model_config
@@ -123,8 +123,6 @@ def step_batches(cfg: DPOConfig, parallel: Strategy, policy: torch.nn.Module,
                  vocab: int) -> tuple[list[dict[str, torch.Tensor]], int]:
     """This rank's micro-batches of one step, laid out as the trainer lays them (shared
     prompt, packing), from pairs of max_length tokens (half prompt); (batches, pairs)."""
-    from ..trainer import batch_maker
-
     shared = use_shared_prompt(cfg, False, policy)
     max_tokens = packing_budget(cfg, shared, policy, False)
     make = batch_maker(cfg, _PadOnly(), parallel, shared, max_tokens)

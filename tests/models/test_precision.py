@@ -71,9 +71,9 @@ def test_master_gradients_equal_the_bf16_models(make_cfg, tokenizer, checkpointe
     copy's backward only widens them), and activation checkpointing's recompute sees the
     same bf16 weights."""
     from moedpo.data import build_data
+    from moedpo.layout import batch_maker
     from moedpo.parallel import make_strategy
     from moedpo.parallel.backend import Backend
-    from moedpo.trainer import batch_maker
 
     cfg = make_cfg(*tiny_train_overrides(), *BF16)
     policy, reference = tiny("bfloat16")
