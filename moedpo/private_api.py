@@ -113,3 +113,14 @@ def fsspec_storage(url: str, write: bool) -> Any:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     return FsspecWriter(url) if write else FsspecReader(url)
+
+
+@contextlib.contextmanager
+def real_mesh_bookkeeping() -> Iterator[None]:
+    """Any active fake-tensor mode paused (torch's `unset_fake_temporarily`): FSDP2 builds a
+    DeviceMesh when it shards a DTensor parameter (the experts' EP placement), whose
+    coordinates need real tensors (`nonzero`); the parameters stay fake."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield

@@ -68,12 +68,13 @@ def check_model_json(path: Path) -> None:
     check_model_shapes(fields, f"model.config_path={path}")
 
 
+# Where transformers' MoE configs keep their expert count, by family.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Shape fields of transformers' decoder configs that must be whole numbers >= 1 where set
 # (a key a family lacks is not checked): what the model is built from, before it is built.
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim",
-                   "num_local_experts", "num_experts", "n_routed_experts",
-                   "num_experts_per_tok", "moe_intermediate_size")
+                   *EXPERT_COUNT_FIELDS, "num_experts_per_tok", "moe_intermediate_size")
 
 
 def check_model_shapes(fields: dict, where: str) -> None:
@@ -112,8 +113,7 @@ def check_model_shapes(fields: dict, where: str) -> None:
     _check(head_dim is None or not rotary or head_dim % 2 == 0,
            f"{where}: the head size is {head_dim}; rotary embeddings rotate pairs of "
            "dimensions, so it must be even")
-    experts = next((value[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if value[k]), None)
+    experts = next((value[k] for k in EXPERT_COUNT_FIELDS if value[k]), None)
     top_k = value["num_experts_per_tok"]
     _check(experts is None or top_k is None or top_k <= experts,
            f"{where}: num_experts_per_tok={top_k} is above the {experts} experts")

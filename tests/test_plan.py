@@ -177,16 +177,44 @@ def test_model_config_overrides_set_fields_or_name_the_wrong_one():
 
 def test_collective_bytes_by_hand():
     cfg = compose_cfg(*STEP, "parallel.replicate=2")
-    traced = trace_lib.TracedStep("fsdp2", parameters=0, gradients=0, optimizer=0,
+    traced = trace_lib.TracedStep("fsdp2", parameters=0, gradients=500, optimizer=0,
                                   reference=100, peak=0, costs=[(1.0, Costs())], tokens=0,
                                   pairs=1, micro_batches=3, traced=2, parameter_count=1000,
-                                  trainable_count=1000)
+                                  trainable_count=1000, expert_count=800)
     hw = HARDWARE["h100-80gb"]  # 8 per node: 16 devices = 2 groups of 8, one per node
     links = collective_bytes(cfg, traced, 16, hw)
-    policy = 1000 * 4  # the tiny config's float32 policy, gathered twice
-    within = 7 / 8 * (2 * policy + 100 * 8 + 1000 * 4) * 3
+    # the tiny config's float32 policy gathered twice and its float32 reference once, the
+    # float32 gradients reduce-scattered: 3 micro-batches
+    within = 7 / 8 * 1000 * (4 + 4 + 4 + 4) * 3
     assert links["fast"] == pytest.approx(within)
-    assert links["slow"] == pytest.approx(2 * 1 / 2 * 1000 * 4 / 8 * 3)
+    assert links["slow"] == pytest.approx(2 * 1 / 2 * 500 * 3)  # HSDP's all-reduce
+    # EP 4 within each group of 8: the 800 expert parameters split 4 ways, each part
+    # gathered over its 2 copies; 2 micro-batches' traced all-to-alls of 1000 bytes
+    cfg = compose_cfg(*STEP, "parallel.replicate=2", "parallel.expert_parallel=4")
+    traced.costs = [(1.0, Costs(exchanged=1000))]
+    ep = collective_bytes(cfg, traced, 16, hw)
+    assert ep["fast"] == pytest.approx(
+        (7 / 8 * 200 + 1 / 2 * 800 / 4) * 16 * 3 + 3 / 4 * 1000 * 3 / 2)
+    assert ep["slow"] == links["slow"]
+
+
+def test_expert_parallel_plan_exchanges_each_routed_row_and_computes_its_share(tmp_path):
+    """EP 2 on 2 fake ranks: the all-to-alls the trace counted are the routed rows by hand
+    (each MoE layer sends its rows out and back in the forward, again in its recomputation
+    under checkpointing, in the backward, and in the reference's forward), and under
+    balanced loads each rank computes the expert rows it would without EP."""
+    ep = traced(tmp_path, "fake", "2", *STEP, "parallel.expert_parallel=2")
+    plain = traced(tmp_path, "fake", "2", *STEP)
+    config = model_config(compose_cfg(*STEP).model)
+    rows = ep["tokens"] * config.num_experts_per_tok
+    # rank 0 holds experts 0-3, which balanced loads give the remainder: it gets back more
+    received = 2 * sum(balanced_loads()(rows, config.num_local_experts)[:4])
+    assert received > rows
+    passes = 4  # the forward, its recomputation, the backward, the reference's forward
+    assert ep["exchanged"] == ((rows + received) * config.hidden_size * 4 * passes
+                               * config.num_hidden_layers)
+    assert plain["exchanged"] == 0
+    assert ep["flops"] == pytest.approx(plain["flops"], rel=0.01)
 
 
 def test_plan_command_prints_json():
@@ -206,8 +234,10 @@ def test_plan_command_refuses_what_it_cannot_plan():
                               capture_output=True, text=True, timeout=120)
     bad = run("model=tiny", "--hardware", "h900")
     assert bad.returncode == 2 and "--hardware: h900: unknown; choose one of" in bad.stderr
-    ep = run("model=tiny", "parallel.expert_parallel=2", "--devices", "2")
-    assert ep.returncode == 2 and "expert_parallel is not planned yet" in ep.stderr
+    ep = run("model=tiny", "parallel.expert_parallel=2", "model.capacity_factor=1.25",
+             "--devices", "2")
+    assert ep.returncode == 2 and "the dropped MoE (model.capacity_factor > 0) is not" in \
+        ep.stderr
     adapters = run("model=tiny", "model.lora.r=8")
     assert adapters.returncode == 2 and "LoRA (model.lora.r > 0) is not planned" in adapters.stderr
 
@@ -226,18 +256,23 @@ def test_the_planned_step_time_on_this_cpu_is_within_30_percent_of_the_real_step
 
 
 @pytest.mark.slow
-def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path):
-    """Two gloo ranks measure the real step; the plan over two fake ranks holds the same
-    bytes of weights, gradients, optimizer state and reference, and peaks within 10%."""
-    real = traced(tmp_path, "real", *STEP, ranks=2)
-    planned = traced(tmp_path, "fake", "2", *STEP)
-    for part in ("parameters", "gradients", "optimizer", "reference", "flops"):
+@pytest.mark.parametrize("ep", [1, 2])
+def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path, ep):
+    """Two gloo ranks measure the real step, with and without expert parallelism; the plan
+    over two fake ranks holds the same bytes of weights, gradients, optimizer state and
+    reference, and peaks within 10% (EP: the real routing sends rank 0 other loads)."""
+    step = (*STEP, f"parallel.expert_parallel={ep}")
+    real = traced(tmp_path, "real", *step, ranks=2)
+    planned = traced(tmp_path, "fake", "2", *step)
+    for part in ("parameters", "gradients", "optimizer", "reference"):
         assert planned[part] == real[part], part
+    if ep == 1:  # dropless computes each slot once, on its token's rank
+        assert planned["flops"] == real["flops"]
     assert planned["peak"] == pytest.approx(real["peak"], rel=0.10)
 
 
 def test_search_axes():
-    from moedpo.planner.search import micro_batch_sizes, replica_counts
+    from moedpo.planner.search import expert_parallel_degrees, micro_batch_sizes, replica_counts
 
     assert micro_batch_sizes(8) == [1, 2, 4, 8] and micro_batch_sizes(12) == [1, 2, 4, 12]
     assert micro_batch_sizes(1) == [1]
@@ -246,6 +281,14 @@ def test_search_axes():
     assert replica_counts(12, h100) == [1]  # no whole-node groups
     assert replica_counts(8, h100) == [1]
     assert replica_counts(256, HARDWARE["tpu-v5p"]) == [1]  # one flat SPMD mesh
+    tiny = compose_cfg("model=tiny")  # 8 experts
+    assert expert_parallel_degrees(tiny, 16, 1, h100) == [1, 8]  # at most a node
+    assert expert_parallel_degrees(tiny, 12, 1, h100) == [1, 4]  # divides 12 and 8
+    assert expert_parallel_degrees(tiny, 16, 1, HARDWARE["tpu-v5p"]) == [1]
+    dropped = compose_cfg("model=tiny", "model.capacity_factor=1.25")
+    assert expert_parallel_degrees(dropped, 16, 1, h100) == [1]  # not planned yet
+    dense = compose_cfg("model=tiny", "+model.config_overrides.num_local_experts=1")
+    assert expert_parallel_degrees(dense, 16, 1, h100) == [1]
 
 
 def fake_trace(cfg, world, skew):
@@ -276,18 +319,22 @@ def test_search_climbs_micro_batches_until_one_does_not_fit():
     seen = []
     found = search(cfg, 8, hw, 0.0, 0.1, seen.append, trace=fake_trace,
                    executor=concurrent.futures.ThreadPoolExecutor(1))
-    tried = [(c.changes["model.activation_checkpointing"],
-              c.changes["per_device_train_batch_size"], c.fits) for c in seen]
-    assert tried == [(False, 1, True), (False, 2, True), (False, 4, False), (True, 4, True),
-                     (True, 8, False)]
+    for ep in (1, 8):  # the tiny Mixtral's 8 experts: without EP, and over a node's 8 GPUs
+        tried = [(c.changes["model.activation_checkpointing"],
+                  c.changes["per_device_train_batch_size"], c.fits) for c in seen
+                 if c.changes["parallel.expert_parallel"] == ep]
+        assert tried == [(False, 1, True), (False, 2, True), (False, 4, False),
+                         (True, 4, True), (True, 8, False)]
     ranked = [(c.changes["model.activation_checkpointing"],
                c.changes["per_device_train_batch_size"]) for c in found if c.fits]
-    assert ranked == [(True, 4), (False, 2), (False, 1)]  # 4 pairs per micro-batch is fastest
+    assert ranked[::2] == [(True, 4), (False, 2), (False, 1)]  # 4 pairs per micro-batch first
     assert all(c.changes["gradient_accumulation_steps"] * c.changes[
         "per_device_train_batch_size"] == 8 for c in found)  # pairs per step kept
     command = found[0].command(["model=tiny", "per_device_train_batch_size=8"], 8, hw)
     assert command == ("torchrun --standalone --nproc_per_node 8 --no-python moedpo train "
-                       "model=tiny parallel.replicate=1 per_device_train_batch_size=4 "
+                       "model=tiny parallel.replicate=1 parallel.expert_parallel="
+                       f"{found[0].changes['parallel.expert_parallel']} "
+                       "per_device_train_batch_size=4 "
                        "gradient_accumulation_steps=2 model.activation_checkpointing=true")
 
 

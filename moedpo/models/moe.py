@@ -51,6 +51,11 @@ def assumed_loads(loads: Callable[[int, int], list[int]]) -> Iterator[None]:
         _ASSUMED_LOADS = outer
 
 
+def loads_assumed() -> Callable[[int, int], list[int]] | None:
+    """The loads `assumed_loads` set (the planner's), or None: routing decides."""
+    return _ASSUMED_LOADS
+
+
 def capacity(seq_len: int, top_k: int, num_experts: int, factor: float,
              rounding: str = "floor") -> int:
     """Slots per expert per sequence. `floor` is the original's int(S*k/E*cf) (can be 0);

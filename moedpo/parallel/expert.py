@@ -35,8 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..config import ConfigError, DPOConfig
-from ..models.moe import capacity, claim_places, experts_modules
-from ..private_api import own_parameters, swapped_parameters
+from ..models.moe import capacity, claim_places, experts_modules, loads_assumed
+from ..private_api import own_parameters, real_mesh_bookkeeping, swapped_parameters
 from .backend import Backend
 from .fsdp import FSDP2
 
@@ -187,7 +187,9 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict,
                           "experts only; use dropless, or dropped (model.capacity_factor > 0)")
     own_batch = own_batch or _self_mesh(ep_mesh)
     exchange = AllToAllEP
-    if implementation == "dropped":  # dropped on the sender; the receiver runs what came
+    if loads_assumed() is not None:  # planned on fake tensors (planner/): no routing to read
+        exchange = PlannedExchange
+    elif implementation == "dropped":  # dropped on the sender; the receiver runs what came
         exchange = _dropped_all_to_all()
         model.set_experts_implementation("moedpo_dropless")
     for experts in experts_modules(model):
@@ -200,10 +202,45 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict,
             experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
         experts.num_experts = total // ep  # what the exchange and the experts see
         _install(experts, exchange(experts, ep_mesh, own_batch))
-        fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
+        with real_mesh_bookkeeping():  # a plan on fake tensors (planner/); else no-op
+            fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
         experts.set_gradient_divide_factor(float(dist.get_world_size()))
         if efsdp_mesh.size() > 1:  # a divide factor other than the group size: sum, then divide
             experts.set_force_sum_reduction_for_comms(True)
+
+
+class PlannedExchange:
+    """The dropless exchange as the planner traces it (`moe.assumed_loads`): fake tensors
+    hold no routing, so the split sizes come from the assumed loads, the same on every
+    rank, and this rank (rank 0, the planner's) owns the busiest experts. The tensors and
+    collectives are AllToAllEP's: the sorted send rows, one all-to-all there and one back in
+    the forward (two more in the backward), the experts' forward on the received rows, the
+    results weighted and summed per token."""
+
+    def __init__(self, experts: nn.Module, ep_mesh: DeviceMesh, own_batch: DeviceMesh) -> None:
+        self.ep_mesh, self.num_local_experts = ep_mesh, experts.num_experts
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        from torch.distributed._functional_collectives import (
+            all_to_all_single_autograd,
+            wait_tensor,
+        )
+
+        ep, local = self.ep_mesh.size(), self.num_local_experts
+        tokens, top_k = top_k_index.shape
+        loads = loads_assumed()(tokens * top_k, local * ep)
+        send = [sum(loads[r * local:(r + 1) * local]) for r in range(ep)]
+        receive = [send[self.ep_mesh.get_local_rank()]] * ep
+        group = self.ep_mesh.get_group()
+        order = torch.argsort(top_k_index.reshape(-1))
+        rows = wait_tensor(all_to_all_single_autograd(
+            hidden_states[order // top_k], receive, send, group))
+        out = self.experts_forward(rows, top_k_index.new_zeros(sum(receive), 1),
+                                   rows.new_ones(sum(receive), 1))
+        back = wait_tensor(all_to_all_single_autograd(out, send, receive, group))
+        ordered = torch.empty_like(back)
+        ordered[order] = back
+        return (ordered.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)).sum(1)
 
 
 def _install(experts: nn.Module, exchange) -> None:

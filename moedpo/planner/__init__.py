@@ -68,6 +68,7 @@ class Plan:
             "step_seconds": self.step_seconds, "compute_seconds": self.compute_seconds,
             "collective_seconds": self.collective_seconds,
             "collective_bytes_per_device": self.collective_bytes,
+            "exchanged_bytes_per_device": t.exchanged,
             "flops_per_device": t.flops, "mfu": self.mfu,
             "pairs_per_second": self.pairs_per_second, "pairs_per_step": t.pairs * self.devices,
             "tokens_per_device_step": t.tokens, "parameters": t.parameter_count,
@@ -92,6 +93,9 @@ def assemble(cfg: DPOConfig, devices: int, hw: Hardware, traced: TracedStep,
     what it models rather than traces."""
     modelled = ["expert loads: balanced" + (f", busiest expert x{1 + routing_skew:g}"
                                             if routing_skew else "")]
+    if cfg.parallel.expert_parallel > 1:
+        modelled.append("expert parallelism: every rank sends the same loads; this rank "
+                        "holds the busiest experts")
     depths = traced_depths(cfg)
     if depths is not None:
         (a, b), full = depths
@@ -109,9 +113,11 @@ def assemble(cfg: DPOConfig, devices: int, hw: Hardware, traced: TracedStep,
 def check_plannable(cfg: DPOConfig, devices: int) -> None:
     if devices < 1:
         raise ConfigError(f"--devices {devices}: give at least one device")
-    if cfg.parallel.expert_parallel > 1:
-        raise ConfigError("moedpo plan: parallel.expert_parallel is not planned yet (its "
-                          "all-to-all has data-dependent sizes); plan without it for now")
+    if cfg.parallel.expert_parallel > 1 and (cfg.model.capacity_factor > 0
+                                             or cfg.model.moe_implementation == "dropped"):
+        raise ConfigError("moedpo plan: parallel.expert_parallel with the dropped MoE "
+                          "(model.capacity_factor > 0) is not planned yet (which slots it drops "
+                          "depends on the routing); plan the dropless MoE")
     if lora.is_enabled(cfg.model):
         raise ConfigError("moedpo plan: LoRA (model.lora.r > 0) is not planned yet (PEFT moves "
                           "its adapters in a way fake tensors refuse); plan the full model")
@@ -125,23 +131,32 @@ def collective_bytes(cfg: DPOConfig, traced: TracedStep, devices: int,
     """Bytes each device sends per step over its fast and slow links, as ring collectives
     move them: FSDP2 gathers each weight for the policy's forward and again for its backward
     and the reference's forward (in their compute dtypes), and reduce-scatters the gradients
-    in float32, every micro-batch; HSDP then all-reduces the gradient shards across the
-    replica groups."""
+    in float32, every micro-batch, over the shard group (R groups of devices / R with HSDP);
+    with expert parallelism the experts, split E ways, only over their copies in the group
+    (devices / R / E), and the routed tokens travel in the all-to-alls the trace counted;
+    HSDP then all-reduces each device's gradient shards across the replica groups."""
     links = {"fast": 0.0, "slow": 0.0}
     if devices == 1:
         return links
-    replicate = cfg.parallel.replicate
+    replicate, ep = cfg.parallel.replicate, cfg.parallel.expert_parallel
     shard = devices // replicate
     m = cfg.model
-    policy_bytes = traced.parameter_count * DTYPES[m.policy_dtype].itemsize
-    reference_bytes = traced.reference * shard  # its shards, whole again
-    gathered = 2 * policy_bytes + reference_bytes
-    reduced = traced.trainable_count * 4
-    within = (shard - 1) / shard * (gathered + reduced) * traced.micro_batches
-    links["fast" if shard <= hw.devices_per_node else "slow"] += within
+    weights = 2 * DTYPES[m.policy_dtype].itemsize + (
+        DTYPES[m.reference_dtype].itemsize if traced.reference else 0)
+    experts = traced.expert_count if ep > 1 else 0
+
+    def ring(count: float, group: int) -> float:
+        return (group - 1) / group * count
+
+    trainable_dense = traced.trainable_count - experts
+    within = (ring(traced.parameter_count - experts, shard) * weights
+              + ring(experts / ep, shard // ep) * weights
+              + ring(trainable_dense, shard) * 4 + ring(experts / ep, shard // ep) * 4)
+    links["fast" if shard <= hw.devices_per_node else "slow"] += within * traced.micro_batches
+    if ep > 1:  # EP groups are consecutive ranks; the trace counted each micro-batch's rows
+        links["fast" if ep <= hw.devices_per_node else "slow"] += ring(traced.exchanged, ep)
     if replicate > 1:  # every micro-batch's shards: FSDP2's HSDP all-reduces per backward
-        links["slow"] += (2 * (replicate - 1) / replicate * reduced / shard
-                          * traced.micro_batches)
+        links["slow"] += 2 * ring(traced.gradients, replicate) * traced.micro_batches
     return links
 
 

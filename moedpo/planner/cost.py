@@ -36,6 +36,9 @@ class Costs:
     """(flops, bytes, low precision) of each recorded operation."""
 
     ops: list[tuple[int, int, bool]] = field(default_factory=list)
+    # bytes this rank put into all-to-alls (expert parallelism's token exchange); the link
+    # model of planner/__init__.py times what leaves the rank
+    exchanged: int = 0
 
     @property
     def flops(self) -> int:
@@ -60,6 +63,9 @@ class OpCosts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func.namespace == "_c10d_functional" and func._overloadpacket.__name__ == \
+                "all_to_all_single":
+            self.recorded.exchanged += _bytes(args[0])
         if (func.is_view or func.namespace in NO_WORK_NAMESPACES
                 or func._overloadpacket.__name__ in ALLOCATIONS):
             return out

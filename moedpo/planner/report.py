@@ -42,7 +42,8 @@ def text(plan: Plan) -> str:
 def variant_line(c: Candidate) -> str:
     """A variant's searched settings and its verdict, on one line."""
     ch, p = c.changes, c.plan
-    return (f"replicate {ch['parallel.replicate']}, micro-batch "
+    return (f"replicate {ch['parallel.replicate']}, expert parallel "
+            f"{ch['parallel.expert_parallel']}, micro-batch "
             f"{ch['per_device_train_batch_size']} x {ch['gradient_accumulation_steps']}, "
             f"checkpointing {'on' if ch['model.activation_checkpointing'] else 'off'}: peak "
             f"{p.traced.peak / GIB:.1f} GiB, " + (

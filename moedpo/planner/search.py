@@ -3,14 +3,16 @@ devices, each planned as `moedpo plan` plans one (a traced step on fake tensors)
 that fit ranked by predicted pairs/s, each as a ready command line.
 
 Searched: HSDP replica groups (`parallel.replicate`, on GPUs: shard groups of whole nodes),
-the micro-batch (`per_device_train_batch_size` with `gradient_accumulation_steps` keeping
-the pairs per device and step) and activation checkpointing. Every variant trains on the
-same pairs per step, so pairs/s compares them fairly.
+expert parallelism (`parallel.expert_parallel`: off, or the most ranks of a node that divide
+the experts and the shard group, for a dropless MoE under torchrun), the micro-batch
+(`per_device_train_batch_size` with `gradient_accumulation_steps` keeping the pairs per
+device and step) and activation checkpointing. Every variant trains on the same pairs per
+step, so pairs/s compares them fairly.
 
-Memory grows with the micro-batch, so each (replicate, checkpointing) series climbs the
-sizes in waves and stops at the first that does not fit; checkpointing, which only trades
-compute for memory, is tried only above the largest size that fits without it. Each trace
-runs in a fresh process (trace.tracing_pool), two at a time.
+Memory grows with the micro-batch, so each (replicate, expert parallel, checkpointing)
+series climbs the sizes in waves and stops at the first that does not fit; checkpointing,
+which only trades compute for memory, is tried only above the largest size that fits
+without it. Each trace runs in a fresh process (trace.tracing_pool), two at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .trace import TracedStep, step_parts, traced_alone, tracing_pool
 
 # Levers a demanding user would also try, and why the search leaves them as configured.
 NOT_SEARCHED = (
-    "parallel.expert_parallel (not planned yet)",
+    "parallel.expert_parallel degrees other than off and the most in a node",
     "model.lora.r (LoRA is not planned yet)",
     "reference.precompute (its reference pass before training is not traced yet; "
     "plan it by setting it)",
@@ -81,6 +83,25 @@ def replica_counts(devices: int, hw: Hardware) -> list[int]:
     return counts
 
 
+def expert_parallel_degrees(cfg: DPOConfig, devices: int, replicas: int,
+                            hw: Hardware) -> list[int]:
+    """1 and, for a dropless MoE under torchrun, the largest EP degree inside one node that
+    divides the expert count and the shard group (devices / replicas)."""
+    from ..models.load import model_config
+    from ..validate import EXPERT_COUNT_FIELDS
+
+    config = model_config(cfg.model)
+    experts = next((getattr(config, k) for k in EXPERT_COUNT_FIELDS
+                    if getattr(config, k, None)), None)
+    dropped = cfg.model.capacity_factor > 0 or cfg.model.moe_implementation == "dropped"
+    if not experts or dropped or hw.kind == "xla":
+        return [1]
+    shard = devices // replicas
+    fitting = [e for e in range(2, min(hw.devices_per_node, shard) + 1)
+               if experts % e == 0 and shard % e == 0]
+    return [1, max(fitting)] if fitting else [1]
+
+
 def micro_batch_sizes(pairs: int) -> list[int]:
     """Sizes that divide the pairs per device and step: the powers of two and `pairs`."""
     sizes = {b for b in (2**i for i in range(pairs.bit_length())) if pairs % b == 0}
@@ -94,7 +115,8 @@ def variant(cfg: DPOConfig, changes: dict[str, Any]) -> DPOConfig:
         gradient_accumulation_steps=changes["gradient_accumulation_steps"],
         model=replace(cfg.model,
                       activation_checkpointing=changes["model.activation_checkpointing"]),
-        parallel=replace(cfg.parallel, replicate=changes["parallel.replicate"]))
+        parallel=replace(cfg.parallel, replicate=changes["parallel.replicate"],
+                         expert_parallel=changes["parallel.expert_parallel"]))
 
 
 def search(cfg: DPOConfig, devices: int, hw: Hardware, routing_skew: float, margin: float,
@@ -106,8 +128,9 @@ def search(cfg: DPOConfig, devices: int, hw: Hardware, routing_skew: float, marg
     pairs = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     sizes = micro_batch_sizes(pairs)
 
-    def candidate(replicas: int, checkpointing: bool, size: int) -> Candidate:
-        return Candidate({"parallel.replicate": replicas,
+    def candidate(series: tuple[int, int], checkpointing: bool, size: int) -> Candidate:
+        return Candidate({"parallel.replicate": series[0],
+                          "parallel.expert_parallel": series[1],
                           "per_device_train_batch_size": size,
                           "gradient_accumulation_steps": pairs // size,
                           "model.activation_checkpointing": checkpointing})
@@ -129,20 +152,25 @@ def search(cfg: DPOConfig, devices: int, hw: Hardware, routing_skew: float, marg
                 if progress:
                     progress(c)
 
+        every = [(r, e) for r in replica_counts(devices, hw)
+                 for e in expert_parallel_degrees(cfg, devices, r, hw)]
+
+        def series(c: Candidate) -> tuple[int, int]:
+            return c.changes["parallel.replicate"], c.changes["parallel.expert_parallel"]
+
         for checkpointing in (False, True):
-            # each replicate's series starts above the largest size that fit without
-            # checkpointing (all sizes without it), and climbs until a size does not fit
-            start = {r: 0 for r in replica_counts(devices, hw)}
+            # each series starts above the largest size that fit without checkpointing (all
+            # sizes without it), and climbs until a size does not fit
+            start = dict.fromkeys(every, 0)
             if checkpointing:
-                for r in start:
+                for s in every:
                     fitted = [c.changes["per_device_train_batch_size"] for c in traced
-                              if c.fits and c.changes["parallel.replicate"] == r]
-                    start[r] = sizes.index(max(fitted)) + 1 if fitted else 0
-            climbing = {r: i for r, i in start.items() if i < len(sizes)}
+                              if c.fits and series(c) == s]
+                    start[s] = sizes.index(max(fitted)) + 1 if fitted else 0
+            climbing = {s: i for s, i in start.items() if i < len(sizes)}
             while climbing:
-                batch = [candidate(r, checkpointing, sizes[i]) for r, i in climbing.items()]
+                batch = [candidate(s, checkpointing, sizes[i]) for s, i in climbing.items()]
                 wave(batch)
-                climbing = {c.changes["parallel.replicate"]: climbing[
-                    c.changes["parallel.replicate"]] + 1 for c in batch
-                    if c.fits and climbing[c.changes["parallel.replicate"]] + 1 < len(sizes)}
+                climbing = {series(c): climbing[series(c)] + 1 for c in batch
+                            if c.fits and climbing[series(c)] + 1 < len(sizes)}
     return sorted(traced, key=lambda c: (not c.fits, -c.plan.pairs_per_second))

@@ -34,7 +34,7 @@ from ..layout import batch_maker, packing_budget, use_shared_prompt
 from ..losses import loss_names, needs_reference
 from ..models import lora
 from ..models.load import build_models, model_config
-from ..models.moe import assumed_loads
+from ..models.moe import assumed_loads, experts_modules
 from ..models.precision import compute_copies, policy_compute_dtype
 from ..optim import build_optimizer
 from ..parallel import Strategy, make_strategy
@@ -66,10 +66,16 @@ class TracedStep:
     traced: int  # micro-batches traced (at most 2: more add nothing new to memory)
     parameter_count: int  # the policy's, unsharded
     trainable_count: int
+    expert_count: int = 0  # of parameter_count: the routed experts' (expert parallelism)
     phases: dict[str, int] = field(default_factory=dict)  # peak bytes per phase
     # wall seconds of the measured step: the device's time on real tensors only (a fake
     # step's time is the host's), what the plan's time is checked against
     measured_seconds: float = 0.0
+
+    @property
+    def exchanged(self) -> float:
+        """Bytes this rank puts into all-to-alls in one step (expert parallelism)."""
+        return sum(w * c.exchanged for w, c in self.costs) * self.micro_batches / self.traced
 
     @property
     def flops(self) -> float:
@@ -235,7 +241,7 @@ def extrapolate(a: TracedStep, b: TracedStep, t: float) -> TracedStep:
 
     numbers = {name: line(getattr(a, name), getattr(b, name)) for name in (
         "parameters", "gradients", "optimizer", "reference", "peak", "parameter_count",
-        "trainable_count")}
+        "trainable_count", "expert_count")}
     return TracedStep(
         strategy=a.strategy, **numbers, tokens=a.tokens, pairs=a.pairs,
         micro_batches=a.micro_batches, traced=a.traced,
@@ -258,7 +264,8 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
         with fake:
             policy, reference = build_models(cfg.model, cfg.seed, with_reference=with_reference)
             counts = (sum(p.numel() for p in policy.parameters()),
-                      sum(p.numel() for p in policy.parameters() if p.requires_grad))
+                      sum(p.numel() for p in policy.parameters() if p.requires_grad),
+                      sum(p.numel() for m in experts_modules(policy) for p in m.parameters()))
             policy, reference = place_models(parallel, policy, reference)
         vocab = policy.get_input_embeddings().num_embeddings
         batches, pairs = step_batches(cfg, parallel, policy, vocab)
@@ -306,5 +313,5 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
             tokens=sum(int(b["input_ids"].numel()) for b in batches)
             * cfg.gradient_accumulation_steps // len(batches),
             pairs=pairs, micro_batches=cfg.gradient_accumulation_steps,
-            parameter_count=counts[0], trainable_count=counts[1],
+            parameter_count=counts[0], trainable_count=counts[1], expert_count=counts[2],
             phases=dict(tracker.phase_peaks), measured_seconds=seconds)

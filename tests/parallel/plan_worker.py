@@ -74,7 +74,7 @@ def main() -> None:
     if main:
         figures = {k: getattr(step, k) for k in ("parameters", "gradients", "optimizer",
                                                  "reference", "peak", "flops", "state",
-                                                 "transient")}
+                                                 "transient", "exchanged", "tokens")}
         if mode == "time":
             figures["measured_seconds"] = step.measured_seconds
         if "planned_seconds" in extra:
