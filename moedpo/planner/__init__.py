@@ -14,7 +14,6 @@ import multiprocessing
 from dataclasses import dataclass
 
 from ..config import DTYPES, ConfigError, DPOConfig
-from ..models import lora
 from .hardware import Hardware, hardware
 from .trace import TracedStep, plan_step, traced_depths
 
@@ -118,9 +117,6 @@ def check_plannable(cfg: DPOConfig, devices: int) -> None:
         raise ConfigError("moedpo plan: parallel.expert_parallel with the dropped MoE "
                           "(model.capacity_factor > 0) is not planned yet (which slots it drops "
                           "depends on the routing); plan the dropless MoE")
-    if lora.is_enabled(cfg.model):
-        raise ConfigError("moedpo plan: LoRA (model.lora.r > 0) is not planned yet (PEFT moves "
-                          "its adapters in a way fake tensors refuse); plan the full model")
     if devices % cfg.parallel.replicate:
         raise ConfigError(f"parallel.replicate={cfg.parallel.replicate}: must divide "
                           f"--devices {devices}")

@@ -31,7 +31,7 @@ from .trace import TracedStep, step_parts, traced_alone, tracing_pool
 # Levers a demanding user would also try, and why the search leaves them as configured.
 NOT_SEARCHED = (
     "parallel.expert_parallel degrees other than off and the most in a node",
-    "model.lora.r (LoRA is not planned yet)",
+    "model.lora.r (LoRA trains other weights than the full run: plan it by setting it)",
     "reference.precompute (its reference pass before training is not traced yet; "
     "plan it by setting it)",
 )

@@ -40,6 +40,7 @@ from ..optim import build_optimizer
 from ..parallel import Strategy, make_strategy
 from ..parallel.backend import Backend
 from ..placement import own_models, place_models
+from ..private_api import non_persistent_buffers
 from ..step import backward_pass
 from .cost import Costs, OpCosts
 from .memory import StorageTracker
@@ -154,6 +155,28 @@ class _PadOnly:
     pad_token_id = 0
 
 
+def with_storage(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`'s meta parameters and buffers as new CPU tensors (under a fake mode: fake
+    ones), shared ones staying shared. By hand: `Module.to_empty` swaps a parameter it meets
+    twice (a tied or shared one) once it is fake, which the fake mode refuses."""
+    made: dict[int, torch.Tensor] = {}
+
+    def new(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            fresh = torch.empty_like(t, device="cpu")
+            made[id(t)] = (torch.nn.Parameter(fresh, t.requires_grad)
+                           if isinstance(t, torch.nn.Parameter) else fresh)
+        return made[id(t)]
+
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, new(param))
+        transient = non_persistent_buffers(module)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, new(buffer), persistent=name not in transient)
+    return model
+
+
 def local_bytes(tensors) -> int:
     """Bytes of this rank's shards (a DTensor's local tensor; a plain tensor whole)."""
     from torch.distributed.tensor import DTensor
@@ -261,8 +284,19 @@ def trace_step(cfg: DPOConfig, backend: Backend, skew: float = 0.0,
         parallel = make_strategy(cfg, backend)
         with_reference = (needs_reference(loss_names(cfg.loss.name), cfg.loss.reference_free)
                           and not cfg.reference.precompute)
+        # PEFT moves new adapters to their base layer's device, which a module of fake
+        # tensors refuses (torch swaps fake parameters, and its fake mode holds weak
+        # references to them); PEFT skips adapters on the meta device: a LoRA model is built
+        # there and given fake storage after.
+        adapters = lora.is_enabled(cfg.model) and not real
+        models = build_models(cfg.model, cfg.seed, with_reference=with_reference,
+                              on_meta=True) if adapters else None
         with fake:
-            policy, reference = build_models(cfg.model, cfg.seed, with_reference=with_reference)
+            policy, reference = models or build_models(cfg.model, cfg.seed,
+                                                       with_reference=with_reference)
+            if adapters:
+                policy, reference = (m if m is None else with_storage(m)
+                                     for m in (policy, reference))
             counts = (sum(p.numel() for p in policy.parameters()),
                       sum(p.numel() for p in policy.parameters() if p.requires_grad),
                       sum(p.numel() for m in experts_modules(policy) for p in m.parameters()))
