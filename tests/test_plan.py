@@ -133,6 +133,14 @@ def test_a_plan_over_eight_fake_ranks_holds_an_eighth_of_the_state(tmp_path):
         assert one[part] / 8 <= eight[part] <= one[part] / 8 * 1.05, part  # FSDP2 pads
 
 
+def test_expert_parallel_over_more_ranks_than_experts_holds_its_share(tmp_path):
+    """EP 8 on 16 fake ranks: each rank holds one expert of every layer with one other copy;
+    FSDP2 splits it between them, so the state is a 16th, as without EP."""
+    plain = traced(tmp_path, "fake", "16", *STEP)
+    ep = traced(tmp_path, "fake", "16", *STEP, "parallel.expert_parallel=8")
+    assert ep["state"] == pytest.approx(plain["state"], rel=0.02)
+
+
 @pytest.mark.parametrize("ranks", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_deep_model_planned_from_two_shallow_copies_equals_its_whole_trace(tmp_path, ranks):
     """10 layers traced at 4 and 6 and extrapolated: every figure as the whole trace's."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from ..config import ConfigError, DPOConfig
 from ..models.moe import capacity, claim_places, experts_modules, loads_assumed
 from ..private_api import own_parameters, real_mesh_bookkeeping, swapped_parameters
 from .backend import Backend
-from .fsdp import FSDP2
+from .fsdp import FSDP2, even_placement
 
 
 class ExpertParallel(FSDP2):
@@ -202,8 +203,10 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, fsdp_kwargs: dict,
             experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
         experts.num_experts = total // ep  # what the exchange and the experts see
         _install(experts, exchange(experts, ep_mesh, own_batch))
+        # more copies than local experts: shard along the largest dim (fsdp.even_placement)
         with real_mesh_bookkeeping():  # a plan on fake tensors (planner/); else no-op
-            fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
+            fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs,
+                        shard_placement_fn=partial(even_placement, efsdp_mesh.size()))
         experts.set_gradient_divide_factor(float(dist.get_world_size()))
         if efsdp_mesh.size() > 1:  # a divide factor other than the group size: sum, then divide
             experts.set_force_sum_reduction_for_comms(True)

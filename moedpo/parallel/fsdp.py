@@ -18,7 +18,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import DTYPES, DPOConfig
 from ..models.lora import is_quantized
@@ -108,10 +108,12 @@ def even_placement(shards: int, param: torch.nn.Parameter) -> Shard:
     """FSDP2 shards dim 0 by default: an [E, ...] stack of E experts over more ranks than E
     would put a whole expert on each of the first E ranks and nothing on the rest (on 256
     ranks, 8 experts of Mixtral: rank 0 holds 1/8 of every layer's experts). Such a tensor is
-    sharded along its largest dimension instead."""
-    if param.dim() < 2 or param.shape[0] >= shards:
+    sharded along its largest dimension instead. Of a DTensor (experts already split over an
+    EP mesh) FSDP2 shards the local part: its shape decides."""
+    shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
+    if len(shape) < 2 or shape[0] >= shards:
         return Shard(0)
-    return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+    return Shard(max(range(len(shape)), key=lambda d: shape[d]))
 
 
 def dense_mesh(device_type: str, replicate: int, world: int) -> DeviceMesh:

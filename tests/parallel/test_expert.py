@@ -99,6 +99,24 @@ def test_four_ranks_ep2_x_efsdp2_read_checkpoint_shards_and_equal_one_process(tm
     assert_same_run(tmp_path / "one", tmp_path / "four", atol=1e-5, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_more_expert_copies_than_local_experts_shard_each_expert_and_equal_one_process(
+        tmp_path):
+    """2 experts, EP 2 on 4 ranks: one expert per rank and 2 copies of it, so FSDP2 cannot
+    split the [1, ...] stack by expert; it is split along its largest dim (even_placement on
+    the local shard; before, one copy held the whole expert and the other padding). Same
+    run as one process."""
+    args = [*COMMON, "lr=1e-4", "+model.config_overrides.num_local_experts=2",
+            f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    four = torchrun(*args, "per_device_train_batch_size=1", "exp_name=four",
+                    "parallel.expert_parallel=2")
+    four[four.index("--nproc_per_node") + 1] = "4"
+    run_ok(four)
+    assert "1 of 2 experts per rank" in (tmp_path / "four" / "train.log").read_text()
+    assert_same_run(tmp_path / "one", tmp_path / "four", atol=1e-5, rel=1e-5)
+
+
 # Slow tier: 2 torchrun ranks killed and resumed; in-process resume tests stay fast.
 @pytest.mark.slow
 def test_expert_parallel_kill_and_resume_equals_a_straight_run(tmp_path):
