@@ -3,12 +3,13 @@ process per plan (each traces on fake tensors; nothing is downloaded or allocate
 
     python benchmarks/will_it_fit.py                    # the table in README / docs/planning.md
     python benchmarks/will_it_fit.py --models mixtral822.json --devices 64 256
+    python benchmarks/will_it_fit.py --hardware tpu-v5p --devices 64 128 256 --name v5p
 
 Every plan: DPO (sigmoid) with a live bf16 reference, a bf16 policy with float32 masters and
-AdamW (`--lora`: LoRA r=16 on attention, dense MLPs and the experts, once the planner
-takes LoRA), one pair of
-`--max-length` tokens per device, activation checkpointing as the sharded default. Writes
-benchmarks/results/will_it_fit.{json,md}.
+AdamW (`--lora`: LoRA r=16 on attention, dense MLPs and the experts as well), one pair of
+`--max-length` tokens per device, activation checkpointing as the sharded default; `--set
+KEY=VALUE ...` adds overrides to every plan. Writes
+benchmarks/results/will_it_fit[_NAME].{json,md}.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ NAMES = {"mixtral80.json:32": "Mixtral 8x7B", "mixtral822.json": "Mixtral 8x22B"
          "gpt-oss-120b.json": "gpt-oss-120b"}
 
 
-def plan(model: str, devices: int, hardware: str, max_length: int, lora: bool) -> dict:
+def plan(model: str, devices: int, hardware: str, max_length: int, lora: bool,
+         extra: tuple[str, ...] = ()) -> dict:
     path, _, layers = model.partition(":")
     depth = [f"+model.config_overrides.num_hidden_layers={layers}"] if layers else []
     overrides = ["model=mixtral", f"model.config_path={path}", *depth,
                  "model.tokenizer_name_or_path=moedpo/assets/tokenizer",
                  f"max_length={max_length}", "per_device_train_batch_size=1",
-                 *(LORA if lora else ())]
+                 *(LORA if lora else ()), *extra]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "moedpo", "plan", *overrides, "--devices",
                            str(devices), "--hardware", hardware, "--json"], cwd=ROOT,
@@ -52,10 +54,11 @@ def plan(model: str, devices: int, hardware: str, max_length: int, lora: bool) -
 def row(r: dict) -> str:
     name = NAMES.get(r["model"], r["model"]) + (" LoRA" if r["lora"] else "")
     if "error" in r:
-        return f"| {name} | {r['devices']} x {r['hardware']} | error: {r['error']} | | | |"
+        return f"| {name} | {r['devices']} x {r['hardware']} | error: {r['error']} |" + " |" * 6
     gib = 2**30
     return (f"| {name} | {r['devices']} x {r['hardware']} | {'yes' if r['fits'] else 'no'} | "
             f"{r['peak_bytes_per_device'] / gib:.1f} | {r['state_bytes_per_device'] / gib:.1f} | "
+            f"{r['step_seconds']:.3g} | {r['pairs_per_second']:.3g} | {r['mfu']:.1%} | "
             f"{r['plan_seconds']:.0f} s |")
 
 
@@ -66,20 +69,26 @@ def main() -> None:
     parser.add_argument("--hardware", default="h100-80gb")
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--lora", action="store_true", help="plan LoRA runs as well")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides added to every plan")
+    parser.add_argument("--name", default="", help="suffix of the result files")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     header = ["| model | devices | fits | peak GiB/device | weights+grads+optimizer+reference "
-              "GiB/device | time to plan |", "|---|---|---|---|---|---|"]
+              "GiB/device | step s | pairs/s | MFU | time to plan |",
+              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     results = []
     for model in args.models:
         for lora in (False, True) if args.lora else (False,):
             for devices in args.devices:
-                results.append(plan(model, devices, args.hardware, args.max_length, lora))
+                results.append(plan(model, devices, args.hardware, args.max_length, lora,
+                                    tuple(args.set)))
                 print(row(results[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "will_it_fit.json").write_text(json.dumps(results, indent=1))
-    (args.out / "will_it_fit.md").write_text("\n".join([*header, *map(row, results)]) + "\n")
+    stem = "will_it_fit" + (f"_{args.name}" if args.name else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{stem}.md").write_text("\n".join([*header, *map(row, results)]) + "\n")
 
 
 if __name__ == "__main__":
