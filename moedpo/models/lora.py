@@ -302,7 +302,15 @@ class AdaptersOff(nn.Module):
         return self.policy.get_output_embeddings()
 
     def forward(self, *args, **kwargs):
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
         with self.policy.disable_adapter():
+            # PEFT freezes the adapters while they are off, and FSDP2 fixes each group's
+            # gradient dtype from the parameters trainable at its first forward, which may
+            # be this one: frozen then, a bf16 run's adapters got bf16 gradients for their
+            # float32 masters and the backward failed. Off adapters are in no graph, so they
+            # stay trainable here.
+            for param in trainable:
+                param.requires_grad_(True)
             return self.policy(*args, **kwargs)
 
     @torch.no_grad()

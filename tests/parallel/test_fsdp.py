@@ -170,6 +170,19 @@ def test_lora_on_two_ranks_equals_one_process(tmp_path, start):
     assert weights and all("lora_" in k for k in weights)
 
 
+def test_lora_with_a_bf16_policy_on_two_ranks_trains_as_one_process(tmp_path):
+    """bf16 compute, float32 adapter masters: the reference (adapters off, which PEFT marks
+    frozen) runs the first forward under FSDP2, where FSDP2 fixes each group's gradient
+    dtype from the parameters trainable at that moment; with the adapters frozen there the
+    backward failed assigning bf16 gradients to float32 masters (found by `moedpo plan`).
+    The run matches one process's to bf16 rounding."""
+    args = [*COMMON, "model.lora.r=4", "model.policy_dtype=bfloat16",
+            "model.reference_dtype=bfloat16", f"output_dir={tmp_path}"]
+    run_ok(single(*args, "per_device_train_batch_size=4", "exp_name=one"))
+    run_ok(torchrun(*args, "per_device_train_batch_size=2", "exp_name=two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=2e-2, rel=2e-2)
+
+
 def test_global_batch_router_loss_on_two_ranks_equals_one_process(tmp_path):
     """model.router_aux_loss_scope=global_batch: the expert shares pooled over the ranks'
     halves of each micro-batch (and over accumulated micro-batches), so 2 ranks train as
