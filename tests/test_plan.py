@@ -263,13 +263,16 @@ def test_the_planned_step_time_on_this_cpu_is_within_30_percent_of_the_real_step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep, lora", [(1, 0), (2, 0), (1, 8)], ids=["fsdp2", "ep", "lora"])
-def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path, ep, lora):
+@pytest.mark.parametrize("ep, lora, dtype", [(1, 0, "float32"), (2, 0, "float32"),
+                                             (1, 8, "float32"), (1, 8, "bfloat16")],
+                         ids=["fsdp2", "ep", "lora", "lora_bf16"])
+def test_the_planned_state_equals_the_real_shards_on_two_ranks(tmp_path, ep, lora, dtype):
     """Two gloo ranks measure the real step, with and without expert parallelism, and with
-    LoRA; the plan over two fake ranks holds the same bytes of weights, gradients,
-    optimizer state and reference, and peaks within 10% (EP: the real routing sends rank 0
-    other loads)."""
-    step = (*STEP, f"parallel.expert_parallel={ep}", f"model.lora.r={lora}")
+    LoRA (float32, and a bf16 policy with float32 adapter masters); the plan over two fake
+    ranks holds the same bytes of weights, gradients, optimizer state and reference, and
+    peaks within 10% (EP: the real routing sends rank 0 other loads)."""
+    step = (*STEP, f"parallel.expert_parallel={ep}", f"model.lora.r={lora}",
+            f"model.policy_dtype={dtype}", f"model.reference_dtype={dtype}")
     real = traced(tmp_path, "real", *step, ranks=2)
     planned = traced(tmp_path, "fake", "2", *step)
     for part in ("parameters", "gradients", "optimizer", "reference"):
